@@ -1,0 +1,336 @@
+"""Configs: plain factory functions for the pieces, and `load_config` for files + overrides.
+
+A config file under `configs/` defines `get_config() -> ml_collections.ConfigDict` and builds it
+from the factories below (no inheritance chains, no string registries: every value a run uses
+is visible by reading the file and the one factory it calls). The CLIs read configs with
+absl's `config_flags` (`--config path.py --config.train.batch_size=8`); Python code and
+notebooks use `load_config(path, overrides)`, which applies the same dotted overrides.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+# ImageNet statistics in 0-255 pixel units, as mmdetection's img_norm_cfg.
+PYTORCH_PIXEL_MEAN = (123.675, 116.28, 103.53)
+PYTORCH_PIXEL_STD = (58.395, 57.12, 57.375)
+CAFFE_PIXEL_MEAN = (103.530, 116.280, 123.675)  # BGR
+CAFFE_PIXEL_STD = (1.0, 1.0, 1.0)
+
+_RESNET_STAGE_CHANNELS = {18: (64, 128, 256, 512), 34: (64, 128, 256, 512)}
+
+
+# ----------------------------------------------------------------------------------- models
+def resnet_backbone(
+    depth: int = 50,
+    groups: int = 1,
+    base_width: int = 64,
+    style: str = "pytorch",
+    frozen_stages: int = 1,
+    norm_eval: bool = True,
+    out_indices: Sequence[int] = (0, 1, 2, 3),
+) -> ConfigDict:
+    """ResNet / ResNeXt backbone (mmdetection `ResNet` / `ResNeXt` arguments).
+
+    ResNeXt-101 32x4d is `depth=101, groups=32, base_width=4`; 64x4d is `groups=64`.
+    """
+    return ConfigDict(
+        dict(
+            depth=depth,
+            groups=groups,
+            base_width=base_width,
+            style=style,
+            frozen_stages=frozen_stages,
+            norm_eval=norm_eval,
+            out_indices=tuple(out_indices),
+        )
+    )
+
+
+def backbone_out_channels(backbone: ConfigDict) -> tuple[int, ...]:
+    """Channels of C2..C5 for a backbone config."""
+    chans = _RESNET_STAGE_CHANNELS.get(backbone.depth, (256, 512, 1024, 2048))
+    return tuple(chans[i] for i in backbone.out_indices)
+
+
+def fpn_neck(
+    in_channels: Sequence[int] = (256, 512, 1024, 2048),
+    out_channels: int = 256,
+    start_level: int = 1,
+    add_extra_convs: str | bool = "on_input",
+    num_outs: int = 5,
+    relu_before_extra_convs: bool = False,
+) -> ConfigDict:
+    """FPN neck (mmdetection `FPN` arguments). `add_extra_convs`: False (max-pool P6),
+    'on_input', 'on_lateral' or 'on_output'."""
+    return ConfigDict(
+        dict(
+            in_channels=tuple(in_channels),
+            out_channels=out_channels,
+            start_level=start_level,
+            add_extra_convs=add_extra_convs,
+            num_outs=num_outs,
+            relu_before_extra_convs=relu_before_extra_convs,
+        )
+    )
+
+
+def retinanet_model(
+    depth: int = 50,
+    groups: int = 1,
+    base_width: int = 64,
+    num_classes: int = 80,
+    feat_channels: int = 256,
+    stacked_convs: int = 4,
+) -> ConfigDict:
+    """mmdetection 2.x `retinanet_r50_fpn` (and R101 / X101 by `depth`, `groups`)."""
+    backbone = resnet_backbone(depth=depth, groups=groups, base_width=base_width)
+    return ConfigDict(
+        dict(
+            type="retinanet",
+            num_classes=num_classes,
+            backbone=backbone,
+            neck=fpn_neck(
+                in_channels=backbone_out_channels(backbone),
+                out_channels=256,
+                start_level=1,
+                add_extra_convs="on_input",
+                num_outs=5,
+            ),
+            head=dict(
+                in_channels=256,
+                feat_channels=feat_channels,
+                stacked_convs=stacked_convs,
+                octave_base_scale=4,
+                scales_per_octave=3,
+                ratios=(0.5, 1.0, 2.0),
+                strides=(8, 16, 32, 64, 128),
+                target_means=(0.0, 0.0, 0.0, 0.0),
+                target_stds=(1.0, 1.0, 1.0, 1.0),
+                focal_gamma=2.0,
+                focal_alpha=0.25,
+                loss_cls_weight=1.0,
+                loss_bbox_weight=1.0,
+            ),
+            train_cfg=dict(pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0.0),
+            test_cfg=dict(nms_pre=1000, score_thr=0.05, iou_threshold=0.5, max_per_img=100),
+        )
+    )
+
+
+# ----------------------------------------------------------------------------- distillation
+def fgd_distill(
+    temp: float = 0.5,
+    alpha_fgd: float = 0.001,
+    beta_fgd: float = 0.0005,
+    gamma_fgd: float = 0.0005,
+    lambda_fgd: float = 0.000005,
+    num_levels: int = 5,
+    student_channels: int = 256,
+    teacher_channels: int = 256,
+    init_student: bool = True,
+    box_scale: str = "img_shape",
+) -> ConfigDict:
+    """FGD hyper-parameters (the original `FeatureLoss` arguments), one loss per FPN level
+    named `loss_fgd_fpn_{i}`. `box_scale`: 'img_shape' (original, default) or 'pad_shape'."""
+    return ConfigDict(
+        dict(
+            temp=temp,
+            alpha_fgd=alpha_fgd,
+            beta_fgd=beta_fgd,
+            gamma_fgd=gamma_fgd,
+            lambda_fgd=lambda_fgd,
+            num_levels=num_levels,
+            student_channels=student_channels,
+            teacher_channels=teacher_channels,
+            init_student=init_student,
+            box_scale=box_scale,
+        )
+    )
+
+
+# ------------------------------------------------------------------------------------- data
+def coco_data(
+    root: str = "data/coco",
+    img_scale: tuple[int, int] = (1333, 800),
+    canvases: Sequence[tuple[int, int]] = ((800, 1344), (1344, 800)),
+    pixel_style: str = "pytorch",
+    max_boxes: int = 100,
+) -> ConfigDict:
+    """COCO 2017 in mmdetection's layout. `img_scale` is (long, short) edge limits;
+    `canvases` are the padded (h, w) sizes batches are grouped into by aspect ratio."""
+    return ConfigDict(
+        dict(
+            source="coco",
+            root=root,
+            train_ann="annotations/instances_train2017.json",
+            train_images="train2017",
+            val_ann="annotations/instances_val2017.json",
+            val_images="val2017",
+            img_scale=tuple(img_scale),
+            multiscale_short=(),  # e.g. (640, 800) for FCOS multi-scale training
+            canvases=tuple(tuple(c) for c in canvases),
+            pixel_style=pixel_style,
+            flip_prob=0.5,
+            max_boxes=max_boxes,
+            max_ignore=32,
+            num_workers=2,
+            on_bad_image="error",  # or 'skip'
+            num_classes=80,
+        )
+    )
+
+
+def shapes_data(
+    root: str = ".cache/shapes",
+    num_train: int = 512,
+    num_val: int = 128,
+    image_size: int = 128,
+    pixel_style: str = "pytorch",
+    max_boxes: int = 16,
+) -> ConfigDict:
+    """The embedded synthetic dataset (`fgd_jax.data.shapes`), generated on first use."""
+    cfg = coco_data(
+        root=root,
+        img_scale=(image_size, image_size),
+        canvases=((image_size, image_size),),
+        pixel_style=pixel_style,
+        max_boxes=max_boxes,
+    )
+    cfg.source = "shapes"
+    cfg.train_ann = "annotations/instances_train.json"
+    cfg.train_images = "train"
+    cfg.val_ann = "annotations/instances_val.json"
+    cfg.val_images = "val"
+    cfg.num_train = num_train
+    cfg.num_val = num_val
+    cfg.image_size = image_size
+    cfg.max_ignore = 4
+    cfg.num_classes = 6
+    return cfg
+
+
+# -------------------------------------------------------------------------------- training
+def schedule_2x(batch_size: int = 16, base_lr: float = 0.01) -> ConfigDict:
+    """mmdetection's 2x schedule: SGD, linear warm-up, x0.1 at epochs 16 and 22 of 24.
+
+    `base_lr` is the rate for `reference_batch_size`; the trainer scales it linearly to
+    `batch_size` (the global batch over all devices and hosts)."""
+    return ConfigDict(
+        dict(
+            batch_size=batch_size,
+            reference_batch_size=16,
+            num_epochs=24,
+            num_steps=-1,  # > 0 overrides num_epochs
+            base_lr=base_lr,
+            momentum=0.9,
+            weight_decay=1e-4,
+            grad_clip_norm=35.0,  # <= 0 disables clipping
+            warmup="linear",  # 'linear' | 'constant' | 'none'
+            warmup_iters=500,
+            warmup_ratio=0.001,
+            decay_epochs=(16, 22),
+            decay_steps=(),  # used instead of decay_epochs when num_steps > 0
+            decay_factor=0.1,
+            bias_lr_mult=1.0,
+            bias_decay_mult=1.0,
+            dtype="float32",  # 'bfloat16' for mixed precision compute on GPUs
+            log_every=50,
+            ckpt_every=1000,
+            keep_ckpts=3,
+            eval_every=-1,  # steps; -1: once per epoch; 0: only at the end
+            backbone_init="",  # ImageNet .pth for the student backbone (torchvision/mmdet)
+        )
+    )
+
+
+# --------------------------------------------------------------------------------- loading
+def load_config(
+    path: str | os.PathLike, overrides: Sequence[str] | dict | None = None
+) -> ConfigDict:
+    """Load `get_config()` from a Python config file and apply dotted overrides.
+
+    Args:
+      path: a `.py` file defining `get_config()`.
+      overrides: `["train.batch_size=8", ...]` (values parsed as Python literals, falling
+        back to strings) or a dict `{"train.batch_size": 8}`.
+    Raises:
+      FileNotFoundError: the file does not exist.
+      ValueError: the file has no `get_config`, or an override names an unknown key.
+      TypeError: an override value has the wrong type for its key.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location("_fgd_jax_config_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path}: a config file must define get_config()")
+    cfg = module.get_config()
+    if not isinstance(cfg, ConfigDict):
+        raise TypeError(f"{path}: get_config() returned {type(cfg).__name__}, not a ConfigDict")
+    apply_overrides(cfg, overrides or [], source=path)
+    return cfg
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(
+    cfg: ConfigDict, overrides: Sequence[str] | dict, source: str = "config"
+) -> None:
+    """Set dotted keys in place with a clear error for unknown keys and wrong types."""
+    items = overrides.items() if isinstance(overrides, dict) else []
+    if not isinstance(overrides, dict):
+        parsed = []
+        for item in overrides:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} is not of the form key=value")
+            key, value = item.split("=", 1)
+            parsed.append((key.strip().removeprefix("config."), _parse_value(value.strip())))
+        items = parsed
+    for key, value in items:
+        parts = key.split(".")
+        node = cfg
+        for i, part in enumerate(parts):
+            if not isinstance(node, ConfigDict) or part not in node:
+                known = list(node.keys()) if isinstance(node, ConfigDict) else []
+                near = difflib.get_close_matches(part, known, n=3)
+                hint = (
+                    f" Did you mean {', '.join('.'.join(parts[:i] + [n]) for n in near)}?"
+                    if near
+                    else ""
+                )
+                raise ValueError(f"{source}: unknown config key {key!r}.{hint}")
+            if i < len(parts) - 1:
+                node = node[part]
+        old = node[parts[-1]]
+        if isinstance(old, tuple) and isinstance(value, list):
+            value = tuple(value)
+        if isinstance(old, tuple) and not isinstance(value, tuple):
+            value = (value,)
+        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if old is not None and not isinstance(old, ConfigDict) and type(value) is not type(old):
+            # bool/str unions such as add_extra_convs are allowed to switch type.
+            if not (isinstance(old, bool | str) and isinstance(value, bool | str)):
+                raise TypeError(
+                    f"{source}: config key {key!r} expects {type(old).__name__} "
+                    f"(current {old!r}), got {type(value).__name__} {value!r}"
+                )
+        with cfg.ignore_type():
+            node[parts[-1]] = value

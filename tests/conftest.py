@@ -1,0 +1,24 @@
+"""Shared pytest setup: JAX on CPU unless a GPU test asks otherwise, float32 matmuls exact."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+# Parity tests compare fp32 against torch: use full-precision matmuls/convs.
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_collection_modifyitems(config, items):
+    has_gpu = (
+        any(d.platform == "gpu" for d in jax.devices())
+        if os.environ.get("JAX_PLATFORMS") != "cpu"
+        else False
+    )
+    skip_gpu = pytest.mark.skip(reason="needs a GPU (run on a GPU host with JAX_PLATFORMS unset)")
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(skip_gpu)

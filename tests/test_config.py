@@ -1,0 +1,66 @@
+"""fgd_jax.config: factories, file loading and dotted overrides."""
+
+import pytest
+
+from fgd_jax import config as C
+
+
+def _write(tmp_path, body):
+    p = tmp_path / "cfg.py"
+    p.write_text(body)
+    return p
+
+
+CFG = """
+from fgd_jax import config as C
+def get_config():
+    cfg = C.ConfigDict()
+    cfg.model = C.retinanet_model(depth=50)
+    cfg.train = C.schedule_2x()
+    return cfg
+"""
+
+
+def test_load_and_override(tmp_path):
+    cfg = C.load_config(
+        _write(tmp_path, CFG),
+        [
+            "train.batch_size=8",
+            "model.backbone.depth=101",
+            "train.base_lr=1",
+            "model.neck.add_extra_convs=False",
+        ],
+    )
+    assert cfg.train.batch_size == 8
+    assert cfg.model.backbone.depth == 101
+    assert cfg.train.base_lr == 1.0 and isinstance(cfg.train.base_lr, float)
+    assert cfg.model.neck.add_extra_convs is False
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"unknown config key 'train.batch_sise'.*train.batch_size"
+    ):
+        C.load_config(_write(tmp_path, CFG), ["train.batch_sise=8"])
+
+
+def test_wrong_type_is_named(tmp_path):
+    with pytest.raises(TypeError, match=r"train.batch_size.*expects int"):
+        C.load_config(_write(tmp_path, CFG), ["train.batch_size='eight'"])
+
+
+def test_missing_file_and_missing_get_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.py"):
+        C.load_config(tmp_path / "nope.py")
+    with pytest.raises(ValueError, match="get_config"):
+        C.load_config(_write(tmp_path, "x = 1\n"))
+
+
+def test_backbone_channels():
+    assert C.backbone_out_channels(C.resnet_backbone(depth=101, groups=64, base_width=4)) == (
+        256,
+        512,
+        1024,
+        2048,
+    )
+    assert C.backbone_out_channels(C.resnet_backbone(depth=18)) == (64, 128, 256, 512)
