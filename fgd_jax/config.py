@@ -91,9 +91,16 @@ def retinanet_model(
     num_classes: int = 80,
     feat_channels: int = 256,
     stacked_convs: int = 4,
+    fpn_channels: int = 256,
+    frozen_stages: int = 1,
 ) -> ConfigDict:
-    """mmdetection 2.x `retinanet_r50_fpn` (and R101 / X101 by `depth`, `groups`)."""
-    backbone = resnet_backbone(depth=depth, groups=groups, base_width=base_width)
+    """mmdetection 2.x `retinanet_r50_fpn` (and R101 / X101 by `depth`, `groups`).
+
+    `fpn_channels`, `feat_channels`, `stacked_convs` shrink it for the synthetic demo and tests.
+    """
+    backbone = resnet_backbone(
+        depth=depth, groups=groups, base_width=base_width, frozen_stages=frozen_stages
+    )
     return ConfigDict(
         dict(
             type="retinanet",
@@ -101,13 +108,13 @@ def retinanet_model(
             backbone=backbone,
             neck=fpn_neck(
                 in_channels=backbone_out_channels(backbone),
-                out_channels=256,
+                out_channels=fpn_channels,
                 start_level=1,
                 add_extra_convs="on_input",
                 num_outs=5,
             ),
             head=dict(
-                in_channels=256,
+                in_channels=fpn_channels,
                 feat_channels=feat_channels,
                 stacked_convs=stacked_convs,
                 octave_base_scale=4,
@@ -334,3 +341,14 @@ def apply_overrides(
                 )
         with cfg.ignore_type():
             node[parts[-1]] = value
+
+
+def eval_settings(batch_size: int = 8) -> ConfigDict:
+    """Evaluation: global batch size over all devices (the last batch is padded)."""
+    return ConfigDict(dict(batch_size=batch_size))
+
+
+def teacher(model: ConfigDict, ckpt: str) -> ConfigDict:
+    """A frozen teacher: its detector config and the orbax checkpoint made by
+    `scripts/convert_torch_teacher.py` (or by a baseline training run's export)."""
+    return ConfigDict(dict(model=model, ckpt=ckpt))

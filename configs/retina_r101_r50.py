@@ -1,0 +1,34 @@
+"""FGD: RetinaNet ResNet-101 teacher -> RetinaNet ResNet-50 student, COCO, 2x schedule.
+
+Run:    python -m fgd_jax.train --config configs/retina_r101_r50.py --workdir workdirs/retina_r101_r50
+Needs:  the teacher converted from mmdetection's retinanet_r101_fpn_2x_coco checkpoint:
+        python scripts/convert_torch_teacher.py --src retinanet_r101_fpn_2x_coco_20200131-5560aee8.pth \
+            --config configs/retinanet_r101_baseline.py --out checkpoints/retinanet_r101_2x
+        and COCO 2017 under data/coco (mmdetection layout).
+Should reach: the FGD README publishes no number for this exact pair (its R101 -> R50
+        config exists); the R50 baseline is 37.4 and FGD with an X101 teacher gives 40.7,
+        so expect a result between the two (about 39.5-40.5 bbox mAP on COCO val2017).
+"""
+
+from fgd_jax import config as C
+
+
+def get_config() -> C.ConfigDict:
+    cfg = C.ConfigDict()
+    cfg.model = C.retinanet_model(depth=50)  # the student
+    cfg.teacher = C.teacher(C.retinanet_model(depth=101), ckpt="checkpoints/retinanet_r101_2x")
+    cfg.distill = C.fgd_distill(
+        temp=0.5,
+        alpha_fgd=0.001,
+        beta_fgd=0.0005,
+        gamma_fgd=0.0005,
+        lambda_fgd=0.000005,
+        num_levels=5,
+        init_student=True,
+    )
+    cfg.data = C.coco_data()
+    cfg.train = C.schedule_2x(batch_size=16, base_lr=0.01)
+    cfg.train.grad_clip_norm = 35.0
+    cfg.eval = C.eval_settings()
+    cfg.seed = 0
+    return cfg
