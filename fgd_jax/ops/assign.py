@@ -1,0 +1,163 @@
+"""mmdetection 2.x `MaxIoUAssigner`, vectorized with static shapes.
+
+Encoding of the assignment (`assigned [N] int32`):
+  `k >= 0`  positive, matched to GT `k` (an index into the padded GT array, always a valid GT);
+  `NEGATIVE = -1` background; `IGNORE = -2` neither (IoU between the thresholds, or
+  overlapping an ignore box by more than `ignore_iof_thr`).
+mmdetection's own encoding is `k + 1` / `0` / `-1`; `to_mmdet_encoding` converts.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+from fgd_jax.ops.boxes import box_iou
+
+NEGATIVE = -1
+IGNORE = -2
+
+
+def max_iou_assign(
+    anchors: Array,
+    gt: Array,
+    gt_valid: Array,
+    pos_iou_thr: float,
+    neg_iou_thr: float | tuple[float, float],
+    min_pos_iou: float = 0.0,
+    match_low_quality: bool = True,
+    gt_max_assign_all: bool = True,
+    ignore_boxes: Array | None = None,
+    ignore_valid: Array | None = None,
+    ignore_iof_thr: float = -1.0,
+    anchor_valid: Array | None = None,
+) -> tuple[Array, Array]:
+    """Assign each anchor to a GT (or background / ignore) exactly as mmdet `MaxIoUAssigner`.
+
+    Args:
+      anchors: `[N, 4]` float32 xyxy. gt: `[G, 4]` float32 xyxy (padded); gt_valid: `[G]` bool.
+      pos_iou_thr: positive if max IoU >= this. neg_iou_thr: negative if `0 <= max IoU < thr`
+        (or `lo <= max IoU < hi` for a tuple).
+      min_pos_iou, match_low_quality, gt_max_assign_all: mmdetection's low-quality matching: for
+        GT i = 0..G-1 with max IoU >= min_pos_iou, every anchor whose IoU with GT i equals that
+        max (or only the first one, if not gt_max_assign_all) becomes positive for GT i; a later
+        GT overrides an earlier one.
+      ignore_boxes `[I, 4]`, ignore_valid `[I]`, ignore_iof_thr: when `ignore_iof_thr > 0`,
+        anchors whose IoF with a valid ignore box exceeds it get IoU -1 with every GT (ignored).
+      anchor_valid: optional `[N]` bool; invalid anchors are IGNORE and never counted in the
+        per-GT max (mmdet's `anchor_inside_flags` use).
+    Returns:
+      assigned: `[N]` int32 (see the module docstring); max_overlaps: `[N]` float32, the max IoU
+      over valid GTs (0 when there is no valid GT, -1 for ignore-box anchors).
+    """
+    anchors = jnp.asarray(anchors, jnp.float32)
+    gt = jnp.asarray(gt, jnp.float32)
+    gt_valid = jnp.asarray(gt_valid, bool)
+    if anchors.ndim != 2 or gt.ndim != 2 or gt_valid.shape != gt.shape[:1]:
+        raise ValueError(
+            "fgd_jax.ops.assign.max_iou_assign: expected anchors [N, 4], gt [G, 4], gt_valid [G];"
+            f" got {anchors.shape}, {gt.shape}, {gt_valid.shape}"
+        )
+    n, g = anchors.shape[0], gt.shape[0]
+    if g == 0:
+        return jnp.full((n,), NEGATIVE, jnp.int32), jnp.zeros((n,), jnp.float32)
+
+    overlaps = box_iou(gt, anchors)  # [G, N]
+    if ignore_boxes is not None and ignore_iof_thr > 0:
+        iof = box_iou(anchors, jnp.asarray(ignore_boxes, jnp.float32), mode="iof")  # [N, I]
+        if ignore_valid is not None:
+            iof = jnp.where(jnp.asarray(ignore_valid, bool)[None, :], iof, -1.0)
+        ignored = jnp.max(iof, axis=1, initial=-1.0) > ignore_iof_thr
+        overlaps = jnp.where(ignored[None, :], -1.0, overlaps)
+    if anchor_valid is not None:
+        anchor_valid = jnp.asarray(anchor_valid, bool)
+        # -inf: never equal to a GT's max, never >= any threshold, never counted in a max.
+        overlaps = jnp.where(anchor_valid[None, :], overlaps, -jnp.inf)
+    # Padded GTs: -inf, so they never win a max and never count.
+    overlaps = jnp.where(gt_valid[:, None], overlaps, -jnp.inf)
+
+    max_overlaps = jnp.max(overlaps, axis=0)  # [N]
+    argmax_overlaps = jnp.argmax(overlaps, axis=0).astype(jnp.int32)
+    gt_max = jnp.max(overlaps, axis=1)  # [G]
+
+    assigned = jnp.full((n,), IGNORE, jnp.int32)
+    if isinstance(neg_iou_thr, tuple | list):
+        lo, hi = neg_iou_thr
+        neg = (max_overlaps >= lo) & (max_overlaps < hi)
+    else:
+        neg = (max_overlaps >= 0) & (max_overlaps < neg_iou_thr)
+    assigned = jnp.where(neg, NEGATIVE, assigned)
+    assigned = jnp.where(max_overlaps >= pos_iou_thr, argmax_overlaps, assigned)
+
+    if match_low_quality:
+        gt_ok = gt_valid & (gt_max >= min_pos_iou)  # [G]
+        if gt_max_assign_all:
+            hit = overlaps == gt_max[:, None]
+        else:
+            first = jnp.argmax(overlaps, axis=1)  # [G]
+            hit = jnp.arange(n)[None, :] == first[:, None]
+        hit = hit & gt_ok[:, None]  # [G, N]
+        # The last GT (highest index) that hits an anchor wins, as in mmdet's loop.
+        last = (g - 1 - jnp.argmax(hit[::-1], axis=0)).astype(jnp.int32)
+        assigned = jnp.where(jnp.any(hit, axis=0), last, assigned)
+
+    any_gt = jnp.any(gt_valid)
+    assigned = jnp.where(any_gt, assigned, NEGATIVE)
+    if anchor_valid is not None:
+        assigned = jnp.where(anchor_valid, assigned, IGNORE)
+        max_overlaps = jnp.where(anchor_valid, max_overlaps, 0.0)
+    max_overlaps = jnp.where(any_gt, max_overlaps, 0.0)
+    return assigned, max_overlaps
+
+
+def batched_max_iou_assign(
+    anchors: Array,
+    gt: Array,
+    gt_valid: Array,
+    pos_iou_thr: float,
+    neg_iou_thr: float | tuple[float, float],
+    min_pos_iou: float = 0.0,
+    match_low_quality: bool = True,
+    gt_max_assign_all: bool = True,
+    ignore_boxes: Array | None = None,
+    ignore_valid: Array | None = None,
+    ignore_iof_thr: float = -1.0,
+    anchor_valid: Array | None = None,
+) -> tuple[Array, Array]:
+    """`max_iou_assign` over a batch.
+
+    anchors: `[N, 4]` (shared by all images) or `[B, N, 4]`; gt `[B, G, 4]`; gt_valid `[B, G]`;
+    ignore_boxes `[B, I, 4]`, ignore_valid `[B, I]`, anchor_valid `[B, N]` when given.
+    Returns `(assigned [B, N] int32, max_overlaps [B, N] float32)`.
+    """
+    anchors = jnp.asarray(anchors, jnp.float32)
+    extra = {}
+    if ignore_boxes is not None:
+        extra["ignore_boxes"] = jnp.asarray(ignore_boxes, jnp.float32)
+        if ignore_valid is not None:
+            extra["ignore_valid"] = jnp.asarray(ignore_valid, bool)
+    if anchor_valid is not None:
+        extra["anchor_valid"] = jnp.asarray(anchor_valid, bool)
+
+    def one(a, g, v, ex):
+        return max_iou_assign(
+            a,
+            g,
+            v,
+            pos_iou_thr,
+            neg_iou_thr,
+            min_pos_iou,
+            match_low_quality,
+            gt_max_assign_all,
+            ignore_iof_thr=ignore_iof_thr,
+            **ex,
+        )
+
+    a_axis = 0 if anchors.ndim == 3 else None
+    return jax.vmap(one, in_axes=(a_axis, 0, 0, 0))(anchors, gt, gt_valid, extra)
+
+
+def to_mmdet_encoding(assigned: Array) -> Array:
+    """Our encoding -> mmdetection's `gt_inds` (k + 1 positive, 0 negative, -1 ignore)."""
+    return jnp.where(assigned >= 0, assigned + 1, jnp.where(assigned == NEGATIVE, 0, -1))
