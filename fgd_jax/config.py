@@ -352,3 +352,74 @@ def teacher(model: ConfigDict, ckpt: str) -> ConfigDict:
     """A frozen teacher: its detector config and the orbax checkpoint made by
     `scripts/convert_torch_teacher.py` (or by a baseline training run's export)."""
     return ConfigDict(dict(model=model, ckpt=ckpt))
+
+
+def fcos_model(
+    depth: int = 50,
+    num_classes: int = 80,
+    tricks: bool = False,
+    feat_channels: int = 256,
+    stacked_convs: int = 4,
+    fpn_channels: int = 256,
+    num_groups: int = 32,
+    frozen_stages: int = 1,
+    style: str = "caffe",
+) -> ConfigDict:
+    """mmdetection 2.x FCOS, `fcos_r50_caffe_fpn_gn-head` (`tricks=False`: exp regression, IoU
+    loss, centerness on the cls tower, NMS 0.5) or the FGD student's
+    `fcos_center-normbbox-giou_r50_caffe_fpn_gn-head` (`tricks=True`: centre sampling 1.5,
+    regression / stride with ReLU, GIoU loss, bias in the tower convs, NMS 0.6; centerness
+    stays on the cls tower, `centerness_on_reg=False` in that config). `depth=101` for the
+    teacher. `fpn_channels`, `feat_channels`, `num_groups` shrink it for tests."""
+    backbone = resnet_backbone(depth=depth, style=style, frozen_stages=frozen_stages)
+    return ConfigDict(
+        dict(
+            type="fcos",
+            num_classes=num_classes,
+            backbone=backbone,
+            neck=fpn_neck(
+                in_channels=backbone_out_channels(backbone),
+                out_channels=fpn_channels,
+                start_level=1,
+                add_extra_convs="on_output",
+                num_outs=5,
+                relu_before_extra_convs=True,
+            ),
+            head=dict(
+                in_channels=fpn_channels,
+                feat_channels=feat_channels,
+                stacked_convs=stacked_convs,
+                strides=(8, 16, 32, 64, 128),
+                regress_ranges=(
+                    (-1.0, 64.0),
+                    (64.0, 128.0),
+                    (128.0, 256.0),
+                    (256.0, 512.0),
+                    (512.0, 1e8),
+                ),
+                num_groups=num_groups,
+                conv_bias=tricks,
+                center_sampling=tricks,
+                center_sample_radius=1.5,
+                norm_on_bbox=tricks,
+                centerness_on_reg=False,
+                use_scale=True,
+                half_stride_offset=True,
+                loss_bbox="giou" if tricks else "iou",
+                focal_gamma=2.0,
+                focal_alpha=0.25,
+                loss_cls_weight=1.0,
+                loss_bbox_weight=1.0,
+                loss_centerness_weight=1.0,
+            ),
+            train_cfg=dict(size_divisor=32),
+            test_cfg=dict(
+                nms_pre=1000,
+                score_thr=0.05,
+                iou_threshold=0.6 if tricks else 0.5,
+                max_per_img=100,
+                max_candidates=4000,
+                score_style="mmdet",
+            ),
+        )
+    )
