@@ -423,3 +423,79 @@ def fcos_model(
             ),
         )
     )
+
+
+def faster_rcnn_model(
+    depth: int = 50,
+    groups: int = 1,
+    base_width: int = 64,
+    num_classes: int = 80,
+    fpn_channels: int = 256,
+    rpn_feat_channels: int = 256,
+    fc_out_channels: int = 1024,
+    frozen_stages: int = 1,
+    rpn_num: int = 256,
+    rcnn_num: int = 512,
+) -> ConfigDict:
+    """mmdetection 2.x `faster_rcnn_r50_fpn` (R101 / X101 by `depth`, `groups`): FPN P2..P6
+    (P6 by max-pool), RPN (scale 8, ratios 0.5/1/2, strides 4..64), RoIAlign 7x7 on P2..P5,
+    Shared2FC head. `fpn_channels`, `rpn_feat_channels`, `fc_out_channels`, `rpn_num`,
+    `rcnn_num` (sampler sizes) shrink it for the synthetic demo and tests."""
+    backbone = resnet_backbone(
+        depth=depth, groups=groups, base_width=base_width, frozen_stages=frozen_stages
+    )
+    return ConfigDict(
+        dict(
+            type="faster_rcnn",
+            num_classes=num_classes,
+            backbone=backbone,
+            neck=fpn_neck(
+                in_channels=backbone_out_channels(backbone),
+                out_channels=fpn_channels,
+                start_level=0,
+                add_extra_convs=False,
+                num_outs=5,
+            ),
+            rpn_head=dict(
+                in_channels=fpn_channels,
+                feat_channels=rpn_feat_channels,
+                anchor_scales=(8.0,),
+                anchor_ratios=(0.5, 1.0, 2.0),
+                anchor_strides=(4, 8, 16, 32, 64),
+            ),
+            roi_head=dict(
+                featmap_strides=(4, 8, 16, 32),
+                output_size=7,
+                sampling_ratio=0,
+                aligned=True,
+                finest_scale=56.0,
+                fc_out_channels=fc_out_channels,
+                num_shared_fcs=2,
+                target_stds=(0.1, 0.1, 0.2, 0.2),
+            ),
+            train_cfg=dict(
+                rpn=dict(
+                    pos_iou_thr=0.7,
+                    neg_iou_thr=0.3,
+                    min_pos_iou=0.3,
+                    num=rpn_num,
+                    pos_fraction=0.5,
+                ),
+                rpn_proposal=dict(nms_pre=2000, max_per_img=1000, iou_threshold=0.7),
+                rcnn=dict(
+                    pos_iou_thr=0.5,
+                    neg_iou_thr=0.5,
+                    min_pos_iou=0.5,
+                    num=rcnn_num,
+                    pos_fraction=0.25,
+                    add_gt_as_proposals=True,
+                ),
+                size_divisor=32,
+                loss_norm_group=0,
+            ),
+            test_cfg=dict(
+                rpn=dict(nms_pre=1000, max_per_img=1000, iou_threshold=0.7, min_bbox_size=0.0),
+                rcnn=dict(score_thr=0.05, iou_threshold=0.5, max_per_img=100, max_candidates=4000),
+            ),
+        )
+    )
