@@ -1,0 +1,115 @@
+"""Detection losses, elementwise (`reduction='none'`), with mmdetection 2.x formulas.
+
+Callers apply weights and normalize as mmdetection does, e.g. with `weight_reduce`:
+RetinaNet `loss_cls = weight_reduce(sigmoid_focal_loss(...), label_weights, avg_factor=num_pos)`.
+All functions take float32 arrays and are numerically stable for large logits.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+from fgd_jax.ops.boxes import box_iou_aligned
+
+
+def binary_cross_entropy_with_logits(logits: Array, targets: Array) -> Array:
+    """Elementwise `-(t log sigmoid(x) + (1 - t) log(1 - sigmoid(x)))`; any matching shapes."""
+    x = jnp.asarray(logits, jnp.float32)
+    t = jnp.asarray(targets, jnp.float32)
+    # softplus = logaddexp(x, 0): stable, and its derivative is exactly sigmoid(x) (also at 0).
+    return jax.nn.softplus(x) - x * t
+
+
+def sigmoid_focal_loss(
+    logits: Array, targets: Array, gamma: float = 2.0, alpha: float = 0.25
+) -> Array:
+    """Elementwise sigmoid focal loss (mmcv / torchvision formula).
+
+    logits, targets: `[..., C]` float32 (targets one-hot, 0/1; a background row is all zeros).
+    loss = bce * (alpha t + (1 - alpha)(1 - t)) * (1 - p_t) ** gamma, p_t = p t + (1-p)(1-t).
+    `alpha < 0` disables the alpha weighting (torchvision convention).
+    """
+    x = jnp.asarray(logits, jnp.float32)
+    t = jnp.asarray(targets, jnp.float32)
+    p = jax.nn.sigmoid(x)
+    ce = binary_cross_entropy_with_logits(x, t)
+    p_t = p * t + (1.0 - p) * (1.0 - t)
+    loss = ce if gamma == 0 else ce * (1.0 - p_t) ** gamma
+    if alpha >= 0:
+        loss = loss * (alpha * t + (1.0 - alpha) * (1.0 - t))
+    return loss
+
+
+def softmax_cross_entropy(logits: Array, labels: Array) -> Array:
+    """Elementwise softmax cross-entropy: logits `[..., C]`, labels `[...]` int -> `[...]`.
+
+    Labels outside `[0, C)` (e.g. -1 for padding) give loss 0, like torch's `ignore_index`.
+    """
+    logits = jnp.asarray(logits, jnp.float32)
+    labels = jnp.asarray(labels, jnp.int32)
+    c = logits.shape[-1]
+    ok = (labels >= 0) & (labels < c)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(logp, jnp.clip(labels, 0, c - 1)[..., None], axis=-1)[..., 0]
+    return jnp.where(ok, -picked, 0.0)
+
+
+def l1_loss(pred: Array, target: Array) -> Array:
+    """Elementwise `|pred - target|`."""
+    return jnp.abs(jnp.asarray(pred, jnp.float32) - jnp.asarray(target, jnp.float32))
+
+
+def smooth_l1_loss(pred: Array, target: Array, beta: float = 1.0) -> Array:
+    """Elementwise smooth L1 (mmdet): `0.5 d^2 / beta if d < beta else d - 0.5 beta`, d = |p - t|.
+
+    `beta = 0` is plain L1 (torch convention; mmdet requires beta > 0)."""
+    d = l1_loss(pred, target)
+    if beta <= 0:
+        return d
+    return jnp.where(d < beta, 0.5 * d * d / beta, d - 0.5 * beta)
+
+
+def iou_loss(pred: Array, target: Array, mode: str = "log", eps: float = 1e-6) -> Array:
+    """mmdet `iou_loss`: boxes `[..., 4]` xyxy -> `[...]`; iou clamped to >= eps, then
+    'log': -log(iou) (mmdet 2.x default, used by FCOS), 'linear': 1 - iou, 'square': 1 - iou^2."""
+    ious = jnp.maximum(box_iou_aligned(pred, target, mode="iou"), eps)
+    if mode == "log":
+        return -jnp.log(ious)
+    if mode == "linear":
+        return 1.0 - ious
+    if mode == "square":
+        return 1.0 - ious**2
+    raise ValueError(f"fgd_jax.ops.losses.iou_loss: unknown mode {mode!r} (log | linear | square)")
+
+
+def giou_loss(pred: Array, target: Array, eps: float = 1e-7) -> Array:
+    """mmdet `giou_loss`: `1 - giou(pred, target)`, boxes `[..., 4]` xyxy -> `[...]`."""
+    return 1.0 - box_iou_aligned(pred, target, mode="giou", eps=eps)
+
+
+def weight_reduce(
+    loss: Array,
+    weight: Array | None = None,
+    avg_factor: Array | float | None = None,
+    reduction: str = "mean",
+) -> Array:
+    """mmdet `weight_reduce_loss`: `loss * weight`, then 'none' | 'sum' | 'mean'.
+
+    With `avg_factor` and reduction 'mean' the result is `sum / avg_factor` (mmdetection's
+    normalization by the number of positives); otherwise 'mean' averages over all elements.
+    `weight` must broadcast to `loss` (padded entries: weight 0).
+    """
+    loss = jnp.asarray(loss, jnp.float32)
+    if weight is not None:
+        loss = loss * jnp.asarray(weight, jnp.float32)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return jnp.sum(loss)
+    if reduction != "mean":
+        raise ValueError(f"fgd_jax.ops.losses.weight_reduce: unknown reduction {reduction!r}")
+    if avg_factor is None:
+        return jnp.mean(loss)
+    return jnp.sum(loss) / avg_factor
