@@ -1,0 +1,358 @@
+"""The FGD loss (Focal and Global Knowledge Distillation for Detectors, CVPR 2022).
+
+A JAX port of the original `FeatureLoss` (yzd-v/FGD, `mmdet/distillation/losses/fgd.py`) for one
+FPN level, with NHWC features instead of NCHW. For a student map S and a teacher map T (the
+student first goes through `align`, a 1x1 conv, when the channel counts differ):
+
+- focal part: `fg = sum((S - T)^2 * A_s(T) * A_c(T) * M_fg) / B` and the same with `M_bg`, where
+  `A_s`, `A_c` are the teacher's spatial and channel attention (`spatial_channel_attention`)
+  and `M_fg`, `M_bg` the box masks (`fg_bg_masks`);
+- attention part: `mask = sum|A_c(S) - A_c(T)| / B + sum|A_s(S) - A_s(T)| / B`;
+- global part: `relation = sum((GC_s(S) - GC_t(T))^2) / B`, `GC` a GcBlock (attention pooling
+  by a 1x1 conv + softmax over H*W, then 1x1 conv -> LayerNorm -> ReLU -> 1x1 conv, added to
+  every position);
+- `loss = alpha_fgd * fg + beta_fgd * bg + gamma_fgd * mask + lambda_fgd * relation`.
+
+`box_scale` chooses how boxes are mapped onto the feature grid:
+- 'img_shape' (the original, default): `x / img_w * W`, `y / img_h * H` with (img_h, img_w) the
+  resized image before padding. The feature map covers the padded canvas, so on images that
+  are padded the boxes are stretched towards the bottom/right (by pad_w / img_w). This is what
+  the paper's numbers were trained with.
+- 'pad_shape' (geometrically correct): divide by the canvas size (pad_h, pad_w) instead, so a
+  box lands on the cells that actually see it (up to the network's stride rounding).
+
+Teacher features are treated as constants (`stop_gradient`), as in the original, where they
+come out of `torch.no_grad()`; the teacher-side parameters (`conv_mask_t`,
+`channel_add_conv_t_*`) still get gradients from the relation loss, as in the original.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+BOX_SCALES = ("img_shape", "pad_shape")
+
+
+# ------------------------------------------------------------------------------ initializers
+def _torch_conv_kernel_init() -> nn.initializers.Initializer:
+    """PyTorch's default conv weight init, kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in))."""
+    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _torch_conv_bias_init(fan_in: int) -> nn.initializers.Initializer:
+    """PyTorch's default conv bias init: U(+-1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key: Array, shape, dtype=jnp.float32) -> Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+# mmcv kaiming_init(mode='fan_in') with its defaults a=0, nonlinearity='relu',
+# distribution='normal' (untruncated), bias=0: N(0, 2 / fan_in).
+_mmcv_kaiming_fan_in = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+# --------------------------------------------------------------------------- pure functions
+def spatial_channel_attention(feat: Array, temp: float) -> tuple[Array, Array]:
+    """Spatial and channel attention of a feature map, as the original `get_attention`.
+
+    Args:
+      feat: [B, H, W, C] float features.
+      temp: softmax temperature.
+    Returns:
+      spatial: [B, H, W] = H * W * softmax_{h,w}(mean_c |feat| / temp) (mean 1 per image).
+      channel: [B, C] = C * softmax_c(mean_{h,w} |feat| / temp) (mean 1 per image).
+    """
+    b, h, w, c = feat.shape
+    value = jnp.abs(feat)
+    fea_map = jnp.mean(value, axis=-1).reshape(b, h * w)
+    spatial = (h * w * jax.nn.softmax(fea_map / temp, axis=-1)).reshape(b, h, w)
+    channel_map = jnp.mean(value, axis=(1, 2))
+    channel = c * jax.nn.softmax(channel_map / temp, axis=-1)
+    return spatial, channel
+
+
+def fg_bg_masks(
+    boxes: Array,
+    valid: Array,
+    img_shape: Array,
+    pad_shape: Array,
+    feat_hw: tuple[int, int],
+    box_scale: str = "img_shape",
+    dtype: jnp.dtype = jnp.float32,
+) -> tuple[Array, Array]:
+    """Foreground / background masks of the original FGD, vectorized over images, boxes, cells.
+
+    A box scaled to the grid (see the module docstring for `box_scale`) covers the cells
+    `floor(y1') <= h <= ceil(y2')`, `floor(x1') <= w <= ceil(x2')` (both ends inclusive, as the
+    original's `[hmin:hmax+1]` slices) and gives them `1 / (hmax + 1 - hmin) / (wmax + 1 - wmin)`
+    (with the unclipped indices, so a box reaching the last row/column counts one row/column
+    beyond the grid, as in the original); `fg` is the max over the covering boxes, 0 elsewhere.
+    `bg = (fg == 0) / sum(fg == 0)` per image (all zeros if every cell is foreground). Padded
+    boxes (`valid=False`) mark nothing; an image without boxes has `fg = 0`, `bg = 1 / (H*W)`.
+
+    Outside coordinates: the scaled coordinates are clipped to [0, W] x [0, H] first (which is
+    the same as clipping the boxes to the scaling frame: the image for 'img_shape', the canvas
+    for 'pad_shape'). For boxes inside that frame (all real data) this changes nothing and the
+    masks equal the original's bit for bit. The original does not clip: a box with x1' < 0 has
+    `wmin < 0`, and PyTorch reads the slice `[wmin:wmax+1]` from the END of the row (usually
+    empty, sometimes the last cells), and its area counts the cells outside; we mark the
+    clipped box instead. A cell is marked exactly when the original's slices are non-empty
+    (so a clearly inverted box, ceil(x2') < floor(x1'), marks nothing). The cell values are
+    computed in float32 like the original's (`1.0 / int / int`), then cast to `dtype`.
+
+    Args:
+      boxes: [B, G, 4] xyxy, pixels of the resized image (contracts.md).
+      valid: [B, G] bool, True for real boxes.
+      img_shape: [B, 2] (h, w) of the resized image before padding.
+      pad_shape: [B, 2] (h, w) of the padded canvas the feature map covers.
+      feat_hw: (H, W) of the feature map (static).
+      box_scale: 'img_shape' (original) or 'pad_shape'.
+      dtype: dtype of the returned masks.
+    Returns:
+      fg: [B, H, W] dtype; bg: [B, H, W] dtype. Both constant w.r.t. gradients.
+    """
+    if box_scale not in BOX_SCALES:
+        raise ValueError(f"fg_bg_masks: box_scale must be one of {BOX_SCALES}, got {box_scale!r}")
+    if boxes.ndim != 3 or boxes.shape[-1] != 4:
+        raise ValueError(f"fg_bg_masks: boxes must be [B, G, 4], got shape {boxes.shape}")
+    if valid.shape != boxes.shape[:2]:
+        raise ValueError(
+            f"fg_bg_masks: valid must be [B, G] = {boxes.shape[:2]}, got shape {valid.shape}"
+        )
+    for key, arr in (("img_shape", img_shape), ("pad_shape", pad_shape)):
+        if arr.shape != (boxes.shape[0], 2):
+            raise ValueError(
+                f"fg_bg_masks: {key} must be [B, 2] = {(boxes.shape[0], 2)}, got {arr.shape}"
+            )
+    h, w = int(feat_hw[0]), int(feat_hw[1])
+    frame = img_shape if box_scale == "img_shape" else pad_shape
+    boxes = jnp.asarray(boxes)
+    if not jnp.issubdtype(boxes.dtype, jnp.floating):
+        boxes = boxes.astype(jnp.float32)
+    frame = jnp.asarray(frame).astype(boxes.dtype)
+    # Same operation order as the original (divide by the frame, then multiply by the grid
+    # size) so that floor/ceil see the same floats. XLA rewrites `x / broadcast(y)` as
+    # `x * broadcast(1 / y)` (rounding differently: a box edge on a cell border can move by a
+    # cell); dividing by full-shape operands behind an optimization barrier keeps the true
+    # division.
+    full = boxes.shape[:2]
+    frame_h, frame_w = jax.lax.optimization_barrier(
+        (jnp.broadcast_to(frame[:, 0:1], full), jnp.broadcast_to(frame[:, 1:2], full))
+    )  # [B, G]
+    x1 = jnp.clip(boxes[..., 0] / frame_w * w, 0, w)
+    x2 = jnp.clip(boxes[..., 2] / frame_w * w, 0, w)
+    y1 = jnp.clip(boxes[..., 1] / frame_h * h, 0, h)
+    y2 = jnp.clip(boxes[..., 3] / frame_h * h, 0, h)
+    wmin = jnp.floor(x1).astype(jnp.int32)  # [B, G]
+    wmax = jnp.ceil(x2).astype(jnp.int32)
+    hmin = jnp.floor(y1).astype(jnp.int32)
+    hmax = jnp.ceil(y2).astype(jnp.int32)
+
+    rows_n = hmax + 1 - hmin
+    cols_n = wmax + 1 - wmin
+    nonempty = (rows_n > 0) & (cols_n > 0) & jnp.asarray(valid, bool)
+    safe_rows = jnp.where(nonempty, rows_n, 1).astype(jnp.float32)
+    safe_cols = jnp.where(nonempty, cols_n, 1).astype(jnp.float32)
+    # The original's float32 `1.0 / rows / cols` (two roundings). The barrier keeps XLA from
+    # rewriting it as `1.0 / (rows * cols)`, which rounds differently for some (rows, cols).
+    inv_rows = jax.lax.optimization_barrier(1.0 / safe_rows)
+    area = jnp.where(nonempty, inv_rows / safe_cols, 0.0).astype(dtype)  # [B, G]
+
+    # Separable cover: row and column indicators, max over boxes of their product * area.
+    hh = jnp.arange(h, dtype=jnp.int32)
+    ww = jnp.arange(w, dtype=jnp.int32)
+    in_rows = (hh >= hmin[..., None]) & (hh <= hmax[..., None]) & nonempty[..., None]  # [B,G,H]
+    in_cols = (ww >= wmin[..., None]) & (ww <= wmax[..., None])  # [B, G, W]
+    row_val = jnp.where(in_rows, area[..., None], jnp.zeros((), dtype))  # [B, G, H]
+    fg = jnp.max(
+        jnp.where(in_cols[:, :, None, :], row_val[:, :, :, None], jnp.zeros((), dtype)),
+        axis=1,
+        initial=jnp.zeros((), dtype),
+    )  # [B, H, W]
+
+    is_bg = (fg == 0).astype(dtype)
+    bg_sum = jnp.sum(is_bg, axis=(1, 2), keepdims=True)
+    divisor = jax.lax.optimization_barrier(
+        jnp.broadcast_to(jnp.where(bg_sum > 0, bg_sum, 1), is_bg.shape)
+    )  # full shape: a true division, as above
+    bg = is_bg / divisor
+    return jax.lax.stop_gradient(fg), jax.lax.stop_gradient(bg)
+
+
+# ----------------------------------------------------------------------------------- module
+class FGDLoss(nn.Module):
+    """The FGD loss of one feature level; parameters named as the original `FeatureLoss`.
+
+    Parameters (Flax names = mmdetection names with Sequential indices joined by `_`):
+    `align` (1x1 Cs -> Ct, only when Cs != Ct), `conv_mask_s` / `conv_mask_t` (1x1 Ct -> 1),
+    `channel_add_conv_{s,t}_0` (1x1 Ct -> Ct/2), `channel_add_conv_{s,t}_1` (LayerNorm over Ct/2,
+    eps 1e-5), `channel_add_conv_{s,t}_3` (1x1 Ct/2 -> Ct, zero init). Init as the original:
+    PyTorch's default conv init, mmcv kaiming fan_in normal for `conv_mask_*`, zeros for the
+    last conv of each channel-add branch.
+
+    Attributes:
+      student_channels, teacher_channels: C of the student / teacher features.
+      temp: attention temperature.
+      alpha_fgd, beta_fgd, gamma_fgd, lambda_fgd: weights of fg, bg, mask, relation.
+      box_scale: 'img_shape' (original) | 'pad_shape' (see the module docstring).
+    """
+
+    student_channels: int
+    teacher_channels: int
+    temp: float = 0.5
+    alpha_fgd: float = 0.001
+    beta_fgd: float = 0.0005
+    gamma_fgd: float = 0.001
+    lambda_fgd: float = 0.000005
+    box_scale: str = "img_shape"
+    param_dtype: jnp.dtype = jnp.float32
+
+    def _conv(self, name: str, fan_in: int, features: int, init: str = "torch") -> nn.Conv:
+        if init == "torch":
+            k_init, b_init = _torch_conv_kernel_init(), _torch_conv_bias_init(fan_in)
+        elif init == "kaiming":
+            k_init, b_init = _mmcv_kaiming_fan_in, nn.initializers.zeros
+        else:  # "zeros"
+            k_init, b_init = nn.initializers.zeros, nn.initializers.zeros
+        return nn.Conv(
+            features,
+            (1, 1),
+            kernel_init=k_init,
+            bias_init=b_init,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
+
+    def _spatial_pool(self, x: Array, side: str) -> Array:
+        """GcBlock attention pooling: [B, H, W, C] -> context [B, C]."""
+        b, h, w, c = x.shape
+        logits = self._conv(f"conv_mask_{side}", c, 1, init="kaiming")(x)  # [B, H, W, 1]
+        weights = jax.nn.softmax(logits.reshape(b, h * w), axis=-1)
+        return jnp.einsum("bp,bpc->bc", weights, x.reshape(b, h * w, c))
+
+    def _channel_add(self, context: Array, side: str) -> Array:
+        """channel_add_conv_{side}: [B, C] -> [B, C] (on a [B, 1, 1, C] map as the original)."""
+        c = context.shape[-1]
+        y = context[:, None, None, :]
+        y = self._conv(f"channel_add_conv_{side}_0", c, c // 2)(y)
+        y = nn.LayerNorm(
+            epsilon=1e-5,
+            use_fast_variance=False,
+            param_dtype=self.param_dtype,
+            name=f"channel_add_conv_{side}_1",
+        )(y)
+        y = nn.relu(y)
+        y = self._conv(f"channel_add_conv_{side}_3", c // 2, c, init="zeros")(y)
+        return y[:, 0, 0, :]
+
+    @nn.compact
+    def __call__(
+        self,
+        preds_s: Array,
+        preds_t: Array,
+        boxes: Array,
+        valid: Array,
+        img_shape: Array,
+        pad_shape: Array,
+        batch_size: int | None = None,
+    ) -> dict[str, Array]:
+        """FGD loss of one level.
+
+        Args:
+          preds_s: [B, H, W, Cs] student features.
+          preds_t: [B, H, W, Ct] teacher features (treated as constants).
+          boxes: [B, G, 4] float xyxy GT boxes, pixels of the resized image.
+          valid: [B, G] bool, True for real boxes.
+          img_shape: [B, 2] int (h, w) of the resized image before padding.
+          pad_shape: [B, 2] int (h, w) of the padded canvas.
+          batch_size: the divisor of every part. Default B, the leading dim of the arrays: under
+            jit with sharded (global) arrays this already is the GLOBAL batch, which is what
+            the original's per-GPU mean averaged over GPUs amounts to. Pass the global batch
+            only when calling this on a per-device shard (e.g. inside shard_map / pmap).
+        Returns:
+          dict of scalars (float32, or float64 for float64 inputs): `loss` (weighted total),
+          the unweighted `fg`, `bg`, `mask`, `relation`, and the weighted `loss_fg`,
+          `loss_bg`, `loss_mask`, `loss_relation`.
+        """
+        if self.box_scale not in BOX_SCALES:
+            raise ValueError(
+                f"FGDLoss: box_scale must be one of {BOX_SCALES}, got {self.box_scale!r}"
+            )
+        if preds_s.ndim != 4 or preds_t.ndim != 4:
+            raise ValueError(
+                f"FGDLoss: features must be NHWC [B, H, W, C], got student {preds_s.shape} "
+                f"and teacher {preds_t.shape}"
+            )
+        if preds_s.shape[:3] != preds_t.shape[:3]:
+            raise ValueError(
+                f"FGDLoss: student and teacher features differ in [B, H, W]: {preds_s.shape} "
+                f"vs {preds_t.shape}"
+            )
+        if preds_s.shape[-1] != self.student_channels:
+            raise ValueError(
+                f"FGDLoss: student features have {preds_s.shape[-1]} channels, "
+                f"student_channels={self.student_channels}"
+            )
+        if preds_t.shape[-1] != self.teacher_channels:
+            raise ValueError(
+                f"FGDLoss: teacher features have {preds_t.shape[-1]} channels, "
+                f"teacher_channels={self.teacher_channels}"
+            )
+        if boxes.shape[0] != preds_s.shape[0]:
+            raise ValueError(
+                f"FGDLoss: boxes {boxes.shape} and features {preds_s.shape} differ in batch size"
+            )
+
+        b, h, w, _ = preds_s.shape
+        dtype = jnp.promote_types(preds_s.dtype, jnp.float32)
+        n = float(b if batch_size is None else batch_size)
+        s = preds_s.astype(dtype)
+        t = jax.lax.stop_gradient(preds_t.astype(dtype))
+        if self.student_channels != self.teacher_channels:
+            s = self._conv("align", self.student_channels, self.teacher_channels)(s)
+
+        spatial_t, channel_t = spatial_channel_attention(t, self.temp)
+        spatial_s, channel_s = spatial_channel_attention(s, self.temp)
+        fg_mask, bg_mask = fg_bg_masks(
+            boxes, valid, img_shape, pad_shape, (h, w), self.box_scale, dtype=dtype
+        )
+
+        # Focal part: the original multiplies both maps by sqrt(S_t) sqrt(C_t) sqrt(M) before
+        # the squared difference; the same sum is (s - t)^2 * S_t * C_t * M.
+        diff = s - t
+        per_cell = jnp.einsum("bhwc,bc->bhw", diff * diff, channel_t)
+        fg = jnp.sum(per_cell * spatial_t * fg_mask) / n
+        bg = jnp.sum(per_cell * spatial_t * bg_mask) / n
+
+        mask = (
+            jnp.sum(jnp.abs(channel_s - channel_t)) / n
+            + jnp.sum(jnp.abs(spatial_s - spatial_t)) / n
+        )
+
+        # Global part: (s + add_s) - (t + add_t) = (s - t) + (add_s - add_t).
+        add_s = self._channel_add(self._spatial_pool(s, "s"), "s")
+        add_t = self._channel_add(self._spatial_pool(t, "t"), "t")
+        rel_diff = diff + (add_s - add_t)[:, None, None, :]
+        relation = jnp.sum(rel_diff * rel_diff) / n
+
+        out = {
+            "fg": fg,
+            "bg": bg,
+            "mask": mask,
+            "relation": relation,
+            "loss_fg": self.alpha_fgd * fg,
+            "loss_bg": self.beta_fgd * bg,
+            "loss_mask": self.gamma_fgd * mask,
+            "loss_relation": self.lambda_fgd * relation,
+        }
+        out["loss"] = out["loss_fg"] + out["loss_bg"] + out["loss_mask"] + out["loss_relation"]
+        return out
