@@ -1,0 +1,143 @@
+"""PyTorch checkpoints <-> Flax variables (mmdetection and torchvision layouts).
+
+- `import_torch_checkpoint(path_or_state_dict, model_cfg)`: a detector's variables.
+- `convert_state_dict(state_dict, target)`: any module, given its target shapes.
+- `export_torch_state_dict(variables)`: mmdetection-named numpy state dict (exact inverse).
+
+Layouts: 'mmdet' (`backbone.*`, `neck.*`, heads), 'torchvision' detection models
+(`backbone.body.*`, `backbone.fpn.*`, heads renamed by `fgd_jax.convert.torchvision_<type>`'s
+`RENAME_RULES`), and 'classification' (ImageNet backbone checkpoints with top-level `conv1`,
+`layer1.0...`, `fc.*`; load these with `strict=False`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from fgd_jax.convert.core import (
+    ConversionReport,
+    Rename,
+    RenameRules,
+    convert_state_dict,
+    export_state_dict,
+    make_renamer,
+    module_path,
+    torch_module_name,
+)
+from fgd_jax.convert.torch_io import UnsafeCheckpointError, load_torch_file
+from fgd_jax.convert.torchvision_backbone import (
+    CLASSIFICATION_BACKBONE_RULES,
+    DETECTION_BACKBONE_RULES,
+    fpn_rules,
+)
+
+__all__ = [
+    "ConversionReport",
+    "UnsafeCheckpointError",
+    "convert_state_dict",
+    "detect_layout",
+    "export_torch_state_dict",
+    "import_torch_checkpoint",
+    "load_torch_file",
+    "make_renamer",
+    "module_path",
+    "torch_module_name",
+    "torchvision_rules",
+]
+
+
+def detect_layout(state_dict: Mapping[str, Any]) -> str:
+    """'torchvision' (detection), 'classification' (top-level ResNet) or 'mmdet'."""
+    keys = list(state_dict)
+    if any(k.startswith("backbone.body.") for k in keys):
+        return "torchvision"
+    if any(k.startswith(("conv1.", "layer1.")) for k in keys):
+        return "classification"
+    return "mmdet"
+
+
+def torchvision_rules(model_cfg: ml_collections.ConfigDict) -> RenameRules:
+    """Backbone + FPN rules, plus `fgd_jax.convert.torchvision_<model_cfg.type>.RENAME_RULES`
+    for the heads when that module exists."""
+    rules = list(DETECTION_BACKBONE_RULES)
+    neck = model_cfg.get("neck")
+    if neck is not None:
+        n_levels = len(neck.in_channels) - int(neck.get("start_level", 0))
+        rules += fpn_rules(n_levels)
+    name = f"fgd_jax.convert.torchvision_{model_cfg.type}"
+    try:
+        head = importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise
+    else:
+        rules += list(head.RENAME_RULES)
+    return tuple(rules)
+
+
+def _target_shapes(model_cfg: ml_collections.ConfigDict) -> Any:
+    from fgd_jax.models import build_detector
+
+    model = build_detector(model_cfg)
+    size = 128
+    images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
+
+
+def import_torch_checkpoint(
+    path_or_state_dict: str | os.PathLike | Mapping[str, Any],
+    model_cfg: ml_collections.ConfigDict,
+    *,
+    prefix: str | None = None,
+    strict: bool = True,
+    rename: Rename = None,
+    init_variables: Any = None,
+    return_report: bool = False,
+) -> dict | tuple[dict, ConversionReport]:
+    """Detector variables `{'params': ..., 'batch_stats': ...}` from a torch checkpoint.
+
+    Args:
+      path_or_state_dict: a `.pth` path (read safely, see `load_torch_file`) or a state dict.
+      model_cfg: the detector config (`build_detector(model_cfg)` gives the target shapes).
+      prefix: take only keys under it (e.g. 'student.'); removed before matching.
+      strict: see `convert_state_dict`. Use `strict=False` for ImageNet backbone weights, with
+        `init_variables` (initialized detector variables) to keep the leaves not loaded.
+      rename: extra rules/callable; default: chosen by the detected layout.
+    """
+    if isinstance(path_or_state_dict, Mapping):
+        state_dict = dict(path_or_state_dict)
+    else:
+        state_dict = load_torch_file(path_or_state_dict)
+    if prefix:
+        state_dict = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if not state_dict:
+            raise ValueError(f"checkpoint has no key under the prefix {prefix!r}")
+    if rename is None:
+        layout = detect_layout(state_dict)
+        if layout == "torchvision":
+            rename = torchvision_rules(model_cfg)
+        elif layout == "classification":
+            rename = CLASSIFICATION_BACKBONE_RULES
+    target = init_variables if init_variables is not None else _target_shapes(model_cfg)
+    return convert_state_dict(
+        state_dict, target, rename=rename, strict=strict, return_report=return_report
+    )
+
+
+def export_torch_state_dict(
+    variables: Mapping, model_cfg: ml_collections.ConfigDict | None = None
+) -> dict[str, np.ndarray]:
+    """mmdetection-named `{key: np.ndarray}`; with `model_cfg`, first checks that `variables`
+    have exactly the detector's leaves and shapes (clear error otherwise)."""
+    out = export_state_dict(variables)
+    if model_cfg is not None:
+        convert_state_dict(out, _target_shapes(model_cfg), strict=True)
+    return out

@@ -1,0 +1,84 @@
+"""Flax models: backbones, necks, detectors, and the trainable-parameter mask.
+
+`build_detector(model_cfg)` dispatches on `model_cfg.type` ('retinanet', 'fcos',
+'faster_rcnn'); the detector modules are imported lazily.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from fgd_jax.models.fpn import FPN, build_neck
+from fgd_jax.models.resnet import ResNet, backbone_trainable_mask, build_backbone
+
+# model type -> (module, class); each class has `from_config(model_cfg)`.
+DETECTORS: dict[str, tuple[str, str]] = {
+    "retinanet": ("fgd_jax.models.retinanet", "RetinaNet"),
+    "fcos": ("fgd_jax.models.fcos", "FCOS"),
+    "faster_rcnn": ("fgd_jax.models.faster_rcnn", "FasterRCNN"),
+}
+
+__all__ = [
+    "DETECTORS",
+    "FPN",
+    "ResNet",
+    "build_backbone",
+    "build_detector",
+    "build_neck",
+    "trainable_mask",
+]
+
+
+def build_detector(model_cfg: ml_collections.ConfigDict) -> nn.Module:
+    """The detector module for `model_cfg` (e.g. `fgd_jax.config.retinanet_model()`)."""
+    kind = model_cfg.get("type") if hasattr(model_cfg, "get") else None
+    if kind not in DETECTORS:
+        raise ValueError(
+            f"model config: unknown detector type {kind!r}; expected one of {sorted(DETECTORS)}"
+        )
+    module_name, cls_name = DETECTORS[kind]
+    module = importlib.import_module(module_name)
+    return getattr(module, cls_name).from_config(model_cfg)
+
+
+def _frozen_stages(cfg: ml_collections.ConfigDict | int | None) -> int:
+    if cfg is None:
+        return -1
+    if isinstance(cfg, int):
+        return cfg
+    if "backbone" in cfg:
+        return int(cfg.backbone.frozen_stages)
+    if "frozen_stages" in cfg:
+        return int(cfg.frozen_stages)
+    raise ValueError("trainable_mask: config has neither backbone.frozen_stages nor frozen_stages")
+
+
+def trainable_mask(params: Any, cfg: ml_collections.ConfigDict | int | None) -> Any:
+    """Pytree of bools shaped like `params`: False for leaves the optimizer must not move.
+
+    Args:
+      params: a detector's 'params' collection (frozen leaves under `params['backbone']`) or
+        a bare backbone's params (top-level `conv1`, `layer1_0`, ...).
+      cfg: a model config (uses `backbone.frozen_stages`), a backbone config, or an int.
+    Use with e.g. `optax.masked(optax.add_decayed_weights(wd), mask)` and
+    `optax.masked(sgd, mask)` / zeroed updates, so neither the gradient nor weight decay
+    moves frozen parameters.
+    """
+    frozen = _frozen_stages(cfg)
+    if "params" in params and "backbone" not in params and "conv1" not in params:
+        raise ValueError("trainable_mask: pass the 'params' collection, not the variables dict")
+    if "backbone" in params:
+        return {
+            k: (
+                backbone_trainable_mask(v, frozen)
+                if k == "backbone"
+                else jax.tree_util.tree_map(lambda _: True, v)
+            )
+            for k, v in params.items()
+        }
+    return backbone_trainable_mask(params, frozen)
