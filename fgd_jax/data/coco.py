@@ -1,0 +1,215 @@
+"""COCO-format annotations read with pycocotools, with mmdetection 2.x `CocoDataset` rules.
+
+A *record* is a plain dict describing one image before any transform:
+  file_name     str, path of the image file
+  image_id      int, COCO image id
+  orig_shape    (h, w) ints, from the json's height / width
+  boxes         [n, 4] float32 xyxy, original pixels (COCO xywh -> x2 = x + w, no -1)
+  labels        [n] int32, contiguous class index in [0, num_classes)
+  ignore_boxes  [m, 4] float32 xyxy, the `iscrowd=1` boxes
+
+Rules (mmdetection 2.11 `CocoDataset.load_annotations / _parse_ann_info / _filter_imgs`):
+  - labels: category ids in `coco.getCatIds()` order (the json's category order, which for
+    COCO 2017 is sorted by id) -> 0, 1, 2, ...; `label_to_cat_id[label]` maps back.
+  - an annotation is dropped if `ignore` is set, it does not overlap the image, its `area` is
+    <= 0 or its w or h < 1, or its category is unknown; survivors with `iscrowd` become ignore
+    boxes.
+  - training (`filter_empty=True`) keeps an image only if it has at least one annotation of a
+    known category (as mmdetection: an image whose annotations are all crowd or degenerate is
+    kept, with no GT) and min(h, w) >= `min_size` (32); evaluation keeps every image.
+Images are in the json's order (`coco.getImgIds()`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import os
+from typing import Any
+
+import numpy as np
+from pycocotools.coco import COCO
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class CocoRecords:
+    """The records of one split plus what evaluation needs to map back to COCO ids.
+
+    Attributes:
+      records: list of record dicts (see module docstring).
+      label_to_cat_id: `[num_classes]` COCO category id of each contiguous label.
+      class_names: category names in label order.
+      coco: the pycocotools `COCO` object (ground truth for evaluation).
+      ann_file: path of the annotation json.
+      num_skipped: images dropped because their file is missing (`on_bad_image='skip'`).
+    """
+
+    records: list[dict[str, Any]]
+    label_to_cat_id: list[int]
+    class_names: list[str]
+    coco: COCO
+    ann_file: str
+    num_skipped: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_to_cat_id)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def read_coco_json(ann_file: str | os.PathLike) -> COCO:
+    """Load a COCO json into pycocotools with clear errors.
+
+    Raises:
+      FileNotFoundError: the file does not exist.
+      ValueError: the file is empty, not json, or not COCO detection format (the message
+        names the file and the problem).
+    """
+    ann_file = os.fspath(ann_file)
+    if not os.path.isfile(ann_file):
+        raise FileNotFoundError(f"annotation file not found: {ann_file}")
+    if os.path.getsize(ann_file) == 0:
+        raise ValueError(f"{ann_file}: annotation file is empty")
+    try:
+        with open(ann_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{ann_file}: not a valid json file ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{ann_file}: not COCO format (top level is {type(data).__name__})")
+    missing = [k for k in ("images", "annotations", "categories") if k not in data]
+    if missing:
+        raise ValueError(f"{ann_file}: not COCO detection format, missing keys {missing}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data[key], list):
+            raise ValueError(f"{ann_file}: '{key}' must be a list")
+    for i, img in enumerate(data["images"]):
+        bad = [k for k in ("id", "file_name", "height", "width") if k not in img]
+        if bad:
+            raise ValueError(f"{ann_file}: images[{i}] lacks {bad}")
+    for i, ann in enumerate(data["annotations"]):
+        bad = [k for k in ("image_id", "bbox", "category_id") if k not in ann]
+        if bad:
+            raise ValueError(f"{ann_file}: annotations[{i}] lacks {bad}")
+        if len(ann["bbox"]) != 4:
+            raise ValueError(f"{ann_file}: annotations[{i}] bbox must have 4 numbers")
+    for i, cat in enumerate(data["categories"]):
+        if "id" not in cat or "name" not in cat:
+            raise ValueError(f"{ann_file}: categories[{i}] lacks 'id' or 'name'")
+    if not data["categories"]:
+        raise ValueError(f"{ann_file}: no categories")
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def parse_annotations(
+    anns: list[dict], img_hw: tuple[int, int], cat2label: dict[int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """mmdetection `_parse_ann_info` for one image's annotations.
+
+    Returns `(boxes [n, 4] float32 xyxy, labels [n] int32, ignore_boxes [m, 4] float32)`.
+    """
+    img_h, img_w = img_hw
+    boxes, labels, ignore = [], [], []
+    for ann in anns:
+        if ann.get("ignore", False):
+            continue
+        x1, y1, w, h = (float(v) for v in ann["bbox"])
+        inter_w = max(0.0, min(x1 + w, img_w) - max(x1, 0.0))
+        inter_h = max(0.0, min(y1 + h, img_h) - max(y1, 0.0))
+        if inter_w * inter_h == 0:
+            continue
+        if ann.get("area", w * h) <= 0 or w < 1 or h < 1:
+            continue
+        if ann["category_id"] not in cat2label:
+            continue
+        box = [x1, y1, x1 + w, y1 + h]
+        if ann.get("iscrowd", False):
+            ignore.append(box)
+        else:
+            boxes.append(box)
+            labels.append(cat2label[ann["category_id"]])
+    return (
+        np.array(boxes, dtype=np.float32).reshape(-1, 4),
+        np.array(labels, dtype=np.int32),
+        np.array(ignore, dtype=np.float32).reshape(-1, 4),
+    )
+
+
+def load_coco_records(
+    ann_file: str | os.PathLike,
+    image_dir: str | os.PathLike,
+    filter_empty: bool,
+    min_size: int = 32,
+    check_files: bool = True,
+    on_bad_image: str = "error",
+) -> CocoRecords:
+    """Read a COCO split into records (mmdetection 2.x rules, see the module docstring).
+
+    Args:
+      ann_file: the `instances_*.json`.
+      image_dir: folder holding the images named by `file_name`.
+      filter_empty: True for training (drop images without annotations and smaller than
+        `min_size`), False for evaluation (keep every image).
+      check_files: verify every image file exists (a stat per image).
+      on_bad_image: 'error' (raise) or 'skip' (drop the image with a warning and count it).
+    Raises:
+      FileNotFoundError: the annotation file, the image folder or (with 'error') an image file
+        is missing.
+      ValueError: the annotation file is empty or not COCO.
+    """
+    if on_bad_image not in ("error", "skip"):
+        raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+    ann_file, image_dir = os.fspath(ann_file), os.fspath(image_dir)
+    coco = read_coco_json(ann_file)
+    if not os.path.isdir(image_dir):
+        raise FileNotFoundError(f"image folder not found: {image_dir} (for {ann_file})")
+    cat_ids = list(coco.getCatIds())
+    cat2label = {cid: i for i, cid in enumerate(cat_ids)}
+    names = [coco.cats[c]["name"] for c in cat_ids]
+
+    ids_in_cat: set[int] = set()
+    if filter_empty:
+        ids_with_ann = {a["image_id"] for a in coco.anns.values()}
+        for cid in cat_ids:
+            ids_in_cat |= set(coco.catToImgs.get(cid, []))
+        ids_in_cat &= ids_with_ann
+
+    records, skipped = [], 0
+    for img_id in coco.getImgIds():
+        info = coco.imgs[img_id]
+        h, w = int(info["height"]), int(info["width"])
+        if filter_empty and (img_id not in ids_in_cat or min(h, w) < min_size):
+            continue
+        path = os.path.join(image_dir, info["file_name"])
+        if check_files and not os.path.isfile(path):
+            if on_bad_image == "error":
+                raise FileNotFoundError(f"{ann_file}: image id {img_id} file not found: {path}")
+            skipped += 1
+            log.warning("skipping missing image %s (%d skipped so far)", path, skipped)
+            continue
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[img_id]))
+        boxes, labels, ignore = parse_annotations(anns, (h, w), cat2label)
+        records.append(
+            dict(
+                file_name=path,
+                image_id=int(img_id),
+                orig_shape=(h, w),
+                boxes=boxes,
+                labels=labels,
+                ignore_boxes=ignore,
+            )
+        )
+    if not records:
+        raise ValueError(f"{ann_file}: no usable images (after filtering, {skipped} missing)")
+    return CocoRecords(records, cat_ids, names, coco, ann_file, skipped)
