@@ -267,7 +267,8 @@ def load_config(
     """Load `get_config()` from a Python config file and apply dotted overrides.
 
     Args:
-      path: a `.py` file defining `get_config()`.
+      path: a `.py` file defining `get_config()`; `file.py:arg` calls `get_config("arg")`
+        (the ml_collections `config_flags` convention, e.g. `shapes_demo.py:teacher`).
       overrides: `["train.batch_size=8", ...]` (values parsed as Python literals, falling
         back to strings) or a dict `{"train.batch_size": 8}`.
     Raises:
@@ -276,6 +277,9 @@ def load_config(
       TypeError: an override value has the wrong type for its key.
     """
     path = os.fspath(path)
+    arg = None
+    if not os.path.isfile(path) and ":" in path:
+        path, arg = path.rsplit(":", 1)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
     spec = importlib.util.spec_from_file_location("_fgd_jax_config_file", path)
@@ -283,7 +287,7 @@ def load_config(
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ValueError(f"{path}: a config file must define get_config()")
-    cfg = module.get_config()
+    cfg = module.get_config() if arg is None else module.get_config(arg)
     if not isinstance(cfg, ConfigDict):
         raise TypeError(f"{path}: get_config() returned {type(cfg).__name__}, not a ConfigDict")
     apply_overrides(cfg, overrides or [], source=path)

@@ -1,0 +1,184 @@
+"""The FGD distiller: a frozen teacher, a trained student, one FGD loss per FPN level.
+
+Mirrors the original `DetectionDistiller` (yzd-v/FGD, mmdet/distillation/distillers):
+- the teacher runs `extract_feat` in eval mode under `stop_gradient`; its variables live
+  outside the trained parameters, so no optimizer state is ever made for them;
+- the student runs its normal `forward_train` (detector losses) and exposes its FPN outputs,
+  which are exactly the outputs of the hooked `neck.fpn_convs.{i}.conv` modules;
+- `loss_fgd_fpn_{i}` compares student level i with teacher level i.
+
+Trained parameters are `{'student': <student params>, 'distill_losses': {'loss_fgd_fpn_i':
+...}}`, the same top-level names as the PyTorch distiller's state dict (`student.*`,
+`distill_losses.loss_fgd_fpn_i.*`), so its checkpoints convert with the generic rule.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from fgd_jax.distill.fgd import FGDLoss
+
+Array = jax.Array
+log = logging.getLogger(__name__)
+
+# Top-level detector parts that the inheriting strategy copies from the teacher.
+BACKBONE_KEYS = ("backbone",)
+
+
+class DistillLosses(nn.Module):
+    """One `FGDLoss` per distilled FPN level, named `loss_fgd_fpn_{i}` as in the original."""
+
+    num_levels: int
+    student_channels: int
+    teacher_channels: int
+    temp: float
+    alpha_fgd: float
+    beta_fgd: float
+    gamma_fgd: float
+    lambda_fgd: float
+    box_scale: str = "img_shape"
+
+    @nn.compact
+    def __call__(
+        self,
+        feats_s: tuple[Array, ...],
+        feats_t: tuple[Array, ...],
+        batch: Mapping[str, Array],
+    ) -> dict[str, Array]:
+        """Returns `loss_fgd_fpn_{i}` (weighted total of level i) and its unweighted parts
+        `loss_fgd_fpn_{i}/{fg,bg,mask,relation}` for logging."""
+        if len(feats_s) < self.num_levels or len(feats_t) < self.num_levels:
+            raise ValueError(
+                f"FGD distills {self.num_levels} levels but the student gives {len(feats_s)} "
+                f"and the teacher {len(feats_t)} feature maps"
+            )
+        out: dict[str, Array] = {}
+        for i in range(self.num_levels):
+            name = f"loss_fgd_fpn_{i}"
+            parts = FGDLoss(
+                student_channels=self.student_channels,
+                teacher_channels=self.teacher_channels,
+                temp=self.temp,
+                alpha_fgd=self.alpha_fgd,
+                beta_fgd=self.beta_fgd,
+                gamma_fgd=self.gamma_fgd,
+                lambda_fgd=self.lambda_fgd,
+                box_scale=self.box_scale,
+                name=name,
+            )(
+                feats_s[i],
+                feats_t[i],
+                batch["boxes"],
+                batch["valid"],
+                batch["img_shape"],
+                batch["pad_shape"],
+            )
+            out[name] = parts["loss"]
+            for part in ("fg", "bg", "mask", "relation"):
+                out[f"{name}/{part}"] = parts[part]
+        return out
+
+
+class FGDDistiller(nn.Module):
+    """Student detector + FGD losses. The teacher's features come in as an argument.
+
+    Attributes:
+      student: a detector module (docs/contracts.md API).
+      distill: the `fgd_jax.config.fgd_distill` ConfigDict.
+    """
+
+    student: nn.Module
+    distill: Any
+
+    def setup(self) -> None:
+        self.distill_losses = build_distill_losses(self.distill)
+
+    def __call__(
+        self, batch: Mapping[str, Array], teacher_feats: tuple[Array, ...], train: bool = True
+    ) -> dict[str, Array]:
+        """All losses of one distillation step (scalars): the student's detector losses
+        (`loss_cls`, `loss_bbox`, ...), `loss_fgd_fpn_{i}` and their parts (names with a `/`,
+        logged but not summed)."""
+        losses, feats_s = self.student.forward_train(batch, train=train)
+        losses = dict(losses)
+        losses.update(self.distill_losses(tuple(feats_s), tuple(teacher_feats), batch))
+        return losses
+
+    def predict(self, images: Array, img_shape: Array, scale_factor: Array) -> dict[str, Array]:
+        """The student's detections (inference never needs the teacher)."""
+        return self.student.predict(images, img_shape, scale_factor)
+
+
+def total_loss(losses: Mapping[str, Array]) -> Array:
+    """Sum of the loss terms that train: every `loss*` key without a `/` (parts are logs)."""
+    terms = [v for k, v in losses.items() if k.startswith("loss") and "/" not in k]
+    return jnp.sum(jnp.stack([jnp.asarray(t, jnp.float32) for t in terms]))
+
+
+def teacher_features(teacher: nn.Module, teacher_vars: Mapping, images: Array) -> tuple[Array, ...]:
+    """The frozen teacher's FPN maps: eval mode, no gradient (the original's `torch.no_grad`)."""
+    feats = teacher.apply(teacher_vars, images, train=False, method="extract_feat")
+    return tuple(jax.lax.stop_gradient(f) for f in feats)
+
+
+def inherit_from_teacher(
+    student_params: Mapping, teacher_params: Mapping
+) -> tuple[dict, list[str]]:
+    """The inheriting strategy (`init_student=True`): copy every non-backbone teacher
+    parameter (neck, heads) into the student, leaf by leaf.
+
+    Returns the new student params and the '/'-joined paths copied. Raises ValueError listing
+    every student leaf the teacher lacks, every extra teacher leaf and every shape mismatch,
+    instead of the silent partial load of PyTorch's non-strict `load_state_dict`.
+    """
+    s_flat = flatten_dict(dict(student_params))
+    t_flat = {
+        k: v for k, v in flatten_dict(dict(teacher_params)).items() if k[0] not in BACKBONE_KEYS
+    }
+    s_rest = {k for k in s_flat if k[0] not in BACKBONE_KEYS}
+    missing = sorted("/".join(k) for k in s_rest - t_flat.keys())
+    extra = sorted("/".join(k) for k in t_flat.keys() - s_rest)
+    shape = sorted(
+        f"{'/'.join(k)}: student {tuple(s_flat[k].shape)} vs teacher {tuple(t_flat[k].shape)}"
+        for k in s_rest & t_flat.keys()
+        if tuple(s_flat[k].shape) != tuple(t_flat[k].shape)
+    )
+    if missing or extra or shape:
+        lines = ["inheriting the teacher's neck and heads failed (student and teacher differ):"]
+        lines += [f"  missing in teacher: {m}" for m in missing]
+        lines += [f"  only in teacher: {e}" for e in extra]
+        lines += [f"  shape mismatch: {s}" for s in shape]
+        raise ValueError("\n".join(lines))
+    copied = sorted(s_rest)
+    for k in copied:
+        s_flat[k] = jnp.asarray(t_flat[k], dtype=s_flat[k].dtype)
+    log.info("inherited %d teacher leaves (neck and heads) into the student", len(copied))
+    return unflatten_dict(s_flat), ["/".join(k) for k in copied]
+
+
+def build_distill_losses(d: ml_collections.ConfigDict) -> DistillLosses:
+    """The FGD losses of every distilled level from a `fgd_distill` config."""
+    return DistillLosses(
+        num_levels=d.num_levels,
+        student_channels=d.student_channels,
+        teacher_channels=d.teacher_channels,
+        temp=d.temp,
+        alpha_fgd=d.alpha_fgd,
+        beta_fgd=d.beta_fgd,
+        gamma_fgd=d.gamma_fgd,
+        lambda_fgd=d.lambda_fgd,
+        box_scale=d.get("box_scale", "img_shape"),
+    )
+
+
+def build_distiller(student: nn.Module, distill_cfg: ml_collections.ConfigDict) -> FGDDistiller:
+    """The trained module of an FGD run."""
+    return FGDDistiller(student=student, distill=distill_cfg)

@@ -1,0 +1,132 @@
+"""Evaluate a detector on the val set: COCO bbox mAP through pycocotools.
+
+    python -m fgd_jax.eval --ckpt PATH [--config CONFIG] [--out DIR] [--teacher | --student]
+
+PATH is a training workdir (its latest checkpoint; the student by default, `--teacher` for
+the teacher of a distillation run), a converted teacher, or an exported student. The config is
+stored with every checkpoint, so `--config` is only needed to override it (e.g. data.root).
+Writes `detections.json` and `metrics.json` to `--out` (default: PATH/eval).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Mapping
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from fgd_jax import evaluation, parallel
+from fgd_jax.data import pipeline
+
+
+def val_annotation_file(data_cfg: ml_collections.ConfigDict) -> str:
+    """The val annotation json of a data config."""
+    return os.path.join(data_cfg.root, data_cfg.val_ann)
+
+
+def predict_dataset(
+    module, variables: Mapping, cfg: ml_collections.ConfigDict, mesh=None, progress: bool = True
+) -> tuple[list[dict], list[int]]:
+    """Jitted inference over the whole val set, data-parallel over the mesh.
+
+    Returns the COCO result dicts (on every process) and the evaluated image ids.
+    """
+    mesh = mesh or parallel.make_mesh()
+    loader = pipeline.build_eval_loader(
+        cfg.data,
+        batch_size=cfg.eval.batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    cat_ids = loader.label_to_cat_id
+
+    @jax.jit
+    def predict(v, images, img_shape, scale_factor):
+        return module.apply(v, images, img_shape, scale_factor, method="predict")
+
+    results: list[dict] = []
+    image_ids: list[int] = []
+    show = progress and jax.process_index() == 0
+    for host_batch in tqdm(loader, desc="eval", disable=not show, leave=False):
+        batch = parallel.host_batch_to_global(host_batch, mesh)
+        out = predict(variables, batch["image"], batch["img_shape"], batch["scale_factor"])
+        out["image_id"] = batch["image_id"]
+        out = parallel.fetch(out)
+        ids = np.asarray(out["image_id"])
+        image_ids.extend(int(i) for i in ids if i >= 0)
+        results.extend(
+            evaluation.detections_to_coco(
+                ids,
+                np.asarray(out["boxes"]),
+                np.asarray(out["scores"]),
+                np.asarray(out["labels"]),
+                np.asarray(out["valid"]),
+                cat_ids,
+            )
+        )
+    return results, image_ids
+
+
+def evaluate_variables(
+    module,
+    variables: Mapping,
+    cfg: ml_collections.ConfigDict,
+    mesh=None,
+    out_dir: str | None = None,
+) -> dict:
+    """COCO bbox metrics of `module` with `variables` on `cfg.data`'s val set."""
+    results, image_ids = predict_dataset(module, variables, cfg, mesh)
+    metrics = evaluation.coco_evaluate(val_annotation_file(cfg.data), results, image_ids)
+    if out_dir and jax.process_index() == 0:
+        evaluation.write_json(os.path.join(out_dir, "detections.json"), results)
+        write_metrics(out_dir, metrics)
+    return metrics
+
+
+def write_metrics(out_dir: str, metrics: Mapping) -> str:
+    """metrics.json (everything but the printed summary) in `out_dir`."""
+    clean = {k: v for k, v in metrics.items() if k != "summary"}
+    return evaluation.write_json(os.path.join(out_dir, "metrics.json"), clean)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fgd_jax.config import apply_overrides, load_config
+    from fgd_jax.export import load_model
+    from fgd_jax.models import build_detector
+
+    p = argparse.ArgumentParser(prog="python -m fgd_jax.eval", description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", required=True, help="workdir, converted teacher or exported student")
+    p.add_argument("--config", help="config file (default: the one stored with the checkpoint)")
+    p.add_argument("--out", help="output directory (default: CKPT/eval)")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--student", action="store_true", help="evaluate the student (default)")
+    who.add_argument("--teacher", action="store_true", help="evaluate the teacher of a run")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.root=/data")
+    args = p.parse_args(argv)
+    try:
+        variables, cfg = load_model(args.ckpt, teacher=args.teacher)
+        if args.config:
+            cfg = load_config(args.config)
+        apply_overrides(cfg, [o.removeprefix("--config.") for o in args.overrides])
+        module = build_detector(cfg.model)
+        out = args.out or os.path.join(args.ckpt, "eval" + ("_teacher" if args.teacher else ""))
+        metrics = evaluate_variables(module, variables, cfg, out_dir=out)
+    except (FileNotFoundError, ValueError, TypeError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if jax.process_index() == 0:
+        print(metrics.get("summary", ""))
+        print(evaluation.format_table({"model": metrics}))
+        print(json.dumps({k: round(100 * metrics[k], 1) for k in evaluation.METRIC_NAMES}))
+        print(f"wrote {out}/metrics.json and {out}/detections.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
