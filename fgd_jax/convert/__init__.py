@@ -44,6 +44,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "convert_state_dict",
     "detect_layout",
+    "detector_variable_shapes",
     "export_torch_state_dict",
     "import_torch_checkpoint",
     "load_torch_file",
@@ -83,7 +84,9 @@ def torchvision_rules(model_cfg: ml_collections.ConfigDict) -> RenameRules:
     return tuple(rules)
 
 
-def _target_shapes(model_cfg: ml_collections.ConfigDict) -> Any:
+def detector_variable_shapes(model_cfg: ml_collections.ConfigDict) -> Any:
+    """`jax.eval_shape` of `build_detector(model_cfg).init` on a 128x128 image: the
+    variables' shapes and dtypes (nothing is computed)."""
     from fgd_jax.models import build_detector
 
     model = build_detector(model_cfg)
@@ -126,7 +129,7 @@ def import_torch_checkpoint(
             rename = torchvision_rules(model_cfg)
         elif layout == "classification":
             rename = CLASSIFICATION_BACKBONE_RULES
-    target = init_variables if init_variables is not None else _target_shapes(model_cfg)
+    target = init_variables if init_variables is not None else detector_variable_shapes(model_cfg)
     return convert_state_dict(
         state_dict, target, rename=rename, strict=strict, return_report=return_report
     )
@@ -139,5 +142,5 @@ def export_torch_state_dict(
     have exactly the detector's leaves and shapes (clear error otherwise)."""
     out = export_state_dict(variables)
     if model_cfg is not None:
-        convert_state_dict(out, _target_shapes(model_cfg), strict=True)
+        convert_state_dict(out, detector_variable_shapes(model_cfg), strict=True)
     return out

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -73,27 +75,41 @@ def load_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     torch = _torch()
     ser = torch.serialization
-    try:
-        unsafe = ser.get_unsafe_globals_in_checkpoint(path)
-    except Exception as e:
-        raise ValueError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {e})") from e
-    refused = [g for g in unsafe if not _is_allowed(g)]
-    if refused:
-        raise UnsafeCheckpointError(
-            f"{path}: refusing to load, the pickle references globals that could run code: "
-            f"{', '.join(refused)}"
-        )
+    if zipfile.is_zipfile(path):  # torch >= 1.6 format: list the globals before unpickling
+        try:
+            names = ser.get_unsafe_globals_in_checkpoint(path)
+        except Exception as e:
+            raise ValueError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {e})") from e
+        refused = [g for g in names if not _is_allowed(g)]
+        if refused:
+            raise UnsafeCheckpointError(
+                f"{path}: refusing to load, the pickle references globals that could run "
+                f"code: {', '.join(refused)}"
+            )
+    else:  # legacy format: the weights-only unpickler refuses unknown globals itself
+        names = list(SAFE_NUMPY_GLOBALS)
     allowed = []
-    for name in unsafe:
+    for name in names:
         obj = _resolve(name)
-        if obj is None:
-            raise UnsafeCheckpointError(f"{path}: cannot resolve the global {name!r}")
-        allowed.append((obj, name))
+        if obj is not None:
+            allowed.append((obj, name))
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        # Unpickling a numpy dtype instantiates its class (e.g. numpy.dtypes.Int64DType),
+        # which the scan does not list; these classes are plain data types.
+        allowed += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
     try:
         with ser.safe_globals(allowed):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: could not read the checkpoint ({type(e).__name__}: {e})") from e
+        msg = str(e)
+        m = re.search(r"GLOBAL (\S+)", msg) or re.search(r"got <class '([^']+)'>", msg)
+        if m:
+            raise UnsafeCheckpointError(
+                f"{path}: refusing to load, the pickle references a global that is not "
+                f"allowed: {m.group(1)}"
+            ) from None
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from e
     return state_dict_to_numpy(obj, source=path)
 
 
