@@ -185,3 +185,11 @@ def test_pad_to():
     assert p.shape == (5, 6, 3) and p[:3, :4].min() == 1 and p.sum() == x.sum()
     with pytest.raises(ValueError, match="canvas"):
         T.pad_to(x, (2, 6))
+
+
+@pytest.mark.parametrize("style", ["pytorch", "caffe"])
+def test_normalize_pad_equals_composition(style):
+    img = np.random.default_rng(4).integers(0, 256, (5, 7, 3), dtype=np.uint8)[:, ::-1]
+    np.testing.assert_array_equal(
+        T.normalize_pad(img, (8, 9), style), T.pad_to(T.normalize(img, style), (8, 9))
+    )

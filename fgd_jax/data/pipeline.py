@@ -236,7 +236,7 @@ def make_example(
     img, all_boxes, sf = T.resize_keep_ratio(img, all_boxes, scale, max_hw=canvas_hw)
     img, all_boxes, flipped = T.random_flip(img, all_boxes, flip_prob, rng)
     h, w = img.shape[:2]
-    img = T.pad_to(T.normalize(img, pixel_style), canvas_hw)
+    img = T.normalize_pad(img, canvas_hw, pixel_style)
     name = str(record.get("file_name", record.get("image_id")))
     boxes, labels, valid = _pad_boxes(all_boxes[:nb], record["labels"], max_boxes, name)
     ign, _, ign_valid = _pad_boxes(

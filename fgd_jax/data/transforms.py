@@ -169,12 +169,13 @@ def random_flip(
 ) -> tuple[np.ndarray, np.ndarray, bool]:
     """Flip `img [H, W, C]` and `boxes [n, 4] xyxy` horizontally with probability `prob`.
 
-    Returns `(img, boxes, flipped)`; one draw from `rng` per call (also when prob is 0 or 1).
+    Returns `(img, boxes, flipped)`; a flipped image is a reversed view (no copy). One draw
+    from `rng` per call (also when prob is 0 or 1).
     """
     flipped = bool(rng.random() < prob)
     if not flipped:
         return img, np.asarray(boxes, dtype=np.float32).reshape(-1, 4), False
-    return np.ascontiguousarray(img[:, ::-1]), flip_boxes(boxes, img.shape[1]), True
+    return img[:, ::-1], flip_boxes(boxes, img.shape[1]), True
 
 
 # --------------------------------------------------------------------------- normalize / pad
@@ -197,6 +198,20 @@ def normalize(img: np.ndarray, style: str = "pytorch") -> np.ndarray:
     if to_bgr:
         x = x[:, :, ::-1]
     return (x - mean) / std
+
+
+def normalize_pad(img: np.ndarray, hw: tuple[int, int], style: str = "pytorch") -> np.ndarray:
+    """`pad_to(normalize(img, style), hw)` in one pass without temporaries (same numbers)."""
+    mean, std, to_bgr = pixel_stats(style)
+    h, w = img.shape[:2]
+    H, W = int(hw[0]), int(hw[1])
+    if h > H or w > W:
+        raise ValueError(f"image of size {(h, w)} does not fit the canvas {(H, W)}")
+    out = np.zeros((H, W, 3), np.float32)
+    region = out[:h, :w]
+    np.subtract(img[:, :, ::-1] if to_bgr else img, mean, out=region)
+    np.divide(region, std, out=region)
+    return out
 
 
 def pad_to(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
