@@ -1,0 +1,685 @@
+"""FCOS with mmdetection 2.x (2.11) semantics, NHWC, Flax Linen, static shapes under jit.
+
+Pieces (parameter names as mmdetection, see docs/contracts.md):
+- `backbone` (caffe-style ResNet, C2..C5) -> `neck` (FPN, start_level 1, P6/P7 from P5 with a
+  ReLU before P7) -> `bbox_head` (`FCOSHead`, one set of weights for every level plus one
+  learnable `scales_{l}/scale` per level).
+- Points: `(x * stride + stride // 2, y * stride + stride // 2)` (mmdetection); index
+  `y * W + x` per level, levels concatenated finest first.
+- Training (`fcos_loss`): a point is a candidate of a GT if it lies strictly inside the GT (or
+  inside its centre region of radius `center_sample_radius * stride` with centre sampling) and
+  its largest distance to the GT's sides is inside the level's regress range (both bounds
+  inclusive); the smallest-area candidate wins (first GT on ties). Focal loss over all points
+  / num_pos; IoU/GIoU loss on positives weighted by the centerness target / sum of centerness
+  targets; BCE on the centerness / num_pos.
+- Inference (`fcos_postprocess`): mmdetection 2.11 `FCOSHead._get_bboxes`: per level the top
+  `nms_pre` points by `max_c(sigmoid(cls) * sigmoid(ctr))`, decode + clip to `img_shape`, divide by
+  `scale_factor`; then `multiclass_nms(score_factors=centerness)`: a (point, class) pair is kept
+  when `sigmoid(cls) > score_thr` and scored `sigmoid(cls) * sigmoid(ctr)`, class-wise NMS,
+  `max_per_img` best. `score_style='torchvision'` instead follows torchvision's
+  `FCOS.postprocess_detections` (score `sqrt(sigmoid(cls) * sigmoid(ctr))`, threshold on that
+  score, top `nms_pre` pairs per level).
+
+Head outputs (`__call__`): `bbox_preds` are the distances (left, top, right, bottom) after the
+scale and `exp` (plain) or `relu` (`norm_on_bbox`, then in units of the level's stride; the
+postprocess multiplies by the stride, as mmdetection does at test time), so they do not depend
+on `train`.
+
+Loss normalisation across devices: mmdetection 2.11 divides by `max(reduce_mean(num_pos), 1)`
+and `max(reduce_mean(sum centerness targets), 1e-6)` and DDP averages gradients, which equals
+normalising the global batch by its global counts (what `fcos_loss` does); only the floor
+differs (`max(total, 1)` here, `max(total, num_gpus)` there; both only matter without any
+positive).
+
+Points on the canvas padding: mmdetection computes the focal loss over every point of its
+batch tensor (images padded to a multiple of 32, then to the largest image of the per-GPU
+batch). Our canvases are fixed and larger, so with `size_divisor > 0` only the points inside
+each image's own padded shape `ceil(img_shape / size_divisor) * size_divisor` count (0: every
+canvas point counts).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from fgd_jax.models.layers import ConvModule
+from fgd_jax.ops import anchors as anchor_ops
+from fgd_jax.ops import boxes as box_ops
+from fgd_jax.ops import losses as loss_ops
+from fgd_jax.ops import nms as nms_ops
+
+Array = jax.Array
+
+INF = 1e8  # mmdetection's FCOS "infinity" (regress range upper bound, unmatched area)
+DEFAULT_STRIDES = (8, 16, 32, 64, 128)
+DEFAULT_REGRESS_RANGES = ((-1.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, 512.0), (512.0, INF))
+LOSS_BBOX = ("giou", "iou")
+SCORE_STYLES = ("mmdet", "torchvision")
+
+
+# ------------------------------------------------------------------------------------ head
+class Scale(nn.Module):
+    """mmcv `Scale`: multiply by one learnable scalar `scale` (shape `()`, init `init_value`)."""
+
+    init_value: float = 1.0
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.initializers.constant(self.init_value), (), jnp.float32)
+        return x * scale.astype(x.dtype)
+
+
+class FCOSHead(nn.Module):
+    """mmdetection 2.11 `FCOSHead` (`AnchorFreeHead` towers, GN, per-level `Scale`).
+
+    Attributes:
+      num_classes: foreground classes (sigmoid classifier, no background channel).
+      feat_channels, stacked_convs: tower width / depth (3x3 conv -> GN -> ReLU).
+      strides: one per level (only their count matters here).
+      num_groups: GroupNorm groups.
+      conv_bias: bias in the tower convs (mmdetection `conv_bias`: 'auto' = False with GN;
+        the FGD student config sets True).
+      norm_on_bbox: regression `relu(scale * x)` in units of the stride instead of
+        `exp(scale * x)` pixels.
+      centerness_on_reg: centerness from the regression tower (else the classification tower).
+      use_scale: the learnable per-level `Scale` (False for torchvision's FCOS, which has none).
+      prior_prob: initial foreground probability of `conv_cls` (bias init).
+    Call: tuple of NHWC maps `[B, H_l, W_l, in_ch]` -> (cls_scores `[B, H_l, W_l, C]` logits,
+      bbox_preds `[B, H_l, W_l, 4]` distances >= 0, centernesses `[B, H_l, W_l, 1]` logits),
+      each a tuple over levels, float32.
+    """
+
+    num_classes: int
+    feat_channels: int = 256
+    stacked_convs: int = 4
+    strides: Sequence[int] = DEFAULT_STRIDES
+    num_groups: int = 32
+    conv_bias: bool = False
+    norm_on_bbox: bool = False
+    centerness_on_reg: bool = False
+    use_scale: bool = True
+    prior_prob: float = 0.01
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(
+        self, feats: Sequence[Array]
+    ) -> tuple[tuple[Array, ...], tuple[Array, ...], tuple[Array, ...]]:
+        if len(feats) != len(self.strides):
+            raise ValueError(f"FCOSHead: {len(feats)} feature maps but {len(self.strides)} strides")
+        init = nn.initializers.normal(0.01)
+
+        def tower(prefix: str) -> list[ConvModule]:
+            return [
+                ConvModule(
+                    self.feat_channels,
+                    3,
+                    norm="gn",
+                    num_groups=self.num_groups,
+                    act=True,
+                    use_bias=self.conv_bias,
+                    dtype=self.dtype,
+                    kernel_init=init,
+                    name=f"{prefix}_{i}",
+                )
+                for i in range(self.stacked_convs)
+            ]
+
+        def out_conv(features: int, bias: float, name: str) -> nn.Conv:
+            return nn.Conv(
+                features,
+                (3, 3),
+                padding=((1, 1), (1, 1)),
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                kernel_init=init,
+                bias_init=nn.initializers.constant(bias),
+                name=name,
+            )
+
+        cls_convs, reg_convs = tower("cls_convs"), tower("reg_convs")
+        bias_cls = -math.log((1 - self.prior_prob) / self.prior_prob)
+        conv_cls = out_conv(self.num_classes, bias_cls, "conv_cls")
+        conv_reg = out_conv(4, 0.0, "conv_reg")
+        conv_centerness = out_conv(1, 0.0, "conv_centerness")
+        scales = (
+            [Scale(1.0, name=f"scales_{i}") for i in range(len(self.strides))]
+            if self.use_scale
+            else None
+        )
+        cls_scores, bbox_preds, centernesses = [], [], []
+        for lvl, x in enumerate(feats):
+            c = r = x
+            for conv in cls_convs:
+                c = conv(c)
+            for conv in reg_convs:
+                r = conv(r)
+            cls_scores.append(conv_cls(c).astype(jnp.float32))
+            ctr = conv_centerness(r if self.centerness_on_reg else c)
+            centernesses.append(ctr.astype(jnp.float32))
+            reg = conv_reg(r)
+            if scales is not None:
+                reg = scales[lvl](reg)
+            reg = reg.astype(jnp.float32)
+            bbox_preds.append(nn.relu(reg) if self.norm_on_bbox else jnp.exp(reg))
+        return tuple(cls_scores), tuple(bbox_preds), tuple(centernesses)
+
+
+# ---------------------------------------------------------------------------------- points
+def fcos_points(
+    feat_shapes: Sequence[tuple[int, int]],
+    strides: Sequence[int] = DEFAULT_STRIDES,
+    half_stride_offset: bool = True,
+) -> list[Array]:
+    """Points per level: list of `[H_l * W_l, 2] float32` (x, y) pixels of the network input.
+
+    `half_stride_offset`: `x * stride + stride // 2` (mmdetection 2.11) or `x * stride`
+    (torchvision's FCOS anchors are centred on the grid corners).
+    """
+    pts = anchor_ops.multi_level_points([tuple(s) for s in feat_shapes], strides)
+    if half_stride_offset:
+        return pts
+    return [p - float(int(s) // 2) for p, s in zip(pts, strides, strict=True)]
+
+
+def point_valid_flags(
+    feat_shapes: Sequence[tuple[int, int]],
+    strides: Sequence[int],
+    img_shape: Array,
+    size_divisor: int = 32,
+) -> Array:
+    """`[B, N] bool`: point `(x, y)` of level `l` lies in the image's padded shape
+    `ceil(img_shape / size_divisor) * size_divisor`, i.e. `x < ceil(pad_w / stride)` cells (as
+    mmdetection's anchor valid flags). `size_divisor <= 0`: all True. `img_shape: [B, 2]`."""
+    img_shape = jnp.asarray(img_shape)
+    batch = img_shape.shape[0]
+    flags = []
+    for (h, w), s in zip(feat_shapes, strides, strict=True):
+        if size_divisor <= 0:
+            flags.append(jnp.ones((batch, h * w), bool))
+            continue
+        pad = jnp.ceil(img_shape.astype(jnp.float32) / size_divisor) * size_divisor
+        vh = jnp.ceil(pad[:, 0] / s)
+        vw = jnp.ceil(pad[:, 1] / s)
+        ok = (jnp.arange(h)[None, :, None] < vh[:, None, None]) & (
+            jnp.arange(w)[None, None, :] < vw[:, None, None]
+        )
+        flags.append(ok.reshape(batch, h * w))
+    return jnp.concatenate(flags, axis=1)
+
+
+def flatten_levels(maps: Sequence[Array], last: int) -> Array:
+    """`[B, H_l, W_l, last]` per level -> `[B, sum_l H_l * W_l, last]` (index `y * W + x`)."""
+    return jnp.concatenate([m.reshape(m.shape[0], -1, last) for m in maps], axis=1)
+
+
+def _per_point(values: Sequence[Any], counts: Sequence[int]) -> Array:
+    """Repeat one value per level over that level's points -> `[N, ...] float32`."""
+    return jnp.concatenate(
+        [
+            jnp.broadcast_to(jnp.asarray(v, jnp.float32), (n, *jnp.shape(v)))
+            for v, n in zip(values, counts, strict=True)
+        ],
+        axis=0,
+    )
+
+
+# ---------------------------------------------------------------------------------- targets
+def fcos_targets(
+    points: Array,
+    point_strides: Array,
+    regress_ranges: Array,
+    gt_boxes: Array,
+    gt_labels: Array,
+    gt_valid: Array,
+    num_classes: int,
+    center_sampling: bool = False,
+    center_sample_radius: float = 1.5,
+) -> tuple[Array, Array]:
+    """Targets of ONE image (vmap for a batch), mmdetection 2.11 `FCOSHead._get_target_single`.
+
+    Args:
+      points: `[N, 2]` (x, y) pixels; point_strides: `[N]` the stride of each point's level;
+      regress_ranges: `[N, 2]` (lo, hi) of each point's level.
+      gt_boxes: `[G, 4]` xyxy; gt_labels: `[G] int`; gt_valid: `[G] bool` (padding never wins).
+    Returns: labels `[N] int32` (class, or `num_classes` for background) and bbox_targets
+      `[N, 4]` (left, top, right, bottom) pixels to the assigned GT (to GT 0 for background,
+      like mmdetection; callers use only the positives).
+    """
+    xs = points[:, 0][:, None]
+    ys = points[:, 1][:, None]
+    b = gt_boxes[None, :, :]
+    left = xs - b[..., 0]
+    top = ys - b[..., 1]
+    right = b[..., 2] - xs
+    bottom = b[..., 3] - ys
+    bbox_targets = jnp.stack([left, top, right, bottom], axis=-1)  # [N, G, 4]
+    if center_sampling:
+        radius = (point_strides * center_sample_radius)[:, None]
+        cx = (b[..., 0] + b[..., 2]) / 2
+        cy = (b[..., 1] + b[..., 3]) / 2
+        x_min = jnp.where(cx - radius > b[..., 0], cx - radius, b[..., 0])
+        y_min = jnp.where(cy - radius > b[..., 1], cy - radius, b[..., 1])
+        x_max = jnp.where(cx + radius > b[..., 2], b[..., 2], cx + radius)
+        y_max = jnp.where(cy + radius > b[..., 3], b[..., 3], cy + radius)
+        center = jnp.stack([xs - x_min, ys - y_min, x_max - xs, y_max - ys], axis=-1)
+        inside = center.min(-1) > 0
+    else:
+        inside = bbox_targets.min(-1) > 0
+    max_dist = bbox_targets.max(-1)
+    in_range = (max_dist >= regress_ranges[:, 0:1]) & (max_dist <= regress_ranges[:, 1:2])
+    areas = box_ops.box_area(gt_boxes)[None, :]
+    cand = inside & in_range & gt_valid[None, :]
+    areas = jnp.where(cand, areas, INF)
+    idx = jnp.argmin(areas, axis=1)
+    min_area = jnp.min(areas, axis=1)
+    labels = jnp.where(min_area == INF, num_classes, gt_labels[idx]).astype(jnp.int32)
+    targets = jnp.take_along_axis(bbox_targets, idx[:, None, None], axis=1)[:, 0]
+    return labels, targets
+
+
+def centerness_target(bbox_targets: Array) -> Array:
+    """`sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b))` for `[..., 4]` (l, t, r, b)."""
+    lr = bbox_targets[..., jnp.array([0, 2])]
+    tb = bbox_targets[..., jnp.array([1, 3])]
+    return jnp.sqrt((lr.min(-1) / lr.max(-1)) * (tb.min(-1) / tb.max(-1)))
+
+
+# ------------------------------------------------------------------------------------ loss
+def fcos_loss(
+    cls_scores: Array,
+    bbox_preds: Array,
+    centernesses: Array,
+    points: Array,
+    point_strides: Array,
+    regress_ranges: Array,
+    point_valid: Array,
+    gt_boxes: Array,
+    gt_labels: Array,
+    gt_valid: Array,
+    num_classes: int,
+    center_sampling: bool = False,
+    center_sample_radius: float = 1.5,
+    norm_on_bbox: bool = False,
+    loss_bbox_type: str = "iou",
+    focal_gamma: float = 2.0,
+    focal_alpha: float = 0.25,
+    loss_cls_weight: float = 1.0,
+    loss_bbox_weight: float = 1.0,
+    loss_centerness_weight: float = 1.0,
+    iou_eps: float = 1e-6,
+) -> dict[str, Array]:
+    """mmdetection 2.11 `FCOSHead.loss` over a global batch.
+
+    Args:
+      cls_scores: `[B, N, C]` logits; bbox_preds: `[B, N, 4]` distances (pixels, or strides
+        with `norm_on_bbox`); centernesses: `[B, N]` logits (levels flattened).
+      points: `[N, 2]`; point_strides: `[N]`; regress_ranges: `[N, 2]`.
+      point_valid: `[B, N] bool` points that take part in the focal loss.
+      gt_boxes `[B, G, 4]`, gt_labels `[B, G] int32`, gt_valid `[B, G] bool`.
+      loss_bbox_type: 'giou' (`1 - GIoU`) or 'iou' (`-log(max(IoU, eps))`, mmdetection
+        `IoULoss` mode 'log').
+    Returns: {'loss_cls', 'loss_bbox', 'loss_centerness'} float32 scalars.
+    """
+    if loss_bbox_type not in LOSS_BBOX:
+        raise ValueError(f"fcos_loss: loss_bbox {loss_bbox_type!r} must be one of {LOSS_BBOX}")
+    labels, targets = jax.vmap(
+        lambda b, l, v: fcos_targets(
+            points,
+            point_strides,
+            regress_ranges,
+            b,
+            l,
+            v,
+            num_classes,
+            center_sampling,
+            center_sample_radius,
+        )
+    )(gt_boxes, gt_labels, gt_valid)
+    if norm_on_bbox:
+        targets = targets / point_strides[None, :, None]
+    pos = labels < num_classes  # [B, N]
+    posf = pos.astype(jnp.float32)
+    num_pos = jnp.maximum(jnp.sum(posf), 1.0)
+
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)  # background -> zeros
+    focal = loss_ops.sigmoid_focal_loss(
+        cls_scores.astype(jnp.float32), onehot, gamma=focal_gamma, alpha=focal_alpha
+    )
+    focal = focal * point_valid[..., None].astype(jnp.float32)
+    loss_cls = jnp.sum(focal) / num_pos
+
+    # Off the positives the targets may be anything (even negative): replace them by a unit
+    # box so neither the values nor the gradients can become nan; their weight is 0 anyway.
+    safe_t = jnp.where(pos[..., None], targets, 1.0)
+    safe_p = jnp.where(pos[..., None], bbox_preds.astype(jnp.float32), 1.0)
+    ctr_t = jax.lax.stop_gradient(jnp.where(pos, centerness_target(safe_t), 0.0))
+    pts = jnp.broadcast_to(points[None], safe_p.shape[:2] + (2,))
+    pred_boxes = box_ops.distance2bbox(pts, safe_p)
+    target_boxes = box_ops.distance2bbox(pts, safe_t)
+    if loss_bbox_type == "giou":
+        per_point = loss_ops.giou_loss(pred_boxes, target_boxes, eps=iou_eps)
+    else:
+        per_point = loss_ops.iou_loss(pred_boxes, target_boxes, mode="log", eps=iou_eps)
+    ctr_denorm = jnp.maximum(jnp.sum(ctr_t), 1e-6)
+    loss_bbox = jnp.sum(per_point * ctr_t) / ctr_denorm
+
+    bce = loss_ops.binary_cross_entropy_with_logits(centernesses.astype(jnp.float32), ctr_t)
+    loss_centerness = jnp.sum(bce * posf) / num_pos
+    return dict(
+        loss_cls=loss_cls_weight * loss_cls,
+        loss_bbox=loss_bbox_weight * loss_bbox,
+        loss_centerness=loss_centerness_weight * loss_centerness,
+    )
+
+
+# ------------------------------------------------------------------------------- inference
+def fcos_postprocess(
+    cls_scores: Sequence[Array],
+    bbox_preds: Sequence[Array],
+    centernesses: Sequence[Array],
+    points: Sequence[Array],
+    strides: Sequence[int],
+    img_shape: Array,
+    scale_factor: Array,
+    num_classes: int,
+    norm_on_bbox: bool = False,
+    nms_pre: int = 1000,
+    score_thr: float = 0.05,
+    iou_threshold: float = 0.5,
+    max_per_img: int = 100,
+    max_candidates: int = 4000,
+    score_style: str = "mmdet",
+) -> dict[str, Array]:
+    """Detections of a batch (static shapes), see the module docstring for both styles.
+
+    Args:
+      cls_scores / bbox_preds / centernesses: per level `[B, H, W, C]` logits,
+        `[B, H, W, 4]` distances (`__call__` outputs), `[B, H, W, 1]` logits.
+      points: per level `[H*W, 2]`; strides: per level (multiplies the distances when
+        `norm_on_bbox`). img_shape: `[B, 2]` (h, w) of the resized image; scale_factor:
+        `[B, 4]` (w, h, w, h).
+      nms_pre: 'mmdet': points kept per level before NMS; 'torchvision': (point, class)
+        pairs kept per level (its `topk_candidates`).
+      max_candidates ('mmdet'): the (point, class) pairs passed to NMS are the highest-scoring
+        ones above `score_thr`; mmdetection passes all of them, the result is the same
+        whenever the `max_per_img`-th kept detection is among the first `max_candidates`.
+    Returns: dict(boxes `[B, K, 4]` xyxy in original-image pixels, scores `[B, K]`,
+      labels `[B, K] int32` (-1 where invalid), valid `[B, K] bool`), K = max_per_img, sorted
+      by score.
+    """
+    if score_style not in SCORE_STYLES:
+        raise ValueError(f"fcos_postprocess: score_style {score_style!r} not in {SCORE_STYLES}")
+    img_shape = jnp.asarray(img_shape)
+    scale_factor = jnp.asarray(scale_factor, jnp.float32)
+    batch = cls_scores[0].shape[0]
+    all_boxes, all_cls, all_ctr, all_sel = [], [], [], []
+    for cls, reg, ctr, pts, s in zip(
+        cls_scores, bbox_preds, centernesses, points, strides, strict=True
+    ):
+        scores = jax.nn.sigmoid(cls.reshape(batch, -1, num_classes).astype(jnp.float32))
+        cent = jax.nn.sigmoid(ctr.reshape(batch, -1).astype(jnp.float32))
+        dist = reg.reshape(batch, -1, 4).astype(jnp.float32)
+        if norm_on_bbox:
+            dist = dist * float(s)
+        pts = jnp.broadcast_to(pts[None], (batch, *pts.shape))
+        if score_style == "mmdet":
+            if 0 < nms_pre < scores.shape[1]:
+                _, idx = jax.lax.top_k((scores * cent[..., None]).max(-1), nms_pre)
+                scores = jnp.take_along_axis(scores, idx[..., None], axis=1)
+                cent = jnp.take_along_axis(cent, idx, axis=1)
+                dist = jnp.take_along_axis(dist, idx[..., None], axis=1)
+                pts = jnp.take_along_axis(pts, idx[..., None], axis=1)
+            boxes = box_ops.distance2bbox(pts, dist, max_shape=img_shape)
+            all_boxes.append(boxes)
+            all_cls.append(scores)
+            all_ctr.append(cent)
+        else:
+            pair = jnp.sqrt(scores * cent[..., None]).reshape(batch, -1)  # index n*C + c
+            k = min(nms_pre, pair.shape[1]) if nms_pre > 0 else pair.shape[1]
+            top, idx = jax.lax.top_k(jnp.where(pair > score_thr, pair, -jnp.inf), k)
+            n = idx // num_classes
+            boxes = box_ops.distance2bbox(
+                jnp.take_along_axis(pts, n[..., None], axis=1),
+                jnp.take_along_axis(dist, n[..., None], axis=1),
+                max_shape=img_shape,
+            )
+            all_boxes.append(boxes)
+            all_sel.append((top, (idx % num_classes).astype(jnp.int32)))
+    boxes = jnp.concatenate(all_boxes, axis=1) / scale_factor[:, None, :]
+    if score_style == "mmdet":
+        scores = jnp.concatenate(all_cls, axis=1)  # [B, M, C]
+        cent = jnp.concatenate(all_ctr, axis=1)  # [B, M]
+        passed = scores > score_thr
+        pair = jnp.where(passed, scores * cent[..., None], -jnp.inf).reshape(batch, -1)
+        k = min(max_candidates, pair.shape[1])
+        top, idx = jax.lax.top_k(pair, k)
+        cand_boxes = jnp.take_along_axis(boxes, (idx // num_classes)[..., None], axis=1)
+        cand_labels = (idx % num_classes).astype(jnp.int32)
+    else:
+        top = jnp.concatenate([t for t, _ in all_sel], axis=1)
+        cand_labels = jnp.concatenate([lab for _, lab in all_sel], axis=1)
+        cand_boxes = boxes
+    return jax.vmap(lambda b, s, lab: _nms(b, s, lab, iou_threshold, max_per_img))(
+        cand_boxes, top, cand_labels
+    )
+
+
+def _nms(
+    boxes: Array, scores: Array, labels: Array, iou_threshold: float, max_per_img: int
+) -> dict[str, Array]:
+    """One image: candidate pairs `boxes [M, 4]`, `scores [M]` (-inf: not a candidate),
+    `labels [M]` -> class-wise NMS, the `max_per_img` best as static arrays."""
+    valid = jnp.isfinite(scores)
+    scores = jnp.where(valid, scores, 0.0)
+    keep, keep_valid = nms_ops.batched_nms(boxes, scores, labels, valid, iou_threshold, max_per_img)
+    keep_valid = keep_valid & valid[keep]
+    return dict(
+        boxes=jnp.where(keep_valid[:, None], boxes[keep], 0.0),
+        scores=jnp.where(keep_valid, scores[keep], 0.0),
+        labels=jnp.where(keep_valid, labels[keep], -1),
+        valid=keep_valid,
+    )
+
+
+# -------------------------------------------------------------------------------- detector
+class FCOS(nn.Module):
+    """mmdetection 2.x `FCOS` implementing the detector API of docs/contracts.md.
+
+    Build with `FCOS.from_config(fgd_jax.config.fcos_model(...))` or by hand.
+    """
+
+    backbone: nn.Module
+    neck: nn.Module
+    bbox_head: FCOSHead
+    num_classes: int = 80
+    strides: Sequence[int] = DEFAULT_STRIDES
+    regress_ranges: Sequence[tuple[float, float]] = DEFAULT_REGRESS_RANGES
+    half_stride_offset: bool = True
+    center_sampling: bool = False
+    center_sample_radius: float = 1.5
+    norm_on_bbox: bool = False
+    loss_bbox_type: str = "iou"
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.25
+    loss_cls_weight: float = 1.0
+    loss_bbox_weight: float = 1.0
+    loss_centerness_weight: float = 1.0
+    size_divisor: int = 32
+    nms_pre: int = 1000
+    score_thr: float = 0.05
+    iou_threshold: float = 0.5
+    max_per_img: int = 100
+    max_candidates: int = 4000
+    score_style: str = "mmdet"
+
+    @classmethod
+    def from_config(cls, model_cfg: ml_collections.ConfigDict, dtype: Any = None) -> FCOS:
+        """Build from `fgd_jax.config.fcos_model(...)`; `dtype` is the compute dtype."""
+        from fgd_jax.models.fpn import build_neck
+        from fgd_jax.models.resnet import build_backbone
+
+        for key in ("backbone", "neck", "head", "num_classes"):
+            if key not in model_cfg:
+                raise ValueError(f"fcos model config: missing key {key!r}")
+        head = model_cfg.head
+        train_cfg = model_cfg.get("train_cfg", ml_collections.ConfigDict())
+        test_cfg = model_cfg.get("test_cfg", ml_collections.ConfigDict())
+        strides = tuple(int(s) for s in head.get("strides", DEFAULT_STRIDES))
+        ranges = tuple(
+            (float(lo), float(hi)) for lo, hi in head.get("regress_ranges", DEFAULT_REGRESS_RANGES)
+        )
+        if len(ranges) != len(strides):
+            raise ValueError(
+                f"fcos model config: head.regress_ranges has {len(ranges)} entries but "
+                f"head.strides has {len(strides)}"
+            )
+        if model_cfg.neck.num_outs != len(strides):
+            raise ValueError(
+                f"fcos model config: neck.num_outs {model_cfg.neck.num_outs} != "
+                f"{len(strides)} head.strides"
+            )
+        loss_bbox = str(head.get("loss_bbox", "iou"))
+        if loss_bbox not in LOSS_BBOX:
+            raise ValueError(f"fcos model config: head.loss_bbox {loss_bbox!r} not in {LOSS_BBOX}")
+        score_style = str(test_cfg.get("score_style", "mmdet"))
+        if score_style not in SCORE_STYLES:
+            raise ValueError(
+                f"fcos model config: test_cfg.score_style {score_style!r} not in {SCORE_STYLES}"
+            )
+        norm_on_bbox = bool(head.get("norm_on_bbox", False))
+        bbox_head = FCOSHead(
+            num_classes=model_cfg.num_classes,
+            feat_channels=head.get("feat_channels", 256),
+            stacked_convs=head.get("stacked_convs", 4),
+            strides=strides,
+            num_groups=head.get("num_groups", 32),
+            conv_bias=bool(head.get("conv_bias", False)),
+            norm_on_bbox=norm_on_bbox,
+            centerness_on_reg=bool(head.get("centerness_on_reg", False)),
+            use_scale=bool(head.get("use_scale", True)),
+            dtype=dtype,
+        )
+        return cls(
+            backbone=build_backbone(model_cfg.backbone, dtype=dtype),
+            neck=build_neck(model_cfg.neck, dtype=dtype),
+            bbox_head=bbox_head,
+            num_classes=model_cfg.num_classes,
+            strides=strides,
+            regress_ranges=ranges,
+            half_stride_offset=bool(head.get("half_stride_offset", True)),
+            center_sampling=bool(head.get("center_sampling", False)),
+            center_sample_radius=float(head.get("center_sample_radius", 1.5)),
+            norm_on_bbox=norm_on_bbox,
+            loss_bbox_type=loss_bbox,
+            focal_gamma=float(head.get("focal_gamma", 2.0)),
+            focal_alpha=float(head.get("focal_alpha", 0.25)),
+            loss_cls_weight=float(head.get("loss_cls_weight", 1.0)),
+            loss_bbox_weight=float(head.get("loss_bbox_weight", 1.0)),
+            loss_centerness_weight=float(head.get("loss_centerness_weight", 1.0)),
+            size_divisor=int(train_cfg.get("size_divisor", 32)),
+            nms_pre=int(test_cfg.get("nms_pre", 1000)),
+            score_thr=float(test_cfg.get("score_thr", 0.05)),
+            iou_threshold=float(test_cfg.get("iou_threshold", 0.5)),
+            max_per_img=int(test_cfg.get("max_per_img", 100)),
+            max_candidates=int(test_cfg.get("max_candidates", 4000)),
+            score_style=score_style,
+        )
+
+    def extract_feat(self, images: Array, train: bool = False) -> tuple[Array, ...]:
+        """`[B, H, W, 3]` -> FPN maps P3..P7, NHWC, finest first."""
+        return tuple(self.neck(self.backbone(images, train=train)))
+
+    def __call__(self, images: Array, train: bool = False) -> dict[str, Any]:
+        """`[B, H, W, 3]` -> dict(features, cls_scores, bbox_preds, centernesses) per level
+        (`[B, H_l, W_l, C]`, `[B, H_l, W_l, 4]`, `[B, H_l, W_l, 1]`, see `FCOSHead`)."""
+        feats = self.extract_feat(images, train=train)
+        cls_scores, bbox_preds, centernesses = self.bbox_head(feats)
+        return dict(
+            features=feats,
+            cls_scores=cls_scores,
+            bbox_preds=bbox_preds,
+            centernesses=centernesses,
+        )
+
+    def points(self, feat_shapes: Sequence[tuple[int, int]]) -> list[Array]:
+        """Points per level for the given feature shapes (no parameters needed)."""
+        return fcos_points(feat_shapes, self.strides, self.half_stride_offset)
+
+    def loss(self, outs: dict[str, Any], batch: dict[str, Array]) -> dict[str, Array]:
+        """Losses from head outputs `outs` (as `__call__` returns) and a batch dict."""
+        for key in ("boxes", "labels", "valid", "img_shape"):
+            if key not in batch:
+                raise KeyError(f"FCOS.forward_train: batch has no {key!r} (see contracts)")
+        shapes = [tuple(c.shape[1:3]) for c in outs["cls_scores"]]
+        counts = [h * w for h, w in shapes]
+        points = jnp.concatenate(self.points(shapes), axis=0)
+        return fcos_loss(
+            flatten_levels(outs["cls_scores"], self.num_classes),
+            flatten_levels(outs["bbox_preds"], 4),
+            flatten_levels(outs["centernesses"], 1)[..., 0],
+            points,
+            _per_point(self.strides, counts),
+            _per_point(self.regress_ranges, counts),
+            point_valid_flags(shapes, self.strides, batch["img_shape"], self.size_divisor),
+            jnp.asarray(batch["boxes"], jnp.float32),
+            jnp.asarray(batch["labels"]),
+            jnp.asarray(batch["valid"], bool),
+            self.num_classes,
+            self.center_sampling,
+            self.center_sample_radius,
+            self.norm_on_bbox,
+            self.loss_bbox_type,
+            self.focal_gamma,
+            self.focal_alpha,
+            self.loss_cls_weight,
+            self.loss_bbox_weight,
+            self.loss_centerness_weight,
+        )
+
+    def forward_train(
+        self, batch: dict[str, Array], train: bool = True
+    ) -> tuple[dict[str, Array], tuple[Array, ...]]:
+        """Batch dict (docs/contracts.md) -> ({'loss_cls', 'loss_bbox', 'loss_centerness'},
+        FPN features)."""
+        for key in ("image", "boxes", "labels", "valid", "img_shape"):
+            if key not in batch:
+                raise KeyError(f"FCOS.forward_train: batch has no {key!r} (see contracts)")
+        outs = self(batch["image"], train=train)
+        return self.loss(outs, batch), outs["features"]
+
+    def predict(self, images: Array, img_shape: Array, scale_factor: Array) -> dict[str, Array]:
+        """Detections in ORIGINAL image pixels: dict(boxes [B,K,4], scores [B,K],
+        labels [B,K] int32, valid [B,K] bool), K = max_per_img."""
+        outs = self(images, train=False)
+        return self.postprocess(outs, img_shape, scale_factor)
+
+    def postprocess(
+        self, outs: dict[str, Any], img_shape: Array, scale_factor: Array
+    ) -> dict[str, Array]:
+        """`fcos_postprocess` with this model's settings on `__call__` outputs."""
+        shapes = [tuple(c.shape[1:3]) for c in outs["cls_scores"]]
+        return fcos_postprocess(
+            outs["cls_scores"],
+            outs["bbox_preds"],
+            outs["centernesses"],
+            self.points(shapes),
+            self.strides,
+            img_shape,
+            scale_factor,
+            self.num_classes,
+            self.norm_on_bbox,
+            self.nms_pre,
+            self.score_thr,
+            self.iou_threshold,
+            self.max_per_img,
+            self.max_candidates,
+            self.score_style,
+        )
