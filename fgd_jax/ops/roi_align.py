@@ -9,7 +9,7 @@ uses with `aligned=True, sampling_ratio=0`), forward and gradient w.r.t. the fea
   coordinates are clamped at 0 and at H-1 / W-1 as in torchvision.
 
 Static shapes with an exact adaptive grid: the samples are visited in a `lax.while_loop` whose
-trip count is the largest grid in the call (`max_r gh_r * max_r gw_r`, data dependent; each RoI
+trip count is the largest grid in the call (`max_r gh_r * gw_r`, data dependent; each RoI
 masks the samples beyond its own grid), so no cap is needed and cost follows the RoIs present.
 The backward pass is a `custom_vjp` running the same loop with a scatter-add (no gradient
 w.r.t. the RoIs, as torchvision / mmcv).
@@ -62,7 +62,7 @@ def _axis(start, bin_size, grid, i, n_bins, size):
     """Sample coordinate along one axis for all bins: `[R, n_bins]` low/high index, weights."""
     p = jnp.arange(n_bins, dtype=jnp.float32)[None, :]
     g = jnp.maximum(grid, 1).astype(jnp.float32)[:, None]
-    c = start[:, None] + p * bin_size[:, None] + (i + 0.5) * bin_size[:, None] / g
+    c = start[:, None] + p * bin_size[:, None] + (i[:, None] + 0.5) * bin_size[:, None] / g
     size_f = size[:, None]
     inside = (c >= -1.0) & (c <= size_f)
     c = jnp.maximum(c, 0.0)
@@ -75,15 +75,17 @@ def _axis(start, bin_size, grid, i, n_bins, size):
     return low.astype(jnp.int32), high.astype(jnp.int32), 1.0 - frac, frac, inside
 
 
-def _corners(geom, s, mgw, out_h, out_w, sampling_ratio, aligned):
-    """Flat indices `[R, out_h, out_w]` and weights of the 4 corners of sample number `s`."""
+def _corners(geom, s, out_h, out_w, sampling_ratio, aligned):
+    """Flat indices `[R, out_h, out_w]` and weights of the 4 corners of sample number `s`
+    (sample `s` of RoI r is grid cell `(s // gw_r, s % gw_r)`; inactive once s >= gh_r gw_r)."""
     rois, scale, height, width, offset = geom
     x1, y1, bin_h, bin_w, gh, gw, _ = _geometry(
         rois, scale, height, width, out_h, out_w, sampling_ratio, aligned
     )
-    iy = (s // mgw).astype(jnp.float32)
-    ix = (s % mgw).astype(jnp.float32)
-    active = ((s // mgw) < gh) & ((s % mgw) < gw)  # [R]
+    gw1 = jnp.maximum(gw, 1)
+    iy = (s // gw1).astype(jnp.float32)
+    ix = (s % gw1).astype(jnp.float32)
+    active = (gh > 0) & (gw > 0) & (s < gh * gw)  # [R]
     yl, yh, wyl, wyh, vy = _axis(y1, bin_h, gh, iy, out_h, height)
     xl, xh, wxl, wxh, vx = _axis(x1, bin_w, gw, ix, out_w, width)
     mask = (vy[:, :, None] & vx[:, None, :] & active[:, None, None]).astype(jnp.float32)
@@ -98,25 +100,25 @@ def _corners(geom, s, mgw, out_h, out_w, sampling_ratio, aligned):
 
 
 def _num_samples(geom, out_h, out_w, sampling_ratio, aligned):
+    """Loop trip count (the largest per-RoI grid `gh * gw`) and the per-RoI sample counts."""
     rois, scale, height, width, _ = geom
     _, _, _, _, gh, gw, count = _geometry(
         rois, scale, height, width, out_h, out_w, sampling_ratio, aligned
     )
-    mgh = jnp.maximum(jnp.max(gh, initial=0), 0)
-    mgw = jnp.maximum(jnp.max(gw, initial=0), 1)
-    return mgh * mgw, mgw, count
+    n = jnp.where((gh > 0) & (gw > 0), gh * gw, 0)
+    return jnp.max(n, initial=0), count
 
 
 @functools.cache
 def _make_core(out_h: int, out_w: int, sampling_ratio: int, aligned: bool):
     def forward(flat, geom):
-        total, mgw, count = _num_samples(geom, out_h, out_w, sampling_ratio, aligned)
+        total, count = _num_samples(geom, out_h, out_w, sampling_ratio, aligned)
         r = geom[0].shape[0]
         acc0 = jnp.zeros((r, out_h, out_w, flat.shape[1]), flat.dtype)
 
         def body(c):
             s, acc = c
-            for idx, w in _corners(geom, s, mgw, out_h, out_w, sampling_ratio, aligned):
+            for idx, w in _corners(geom, s, out_h, out_w, sampling_ratio, aligned):
                 acc = acc + w[..., None] * flat[idx]
             return s + 1, acc
 
@@ -132,13 +134,13 @@ def _make_core(out_h: int, out_w: int, sampling_ratio: int, aligned: bool):
 
     def bwd(res, g):
         geom, p = res
-        total, mgw, count = _num_samples(geom, out_h, out_w, sampling_ratio, aligned)
+        total, count = _num_samples(geom, out_h, out_w, sampling_ratio, aligned)
         g = g / count[:, None, None, None]
         grad0 = jnp.zeros((p, g.shape[-1]), g.dtype)
 
         def body(c):
             s, grad = c
-            for idx, w in _corners(geom, s, mgw, out_h, out_w, sampling_ratio, aligned):
+            for idx, w in _corners(geom, s, out_h, out_w, sampling_ratio, aligned):
                 grad = grad.at[idx.reshape(-1)].add((w[..., None] * g).reshape(-1, g.shape[-1]))
             return s + 1, grad
 
