@@ -90,6 +90,7 @@ def _mmdet_levels(rois, num_levels=4, finest_scale=56):
     return lv.clamp(min=0, max=num_levels - 1).long().numpy()
 
 
+@pytest.mark.slow
 def test_map_roi_levels_and_multi_level_vs_mmdet_extractor():
     rng = np.random.default_rng(2)
     strides = (4, 8, 16, 32)
