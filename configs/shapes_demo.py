@@ -7,7 +7,8 @@ Should reach: the demo prints an honest table; the README quotes a real run.
 
 The pair mirrors the paper's R101 -> R50 setting at toy scale: the teacher is deeper with the
 same stage widths, so the inheriting strategy (copy neck and heads) applies as in the paper.
-Models are trained from scratch (no ImageNet weights offline), so no stage is frozen.
+Models are trained from scratch (no ImageNet weights offline), so no stage is frozen and
+BatchNorm trains (norm_eval=False).
 """
 
 from fgd_jax import config as C
@@ -16,7 +17,7 @@ TEACHER_CKPT = "workdirs/demo/teacher/export"
 
 
 def _model(depth: int) -> C.ConfigDict:
-    return C.retinanet_model(
+    model = C.retinanet_model(
         depth=depth,
         num_classes=6,
         fpn_channels=64,
@@ -24,6 +25,10 @@ def _model(depth: int) -> C.ConfigDict:
         stacked_convs=2,
         frozen_stages=-1,
     )
+    # From scratch, BatchNorm must learn its statistics (mmdetection's norm_eval=False); the
+    # teacher is then used in eval mode with the statistics it learned.
+    model.backbone.norm_eval = False
+    return model
 
 
 def get_config(arg: str | None = None) -> C.ConfigDict:

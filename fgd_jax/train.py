@@ -102,6 +102,13 @@ class Experiment:
                 out[col] = {"student": tree}
         return out
 
+    @property
+    def updates_batch_stats(self) -> bool:
+        """True when the student's BN trains on batch statistics (`norm_eval=False`, e.g.
+        from-scratch training). Under jit over the mesh the statistics are those of the
+        global batch (SyncBN semantics)."""
+        return not self.cfg.model.backbone.get("norm_eval", True)
+
     def apply_losses(
         self,
         params: Any,
@@ -109,17 +116,23 @@ class Experiment:
         teacher_vars: Mapping | None,
         batch: Mapping[str, jax.Array],
         rng: jax.Array,
-    ) -> dict[str, jax.Array]:
-        """Every loss of one training step (scalars)."""
+    ) -> tuple[dict[str, jax.Array], Mapping]:
+        """Every loss of one training step (scalars) and the new model state (BN statistics,
+        unchanged unless `updates_batch_stats`)."""
         variables = {"params": params, **model_state}
-        rngs = {"sampler": rng}
+        kwargs = dict(rngs={"sampler": rng})
+        if self.updates_batch_stats:
+            kwargs["mutable"] = ["batch_stats"]
         if self.distill:
             feats_t = distill_lib.teacher_features(self.teacher, teacher_vars, batch["image"])
-            return self.module.apply(variables, batch, feats_t, train=True, rngs=rngs)
-        losses, _ = self.module.apply(
-            variables, batch, train=True, method="forward_train", rngs=rngs
-        )
-        return dict(losses)
+            out = self.module.apply(variables, batch, feats_t, train=True, **kwargs)
+        else:
+            out = self.module.apply(variables, batch, train=True, method="forward_train", **kwargs)
+        if self.updates_batch_stats:
+            out, new_state = out
+            model_state = dict(model_state, **new_state)
+        losses = out if self.distill else out[0]
+        return dict(losses), model_state
 
     def student_variables(self, params: Any, model_state: Mapping) -> dict:
         """The student's own variables (what eval and export use)."""
@@ -147,17 +160,27 @@ def make_train_step(exp: Experiment, tx: optax.GradientTransformation, schedule:
         rng, step_rng = jax.random.split(state.rng)
 
         def loss_fn(params):
-            losses = exp.apply_losses(params, state.model_state, teacher_vars, batch, step_rng)
-            return distill_lib.total_loss(losses), losses
+            losses, model_state = exp.apply_losses(
+                params, state.model_state, teacher_vars, batch, step_rng
+            )
+            return distill_lib.total_loss(losses), (losses, model_state)
 
-        (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (losses, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(losses)
         metrics["loss"] = loss
         metrics["grad_norm"] = optax.global_norm(grads)
         metrics["lr"] = schedule(state.step)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            model_state=model_state,
+            opt_state=opt_state,
+            rng=rng,
+        )
         return new_state, metrics
 
     return step_fn

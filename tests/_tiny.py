@@ -1,0 +1,63 @@
+"""Tiny configs for end-to-end tests: RetinaNet R18 with 32-channel FPN/heads on 64x64 shapes."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+from fgd_jax import checkpoint as ckpt_lib
+from fgd_jax.config import ConfigDict, load_config
+from fgd_jax.models import build_detector
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO, "configs", "shapes_demo.py")
+
+
+def tiny_config(
+    data_root: str, variant: str = "baseline", steps: int = 6, **overrides
+) -> ConfigDict:
+    cfg = load_config(f"{DEMO}:{variant}")
+    for model in [cfg.model] + ([cfg.teacher.model] if variant == "fgd" else []):
+        model.backbone.depth = 18
+        model.neck.out_channels = 32
+        model.head.in_channels = 32
+        model.head.feat_channels = 32
+        model.head.stacked_convs = 1
+    if variant == "fgd":
+        cfg.distill.student_channels = 32
+        cfg.distill.teacher_channels = 32
+    cfg.data.root = data_root
+    cfg.data.num_train = 16
+    cfg.data.num_val = 8
+    cfg.data.image_size = 64
+    cfg.data.img_scale = (64, 64)
+    cfg.data.canvases = ((64, 64),)
+    cfg.data.max_boxes = 8
+    cfg.train.batch_size = 4
+    cfg.train.reference_batch_size = 4
+    cfg.train.num_steps = steps
+    cfg.train.warmup_iters = 2
+    cfg.train.decay_steps = (steps - 1,)
+    cfg.train.log_every = 1
+    cfg.train.ckpt_every = 2
+    cfg.eval.batch_size = 4
+    for k, v in overrides.items():
+        node = cfg
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return cfg
+
+
+def make_teacher(cfg: ConfigDict, path: str, seed: int = 1) -> dict:
+    """A randomly initialized teacher saved where `cfg.teacher.ckpt` points."""
+    teacher_cfg = ConfigDict({"model": cfg.teacher.model, "data": cfg.data})
+    t = build_detector(cfg.teacher.model)
+    h, w = cfg.data.canvases[0]
+    v = t.init(jax.random.PRNGKey(seed), jnp.zeros((1, h, w, 3)))
+    ckpt_lib.save_variables(path, v, teacher_cfg, overwrite=True)
+    cfg.teacher.ckpt = path
+    return v

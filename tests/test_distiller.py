@@ -1,0 +1,107 @@
+"""The FGD distiller: inheriting, loss composition, frozen teacher (tiny RetinaNet)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fgd_jax.distill import distiller as D
+from fgd_jax.models import build_detector
+from fgd_jax.train import Experiment, dummy_batch, init_train_state
+
+from ._tiny import make_teacher, tiny_config
+
+
+def _batch(cfg, n=2, seed=0):
+    rng = np.random.default_rng(seed)
+    b = dummy_batch(cfg.data, n)
+    b["image"] = rng.normal(size=b["image"].shape).astype(np.float32)
+    b["boxes"][:, :3] = np.array([[4, 6, 30, 40], [20, 20, 60, 50], [0, 0, 64, 64]], np.float32)
+    b["labels"][:, :3] = [0, 1, 2]
+    b["valid"][:, :3] = True
+    b["valid"][1, 2] = False  # padding
+    return {k: jnp.asarray(v) for k, v in b.items()}
+
+
+def test_inherit_copies_exactly_the_non_backbone_leaves(tmp_path):
+    cfg = tiny_config(str(tmp_path / "data"), "fgd")
+    tvars = make_teacher(cfg, str(tmp_path / "teacher"))
+    exp = Experiment(cfg)
+    init_rng, _ = jax.random.split(jax.random.PRNGKey(cfg.seed))  # as init_train_state
+    fresh = exp.init_variables(init_rng, dummy_batch(cfg.data))
+    state, _, _ = init_train_state(exp, dummy_batch(cfg.data), 10, teacher_vars=tvars)
+    s_new, s_old, t = state.params["student"], fresh["params"]["student"], tvars["params"]
+    for part in ("neck", "bbox_head"):
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), s_new[part], t[part])
+    # the backbone keeps the student's own init
+    jax.tree.map(
+        lambda a, b: np.testing.assert_array_equal(a, b), s_new["backbone"], s_old["backbone"]
+    )
+    assert not np.array_equal(
+        s_old["bbox_head"]["retina_cls"]["kernel"], t["bbox_head"]["retina_cls"]["kernel"]
+    )
+
+
+def test_inherit_mismatch_lists_every_problem():
+    student = {"backbone": {"w": np.zeros(2)}, "neck": {"a": np.zeros((3,)), "b": np.zeros(1)}}
+    teacher = {"backbone": {"w": np.zeros(5)}, "neck": {"a": np.zeros((4,)), "c": np.zeros(1)}}
+    with pytest.raises(ValueError) as e:
+        D.inherit_from_teacher(student, teacher)
+    msg = str(e.value)
+    assert "missing in teacher: neck/b" in msg and "only in teacher: neck/c" in msg
+    assert "neck/a: student (3,) vs teacher (4,)" in msg
+
+
+def test_fgd_weight_zero_reproduces_the_student_loss(tmp_path):
+    cfg = tiny_config(str(tmp_path / "data"), "fgd")
+    for k in ("alpha_fgd", "beta_fgd", "gamma_fgd", "lambda_fgd"):
+        cfg.distill[k] = 0.0
+    tvars = make_teacher(cfg, str(tmp_path / "teacher"))
+    exp = Experiment(cfg)
+    state, _, _ = init_train_state(exp, dummy_batch(cfg.data), 10, teacher_vars=tvars)
+    batch = _batch(cfg)
+    losses, _ = exp.apply_losses(
+        state.params, state.model_state, tvars, batch, jax.random.PRNGKey(0)
+    )
+    assert all(float(losses[f"loss_fgd_fpn_{i}"]) == 0.0 for i in range(5))
+    assert float(losses["loss_fgd_fpn_0/fg"]) > 0  # the parts are still computed
+    student = build_detector(cfg.model)
+    sv = exp.student_variables(state.params, state.model_state)
+    plain, _ = student.apply(
+        sv, batch, train=True, method="forward_train", mutable=["batch_stats"]
+    )[0]
+    np.testing.assert_allclose(float(D.total_loss(losses)), float(D.total_loss(plain)), rtol=1e-6)
+
+    # gradients w.r.t. the student's params equal the plain detector's too
+    def fgd_total(p):
+        ls, _ = exp.apply_losses(p, state.model_state, tvars, batch, jax.random.PRNGKey(0))
+        return D.total_loss(ls)
+
+    def plain_total(p):
+        (ls, _), _ = student.apply(
+            {**sv, "params": p}, batch, train=True, method="forward_train", mutable=["batch_stats"]
+        )
+        return D.total_loss(ls)
+
+    g1 = jax.grad(fgd_total)(state.params)["student"]
+    g2 = jax.grad(plain_total)(sv["params"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g2)
+
+
+def test_teacher_gets_no_gradient_and_fgd_params_do(tmp_path):
+    cfg = tiny_config(str(tmp_path / "data"), "fgd")
+    tvars = make_teacher(cfg, str(tmp_path / "teacher"))
+    exp = Experiment(cfg)
+    state, _, _ = init_train_state(exp, dummy_batch(cfg.data), 10, teacher_vars=tvars)
+    batch = _batch(cfg)
+
+    def total(p, t):
+        ls, _ = exp.apply_losses(p, state.model_state, t, batch, jax.random.PRNGKey(0))
+        return D.total_loss(ls)
+
+    gp, gt = jax.grad(total, argnums=(0, 1))(state.params, tvars)
+    assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(gt))
+    g_fgd = gp["distill_losses"]["loss_fgd_fpn_0"]
+    # The last GcBlock conv is zero-initialized (as the original), so at init only it (not
+    # conv_mask_s behind it) receives a relation-loss gradient.
+    assert float(jnp.abs(g_fgd["channel_add_conv_s_3"]["kernel"]).max()) > 0
