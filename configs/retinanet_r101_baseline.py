@@ -1,0 +1,21 @@
+"""RetinaNet ResNet-101 FPN baseline (mmdetection 2.x `retinanet_r101_fpn_2x_coco`), COCO, 2x.
+
+The teacher of configs/retina_r101_r50.py.
+
+Run:    python -m fgd_jax.train --config configs/retinanet_r101_baseline.py --workdir workdirs/retinanet_r101_2x
+Needs:  COCO 2017 under data/coco (mmdetection layout) and the ImageNet ResNet-101 weights
+        (--config.train.backbone_init=path/to/resnet101.pth, torchvision layout).
+Should reach: 38.9 bbox mAP on COCO val2017 (mmdetection model zoo, retinanet_r101_fpn_2x_coco).
+"""
+
+from fgd_jax import config as C
+
+
+def get_config() -> C.ConfigDict:
+    cfg = C.ConfigDict()
+    cfg.model = C.retinanet_model(depth=101)
+    cfg.data = C.coco_data()
+    cfg.train = C.schedule_2x(batch_size=16, base_lr=0.01)
+    cfg.eval = C.eval_settings()
+    cfg.seed = 0
+    return cfg

@@ -1,0 +1,23 @@
+"""RetinaNet ResNeXt-101 64x4d FPN baseline (mmdetection 2.x `retinanet_x101_64x4d_fpn_2x_coco`),
+COCO, 2x.
+
+The teacher of configs/retina_x101_r50.py.
+
+Run:    python -m fgd_jax.train --config configs/retinanet_x101_64x4d_baseline.py --workdir workdirs/retinanet_x101_64x4d_2x
+Needs:  COCO 2017 under data/coco (mmdetection layout) and the ImageNet ResNeXt-101 64x4d
+        weights (--config.train.backbone_init=..., open-mmlab `resnext101_64x4d` layout).
+Should reach: 41.0 bbox mAP on COCO val2017 (mmdetection model zoo,
+        retinanet_x101_64x4d_fpn_2x_coco).
+"""
+
+from fgd_jax import config as C
+
+
+def get_config() -> C.ConfigDict:
+    cfg = C.ConfigDict()
+    cfg.model = C.retinanet_model(depth=101, groups=64, base_width=4)
+    cfg.data = C.coco_data()
+    cfg.train = C.schedule_2x(batch_size=16, base_lr=0.01)
+    cfg.eval = C.eval_settings()
+    cfg.seed = 0
+    return cfg

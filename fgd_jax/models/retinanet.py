@@ -1,0 +1,536 @@
+"""RetinaNet with mmdetection 2.x (2.11) semantics, NHWC, Flax Linen, static shapes under jit.
+
+Pieces (parameter names as mmdetection, see docs/contracts.md):
+- `backbone` (ResNet/ResNeXt, C2..C5) -> `neck` (FPN, P3..P7) -> `bbox_head` (`RetinaHead`,
+  one set of weights applied to every level).
+- Anchors: mmdetection `AnchorGenerator` (octave_base_scale 4, 3 scales per octave, ratios
+  0.5/1/2, centres at (x*stride, y*stride)); anchor index `(y*W + x)*A + a`, class channel
+  `a*C + c`.
+- Training (`retina_loss`): `MaxIoUAssigner` (pos 0.5, neg 0.4, min_pos_iou 0, low-quality
+  matches), sigmoid focal loss over positive+negative anchors, L1 on the encoded deltas of the
+  positives, both divided by `sum_i max(num_pos_i, 1)` (mmdetection `AnchorHead.get_targets`).
+- Inference (`retina_postprocess`): per level the top `nms_pre` anchors by their best class
+  score (mmdetection 2.11 `AnchorHead._get_bboxes`), decode + clip to `img_shape`, divide by
+  `scale_factor`, then `multiclass_nms` (score > `score_thr`, class-wise NMS, `max_per_img`).
+
+Loss normalisation across devices: mmdetection 2.11 normalises each GPU's loss by that GPU's
+own positive count (no `reduce_mean`) and DDP averages the gradients, i.e. the loss is the mean
+over GPUs of per-GPU normalised losses. `loss_norm_group=g` reproduces that for a per-GPU batch
+of `g` images (mmdetection's configs: `samples_per_gpu=2`): the global batch is cut into groups
+of `g` consecutive images, each normalised by its own count, and the groups are averaged.
+`loss_norm_group=0` normalises the whole global batch by its total count instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from fgd_jax.models.layers import ConvModule
+from fgd_jax.ops import anchors as anchor_ops
+from fgd_jax.ops import assign as assign_ops
+from fgd_jax.ops import boxes as box_ops
+from fgd_jax.ops import losses as loss_ops
+from fgd_jax.ops import nms as nms_ops
+
+Array = jax.Array
+
+
+# ------------------------------------------------------------------------------------ head
+class RetinaHead(nn.Module):
+    """mmdetection `RetinaHead`: `stacked_convs` 3x3 conv+ReLU towers for classification and
+    regression, then `retina_cls` (A*C channels) and `retina_reg` (A*4 channels).
+
+    Init as mmdetection: every conv normal(std=0.01), bias 0; `retina_cls` bias
+    `-log((1 - prior_prob) / prior_prob)`.
+    Call: tuple of NHWC maps `[B, H_l, W_l, in_ch]` -> (cls_scores, bbox_preds), tuples of
+      `[B, H_l, W_l, A*C]` and `[B, H_l, W_l, A*4]` float32 logits / deltas.
+    """
+
+    num_classes: int
+    num_anchors: int = 9
+    feat_channels: int = 256
+    stacked_convs: int = 4
+    prior_prob: float = 0.01
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, feats: Sequence[Array]) -> tuple[tuple[Array, ...], tuple[Array, ...]]:
+        init = nn.initializers.normal(0.01)
+
+        def tower(prefix: str) -> list[ConvModule]:
+            return [
+                ConvModule(
+                    self.feat_channels,
+                    3,
+                    act=True,
+                    use_bias=True,
+                    dtype=self.dtype,
+                    kernel_init=init,
+                    name=f"{prefix}_{i}",
+                )
+                for i in range(self.stacked_convs)
+            ]
+
+        def out_conv(features: int, bias: float, name: str) -> nn.Conv:
+            return nn.Conv(
+                features,
+                (3, 3),
+                padding=((1, 1), (1, 1)),
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                kernel_init=init,
+                bias_init=nn.initializers.constant(bias),
+                name=name,
+            )
+
+        cls_convs, reg_convs = tower("cls_convs"), tower("reg_convs")
+        bias_cls = -math.log((1 - self.prior_prob) / self.prior_prob)
+        retina_cls = out_conv(self.num_anchors * self.num_classes, bias_cls, "retina_cls")
+        retina_reg = out_conv(self.num_anchors * 4, 0.0, "retina_reg")
+        cls_scores, bbox_preds = [], []
+        for x in feats:
+            c = r = x
+            for conv in cls_convs:
+                c = conv(c)
+            for conv in reg_convs:
+                r = conv(r)
+            cls_scores.append(retina_cls(c).astype(jnp.float32))
+            bbox_preds.append(retina_reg(r).astype(jnp.float32))
+        return tuple(cls_scores), tuple(bbox_preds)
+
+
+# --------------------------------------------------------------------------------- anchors
+def retina_anchors(
+    feat_shapes: Sequence[tuple[int, int]],
+    strides: Sequence[int] = (8, 16, 32, 64, 128),
+    octave_base_scale: float = 4.0,
+    scales_per_octave: int = 3,
+    ratios: Sequence[float] = (0.5, 1.0, 2.0),
+) -> list[Array]:
+    """mmdetection RetinaNet anchors per level: list of `[H_l*W_l*A, 4] float32` xyxy pixels of
+    the network input, index `(y*W + x)*A + a` with `a = ratio_index*S + scale_index`."""
+    scales = anchor_ops.retinanet_scales(octave_base_scale, scales_per_octave)
+    return anchor_ops.multi_level_anchors(
+        [tuple(s) for s in feat_shapes], strides=strides, ratios=ratios, scales=scales
+    )
+
+
+def anchor_valid_flags(
+    feat_shapes: Sequence[tuple[int, int]],
+    strides: Sequence[int],
+    num_anchors: int,
+    img_shape: Array,
+    size_divisor: int = 32,
+) -> Array:
+    """mmdetection `AnchorGenerator.valid_flags` for every image, levels concatenated.
+
+    mmdetection pads each image to a multiple of `size_divisor` (its `pad_shape`) and marks the
+    anchors of feature cells `y >= ceil(pad_h / stride)` or `x >= ceil(pad_w / stride)` invalid
+    (they sit on the batch padding). Our canvas is larger than that per-image pad shape, so the
+    per-image pad shape is rebuilt from `img_shape`. `size_divisor <= 0`: all anchors valid.
+
+    Args: img_shape `[B, 2] int` (h, w) of the resized image. Returns `[B, N] bool`.
+    """
+    img_shape = jnp.asarray(img_shape)
+    batch = img_shape.shape[0]
+    flags = []
+    for (h, w), s in zip(feat_shapes, strides, strict=True):
+        if size_divisor <= 0:
+            flags.append(jnp.ones((batch, h * w * num_anchors), bool))
+            continue
+        pad = jnp.ceil(img_shape.astype(jnp.float32) / size_divisor) * size_divisor
+        vh = jnp.minimum(jnp.ceil(pad[:, 0] / s), h)
+        vw = jnp.minimum(jnp.ceil(pad[:, 1] / s), w)
+        ok_y = jnp.arange(h)[None, :] < vh[:, None]
+        ok_x = jnp.arange(w)[None, :] < vw[:, None]
+        ok = ok_y[:, :, None] & ok_x[:, None, :]  # [B, h, w]
+        ok = jnp.broadcast_to(ok[..., None], (batch, h, w, num_anchors))
+        flags.append(ok.reshape(batch, -1))
+    return jnp.concatenate(flags, axis=1)
+
+
+def flatten_levels(maps: Sequence[Array], last: int) -> Array:
+    """`[B, H_l, W_l, A*last]` per level -> `[B, sum_l H_l*W_l*A, last]` (index (y*W+x)*A+a)."""
+    return jnp.concatenate([m.reshape(m.shape[0], -1, last) for m in maps], axis=1)
+
+
+# ------------------------------------------------------------------------------------ loss
+def retina_targets(
+    anchors: Array,
+    anchor_valid: Array,
+    gt_boxes: Array,
+    gt_labels: Array,
+    gt_valid: Array,
+    num_classes: int,
+    pos_iou_thr: float = 0.5,
+    neg_iou_thr: float = 0.4,
+    min_pos_iou: float = 0.0,
+    target_means: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
+    target_stds: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+) -> dict[str, Array]:
+    """Targets of ONE image (vmap for a batch), mmdetection `AnchorHead._get_targets_single`
+    with `MaxIoUAssigner` and no sampling.
+
+    Args:
+      anchors: `[N, 4] float32` xyxy; anchor_valid: `[N] bool` (valid flags; invalid anchors are
+        left out of the assignment as mmdetection's `inside_flags` with allowed_border=-1).
+      gt_boxes: `[G, 4]` xyxy; gt_labels: `[G] int32`; gt_valid: `[G] bool` (padding never
+        matched).
+    Returns: dict of `labels [N] int32` (class, or `num_classes` for background),
+      `pos [N] bool`, `neg [N] bool`, `bbox_targets [N, 4]` (encoded deltas; 0 off positives).
+    """
+    assigned, _ = assign_ops.max_iou_assign(
+        anchors,
+        gt_boxes,
+        gt_valid,
+        pos_iou_thr=pos_iou_thr,
+        neg_iou_thr=neg_iou_thr,
+        min_pos_iou=min_pos_iou,
+        anchor_valid=anchor_valid,
+    )
+    pos = (assigned >= 0) & anchor_valid
+    neg = (assigned == assign_ops.NEGATIVE) & anchor_valid
+    idx = jnp.clip(assigned, 0, gt_boxes.shape[0] - 1)
+    matched = jnp.where(pos[:, None], gt_boxes[idx], anchors)  # keeps the log() finite
+    labels = jnp.where(pos, gt_labels[idx], num_classes).astype(jnp.int32)
+    deltas = box_ops.delta_encode(anchors, matched, target_means, target_stds)
+    deltas = jnp.where(pos[:, None], deltas, 0.0)
+    return dict(labels=labels, pos=pos, neg=neg, bbox_targets=deltas)
+
+
+def retina_loss(
+    cls_scores: Array,
+    bbox_preds: Array,
+    anchors: Array,
+    anchor_valid: Array,
+    gt_boxes: Array,
+    gt_labels: Array,
+    gt_valid: Array,
+    num_classes: int,
+    pos_iou_thr: float = 0.5,
+    neg_iou_thr: float = 0.4,
+    min_pos_iou: float = 0.0,
+    target_means: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
+    target_stds: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+    focal_gamma: float = 2.0,
+    focal_alpha: float = 0.25,
+    loss_cls_weight: float = 1.0,
+    loss_bbox_weight: float = 1.0,
+    loss_norm_group: int = 0,
+) -> dict[str, Array]:
+    """mmdetection 2.11 `AnchorHead.loss` for RetinaNet (focal + L1, no sampling).
+
+    Args:
+      cls_scores: `[B, N, C]` logits (levels flattened, see `flatten_levels`).
+      bbox_preds: `[B, N, 4]` deltas. anchors: `[N, 4]`. anchor_valid: `[B, N] bool`.
+      gt_boxes `[B, G, 4]`, gt_labels `[B, G] int32`, gt_valid `[B, G] bool`.
+      loss_norm_group: 0 -> one normaliser `sum_i max(pos_i, 1)` over the batch; g > 0 ->
+        groups of g images normalised separately, then averaged (see the module docstring).
+    Returns: {'loss_cls', 'loss_bbox'} float32 scalars.
+    """
+    batch = cls_scores.shape[0]
+    t = jax.vmap(
+        lambda v, b, l, gv: retina_targets(
+            anchors,
+            v,
+            b,
+            l,
+            gv,
+            num_classes,
+            pos_iou_thr,
+            neg_iou_thr,
+            min_pos_iou,
+            target_means,
+            target_stds,
+        )
+    )(anchor_valid, gt_boxes, gt_labels, gt_valid)
+    onehot = jax.nn.one_hot(t["labels"], num_classes, dtype=jnp.float32)  # bg -> all zero
+    focal = loss_ops.sigmoid_focal_loss(
+        cls_scores.astype(jnp.float32), onehot, gamma=focal_gamma, alpha=focal_alpha
+    )
+    weight = (t["pos"] | t["neg"]).astype(jnp.float32)
+    cls_per_img = jnp.sum(focal * weight[..., None], axis=(1, 2))
+    l1 = jnp.abs(bbox_preds.astype(jnp.float32) - t["bbox_targets"])
+    bbox_per_img = jnp.sum(l1 * t["pos"][..., None].astype(jnp.float32), axis=(1, 2))
+    norm_per_img = jnp.maximum(jnp.sum(t["pos"], axis=1), 1).astype(jnp.float32)
+
+    g = batch if loss_norm_group <= 0 else loss_norm_group
+    if batch % g:
+        raise ValueError(
+            f"retina_loss: batch size {batch} is not a multiple of loss_norm_group {g} "
+            "(model config train_cfg.loss_norm_group)"
+        )
+
+    def grouped(per_img: Array) -> Array:
+        num = per_img.reshape(-1, g).sum(1)
+        den = norm_per_img.reshape(-1, g).sum(1)
+        return jnp.mean(num / den)
+
+    return dict(
+        loss_cls=loss_cls_weight * grouped(cls_per_img),
+        loss_bbox=loss_bbox_weight * grouped(bbox_per_img),
+    )
+
+
+# ------------------------------------------------------------------------------- inference
+def retina_postprocess(
+    cls_scores: Sequence[Array],
+    bbox_preds: Sequence[Array],
+    anchors: Sequence[Array],
+    img_shape: Array,
+    scale_factor: Array,
+    num_classes: int,
+    target_means: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
+    target_stds: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+    wh_ratio_clip: float = 16 / 1000,
+    nms_pre: int = 1000,
+    score_thr: float = 0.05,
+    iou_threshold: float = 0.5,
+    max_per_img: int = 100,
+    max_candidates: int = 4000,
+) -> dict[str, Array]:
+    """mmdetection 2.11 `AnchorHead._get_bboxes` (rescale=True) + `multiclass_nms`, static.
+
+    Args:
+      cls_scores / bbox_preds: per level `[B, H, W, A*C]` logits / `[B, H, W, A*4]` deltas.
+      anchors: per level `[H*W*A, 4]`. img_shape: `[B, 2]` (h, w) of the resized image.
+      scale_factor: `[B, 4]` (w, h, w, h).
+      max_candidates: (box, class) pairs passed to NMS: the highest-scoring ones above
+        `score_thr`. mmdetection passes all of them; the result is the same whenever the
+        `max_per_img`-th kept detection is among the first `max_candidates` (always when at
+        most `max_candidates` pairs pass `score_thr`).
+    Returns: dict(boxes `[B, K, 4]` xyxy in original-image pixels, scores `[B, K]`,
+      labels `[B, K] int32`, valid `[B, K] bool`), K = max_per_img, sorted by score.
+    """
+    img_shape = jnp.asarray(img_shape)
+    scale_factor = jnp.asarray(scale_factor, jnp.float32)
+    batch = cls_scores[0].shape[0]
+    all_boxes, all_scores = [], []
+    for cls, reg, anc in zip(cls_scores, bbox_preds, anchors, strict=True):
+        scores = jax.nn.sigmoid(cls.reshape(batch, -1, num_classes).astype(jnp.float32))
+        deltas = reg.reshape(batch, -1, 4).astype(jnp.float32)
+        anc = jnp.broadcast_to(anc[None], (batch, *anc.shape))
+        if 0 < nms_pre < scores.shape[1]:
+            _, idx = jax.lax.top_k(scores.max(-1), nms_pre)  # [B, nms_pre]
+            scores = jnp.take_along_axis(scores, idx[..., None], axis=1)
+            deltas = jnp.take_along_axis(deltas, idx[..., None], axis=1)
+            anc = jnp.take_along_axis(anc, idx[..., None], axis=1)
+        boxes = box_ops.delta_decode(
+            anc, deltas, target_means, target_stds, max_shape=img_shape, wh_ratio_clip=wh_ratio_clip
+        )
+        all_boxes.append(boxes)
+        all_scores.append(scores)
+    boxes = jnp.concatenate(all_boxes, axis=1) / scale_factor[:, None, :]  # [B, M, 4]
+    scores = jnp.concatenate(all_scores, axis=1)  # [B, M, C]
+    return jax.vmap(
+        lambda b, s: _multiclass_nms(
+            b, s, score_thr, iou_threshold, max_per_img, max_candidates, num_classes
+        )
+    )(boxes, scores)
+
+
+def _multiclass_nms(
+    boxes: Array,
+    scores: Array,
+    score_thr: float,
+    iou_threshold: float,
+    max_per_img: int,
+    max_candidates: int,
+    num_classes: int,
+) -> dict[str, Array]:
+    """One image: `boxes [M, 4]`, `scores [M, C]` -> mmdetection `multiclass_nms` output."""
+    flat = scores.reshape(-1)  # index m*C + c
+    passed = flat > score_thr
+    k = min(max_candidates, flat.shape[0])
+    top, idx = jax.lax.top_k(jnp.where(passed, flat, -jnp.inf), k)
+    cand_valid = jnp.isfinite(top)
+    cand_boxes = boxes[idx // num_classes]
+    cand_labels = (idx % num_classes).astype(jnp.int32)
+    cand_scores = jnp.where(cand_valid, top, 0.0)
+    keep, keep_valid = nms_ops.batched_nms(
+        cand_boxes, cand_scores, cand_labels, cand_valid, iou_threshold, max_per_img
+    )
+    keep_valid = keep_valid & cand_valid[keep]
+    return dict(
+        boxes=jnp.where(keep_valid[:, None], cand_boxes[keep], 0.0),
+        scores=jnp.where(keep_valid, cand_scores[keep], 0.0),
+        labels=jnp.where(keep_valid, cand_labels[keep], -1),
+        valid=keep_valid,
+    )
+
+
+# -------------------------------------------------------------------------------- detector
+class RetinaNet(nn.Module):
+    """mmdetection 2.x `RetinaNet` implementing the detector API of docs/contracts.md.
+
+    Build with `RetinaNet.from_config(fgd_jax.config.retinanet_model(...))` or by hand.
+    """
+
+    backbone: nn.Module
+    neck: nn.Module
+    bbox_head: RetinaHead
+    num_classes: int = 80
+    strides: Sequence[int] = (8, 16, 32, 64, 128)
+    octave_base_scale: float = 4.0
+    scales_per_octave: int = 3
+    ratios: Sequence[float] = (0.5, 1.0, 2.0)
+    target_means: Sequence[float] = (0.0, 0.0, 0.0, 0.0)
+    target_stds: Sequence[float] = (1.0, 1.0, 1.0, 1.0)
+    wh_ratio_clip: float = 16 / 1000
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.25
+    loss_cls_weight: float = 1.0
+    loss_bbox_weight: float = 1.0
+    pos_iou_thr: float = 0.5
+    neg_iou_thr: float = 0.4
+    min_pos_iou: float = 0.0
+    size_divisor: int = 32
+    loss_norm_group: int = 0
+    nms_pre: int = 1000
+    score_thr: float = 0.05
+    iou_threshold: float = 0.5
+    max_per_img: int = 100
+    max_candidates: int = 4000
+
+    @classmethod
+    def from_config(cls, model_cfg: ml_collections.ConfigDict, dtype: Any = None) -> RetinaNet:
+        """Build from `fgd_jax.config.retinanet_model(...)`; `dtype` is the compute dtype."""
+        from fgd_jax.models.fpn import build_neck
+        from fgd_jax.models.resnet import build_backbone
+
+        for key in ("backbone", "neck", "head", "num_classes"):
+            if key not in model_cfg:
+                raise ValueError(f"retinanet model config: missing key {key!r}")
+        head = model_cfg.head
+        train_cfg = model_cfg.get("train_cfg", ml_collections.ConfigDict())
+        test_cfg = model_cfg.get("test_cfg", ml_collections.ConfigDict())
+        num_anchors = len(head.ratios) * head.scales_per_octave
+        bbox_head = RetinaHead(
+            num_classes=model_cfg.num_classes,
+            num_anchors=num_anchors,
+            feat_channels=head.feat_channels,
+            stacked_convs=head.stacked_convs,
+            dtype=dtype,
+        )
+        return cls(
+            backbone=build_backbone(model_cfg.backbone, dtype=dtype),
+            neck=build_neck(model_cfg.neck, dtype=dtype),
+            bbox_head=bbox_head,
+            num_classes=model_cfg.num_classes,
+            strides=tuple(head.strides),
+            octave_base_scale=float(head.octave_base_scale),
+            scales_per_octave=int(head.scales_per_octave),
+            ratios=tuple(float(r) for r in head.ratios),
+            target_means=tuple(head.target_means),
+            target_stds=tuple(head.target_stds),
+            wh_ratio_clip=float(head.get("wh_ratio_clip", 16 / 1000)),
+            focal_gamma=float(head.focal_gamma),
+            focal_alpha=float(head.focal_alpha),
+            loss_cls_weight=float(head.loss_cls_weight),
+            loss_bbox_weight=float(head.loss_bbox_weight),
+            pos_iou_thr=float(train_cfg.get("pos_iou_thr", 0.5)),
+            neg_iou_thr=float(train_cfg.get("neg_iou_thr", 0.4)),
+            min_pos_iou=float(train_cfg.get("min_pos_iou", 0.0)),
+            size_divisor=int(train_cfg.get("size_divisor", 32)),
+            loss_norm_group=int(train_cfg.get("loss_norm_group", 0)),
+            nms_pre=int(test_cfg.get("nms_pre", 1000)),
+            score_thr=float(test_cfg.get("score_thr", 0.05)),
+            iou_threshold=float(test_cfg.get("iou_threshold", 0.5)),
+            max_per_img=int(test_cfg.get("max_per_img", 100)),
+            max_candidates=int(test_cfg.get("max_candidates", 4000)),
+        )
+
+    @property
+    def num_anchors(self) -> int:
+        return len(self.ratios) * self.scales_per_octave
+
+    def extract_feat(self, images: Array, train: bool = False) -> tuple[Array, ...]:
+        """`[B, H, W, 3]` -> FPN maps P3..P7, NHWC, finest first."""
+        return tuple(self.neck(self.backbone(images, train=train)))
+
+    def __call__(self, images: Array, train: bool = False) -> dict[str, Any]:
+        """`[B, H, W, 3]` -> dict(features, cls_scores, bbox_preds), see docs/contracts.md."""
+        feats = self.extract_feat(images, train=train)
+        cls_scores, bbox_preds = self.bbox_head(feats)
+        return dict(features=feats, cls_scores=cls_scores, bbox_preds=bbox_preds)
+
+    def anchors(self, feat_shapes: Sequence[tuple[int, int]]) -> list[Array]:
+        """Anchors per level for the given feature shapes (no parameters needed)."""
+        return retina_anchors(
+            feat_shapes, self.strides, self.octave_base_scale, self.scales_per_octave, self.ratios
+        )
+
+    def loss(self, outs: dict[str, Any], batch: dict[str, Array]) -> dict[str, Array]:
+        """Losses from head outputs `outs` (as `__call__` returns) and a batch dict."""
+        for key in ("boxes", "labels", "valid", "img_shape"):
+            if key not in batch:
+                raise KeyError(f"RetinaNet.forward_train: batch has no {key!r} (see contracts)")
+        shapes = [tuple(c.shape[1:3]) for c in outs["cls_scores"]]
+        anchors = jnp.concatenate(self.anchors(shapes), axis=0)
+        valid = anchor_valid_flags(
+            shapes, self.strides, self.num_anchors, batch["img_shape"], self.size_divisor
+        )
+        return retina_loss(
+            flatten_levels(outs["cls_scores"], self.num_classes),
+            flatten_levels(outs["bbox_preds"], 4),
+            anchors,
+            valid,
+            batch["boxes"],
+            batch["labels"],
+            batch["valid"],
+            self.num_classes,
+            self.pos_iou_thr,
+            self.neg_iou_thr,
+            self.min_pos_iou,
+            self.target_means,
+            self.target_stds,
+            self.focal_gamma,
+            self.focal_alpha,
+            self.loss_cls_weight,
+            self.loss_bbox_weight,
+            self.loss_norm_group,
+        )
+
+    def forward_train(
+        self, batch: dict[str, Array], train: bool = True
+    ) -> tuple[dict[str, Array], tuple[Array, ...]]:
+        """Batch dict (docs/contracts.md) -> ({'loss_cls', 'loss_bbox'}, FPN features)."""
+        if "image" not in batch:
+            raise KeyError("RetinaNet.forward_train: batch has no 'image' (see contracts)")
+        outs = self(batch["image"], train=train)
+        return self.loss(outs, batch), outs["features"]
+
+    def predict(self, images: Array, img_shape: Array, scale_factor: Array) -> dict[str, Array]:
+        """Detections in ORIGINAL image pixels: dict(boxes [B,K,4], scores [B,K],
+        labels [B,K] int32, valid [B,K] bool), K = max_per_img."""
+        outs = self(images, train=False)
+        return self.postprocess(outs, img_shape, scale_factor)
+
+    def postprocess(
+        self, outs: dict[str, Any], img_shape: Array, scale_factor: Array
+    ) -> dict[str, Array]:
+        """`retina_postprocess` with this model's settings on `__call__` outputs."""
+        shapes = [tuple(c.shape[1:3]) for c in outs["cls_scores"]]
+        return retina_postprocess(
+            outs["cls_scores"],
+            outs["bbox_preds"],
+            self.anchors(shapes),
+            img_shape,
+            scale_factor,
+            self.num_classes,
+            self.target_means,
+            self.target_stds,
+            self.wh_ratio_clip,
+            self.nms_pre,
+            self.score_thr,
+            self.iou_threshold,
+            self.max_per_img,
+            self.max_candidates,
+        )
