@@ -181,6 +181,9 @@ def _retina_cfg():
 
 def test_import_torch_checkpoint_mmdet_file_with_prefix(tmp_path):
     cfg = _retina_cfg()
+    from fgd_jax.convert import torchvision_retinanet
+
+    assert set(torchvision_retinanet.RENAME_RULES) <= set(torchvision_rules(cfg))
     variables = _random_like(detector_variable_shapes(cfg), seed=3)
     sd = export_torch_state_dict(variables, cfg)
     path = tmp_path / "distill.pth"
@@ -265,6 +268,8 @@ def test_torchvision_detection_backbone_fpn_layout_matches_torch():
     )
     x = np.random.RandomState(0).randn(1, 64, 64, 3).astype(np.float32)
     shapes = jax.eval_shape(_backbone_neck_init(backbone, neck), x)
+    rules = torchvision_rules(cfg)
+    assert ("^backbone\\.fpn\\.extra_blocks\\.p7\\.", "neck.fpn_convs.4.conv.") in rules
     v, report = convert_state_dict(
         sd, shapes, rename=torchvision_rules(cfg), strict=False, return_report=True
     )

@@ -18,7 +18,7 @@ from torchvision.models.resnet import ResNet as TvResNet
 
 from fgd_jax import config as C
 from fgd_jax.convert import convert_state_dict, module_path
-from fgd_jax.models import build_backbone, trainable_mask
+from fgd_jax.models import build_backbone, build_detector, trainable_mask
 from fgd_jax.models.resnet import ResNet, stage_out_channels
 
 RTOL = 1e-4
@@ -179,7 +179,7 @@ def _mmdet_frozen_names(frozen_stages: int) -> set[str]:
 
 @pytest.mark.parametrize(
     "frozen_stages",
-    [pytest.param(-1, marks=pytest.mark.slow), 0, 1, pytest.param(3, marks=pytest.mark.slow)],
+    [pytest.param(k, marks=pytest.mark.slow) for k in (-1, 0, 3)] + [1],
 )
 def test_frozen_stages_zero_gradient_and_mask(frozen_stages):
     model = ResNet(depth=18, frozen_stages=frozen_stages)
@@ -284,3 +284,10 @@ def test_norm_eval_keeps_batch_stats_and_train_bn_matches_torch():
         np.asarray(upd["batch_stats"]["layer2_0"]["bn1"]["var"]),
         np.asarray(variables["batch_stats"]["layer2_0"]["bn1"]["var"]),
     )
+
+
+def test_build_detector_rejects_unknown_type():
+    cfg = C.retinanet_model()
+    cfg.type = "yolo"
+    with pytest.raises(ValueError, match="unknown detector type 'yolo'.*retinanet"):
+        build_detector(cfg)
