@@ -154,3 +154,50 @@ def nms_padded_batch(
         b, s, lab, v, iou_threshold, max_output, class_agnostic, tile_size
     )
     return jax.vmap(fn)(boxes, scores, labels, valid)
+
+
+def multiclass_nms(
+    boxes: Array,
+    scores: Array,
+    valid: Array | None,
+    score_thr: float,
+    iou_threshold: float,
+    max_num: int,
+    max_candidates: int | None = None,
+    tile_size: int = 256,
+) -> dict[str, Array]:
+    """mmdet `multiclass_nms`: every (box, class) pair with score > score_thr is a candidate,
+    class-wise NMS, then the `max_num` best detections.
+
+    Args:
+      boxes: `[N, 4]` (shared by all classes) or `[N, C, 4]` (class-specific) xyxy.
+      scores: `[N, C]` class scores, no background column. valid: optional `[N]` bool.
+      max_candidates: static cap on the candidates that enter NMS (the highest-scoring ones;
+        default all N * C). The result equals uncapped NMS whenever `max_num` detections are
+        found among them or no more than `max_candidates` pairs pass `score_thr`.
+    Returns dict: boxes `[max_num, 4]`, scores `[max_num]`, labels `[max_num]` int32,
+      index `[max_num]` int32 (row in `boxes`), valid `[max_num]` bool; descending score.
+    """
+    scores = jnp.asarray(scores, jnp.float32)
+    boxes = jnp.asarray(boxes, jnp.float32)
+    n, c = scores.shape
+    valid = jnp.ones((n,), bool) if valid is None else jnp.asarray(valid, bool)
+    flat = scores.reshape(-1)  # index = row * C + class
+    cand = (flat > score_thr) & jnp.repeat(valid, c)
+    k = n * c if max_candidates is None else min(max_candidates, n * c)
+    if k < n * c:
+        _, pick = lax.top_k(jnp.where(cand, flat, -jnp.inf), k)
+    else:
+        pick = jnp.arange(n * c)
+    row, label = pick // c, pick % c
+    cand_boxes = boxes[row] if boxes.ndim == 2 else boxes[row, label]
+    keep, kv = batched_nms(
+        cand_boxes, flat[pick], label, cand[pick], iou_threshold, max_num, tile_size=tile_size
+    )
+    return dict(
+        boxes=jnp.where(kv[:, None], cand_boxes[keep], 0.0),
+        scores=jnp.where(kv, flat[pick][keep], 0.0),
+        labels=jnp.where(kv, label[keep], -1).astype(jnp.int32),
+        index=jnp.where(kv, row[keep], 0).astype(jnp.int32),
+        valid=kv,
+    )
