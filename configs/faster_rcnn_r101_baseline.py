@@ -1,0 +1,24 @@
+"""Faster R-CNN ResNet-101 FPN (mmdetection 2.x `faster_rcnn_r101_fpn_2x_coco`), COCO, 2x.
+
+The teacher of `configs/faster_rcnn_r101_r50.py`. Usually converted from mmdetection's
+checkpoint instead of trained:
+        python scripts/convert_torch_teacher.py \
+            --src faster_rcnn_r101_fpn_2x_coco_bbox_mAP-0.398_20200504_210455-1d2dac9c.pth \
+            --config configs/faster_rcnn_r101_baseline.py --out checkpoints/faster_rcnn_r101_2x
+Run:    python -m fgd_jax.train --config configs/faster_rcnn_r101_baseline.py --workdir workdirs/faster_rcnn_r101_2x
+Needs:  COCO 2017 under data/coco and the ImageNet ResNet-101 weights (train.backbone_init).
+Should reach: 39.8 bbox mAP on COCO val2017 (mmdetection model zoo, faster_rcnn_r101_fpn_2x_coco).
+"""
+
+from fgd_jax import config as C
+
+
+def get_config() -> C.ConfigDict:
+    cfg = C.ConfigDict()
+    cfg.model = C.faster_rcnn_model(depth=101)
+    cfg.data = C.coco_data()
+    cfg.train = C.schedule_2x(batch_size=16, base_lr=0.02)
+    cfg.train.grad_clip_norm = 0.0  # mmdetection's Faster R-CNN configs: grad_clip=None
+    cfg.eval = C.eval_settings()
+    cfg.seed = 0
+    return cfg
