@@ -72,7 +72,9 @@ def test_reproducible_and_uniform():
     np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
     assert not np.array_equal(np.asarray(a[0]), np.asarray(c[0]))
     keys = jax.random.split(jax.random.key(0), 400)
-    idx, is_pos, sv = jax.vmap(lambda k: S.random_sample(assigned, valid, 16, 0.25, k))(keys)
+    idx, is_pos, sv = jax.jit(jax.vmap(lambda k: S.random_sample(assigned, valid, 16, 0.25, k)))(
+        keys
+    )
     idx, is_pos, sv = np.asarray(idx), np.asarray(is_pos), np.asarray(sv)
     for cand, sel in ((assigned >= 0, is_pos), (assigned == NEGATIVE, sv & ~is_pos)):
         k = sel[0].sum()
