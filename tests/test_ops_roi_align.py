@@ -121,3 +121,20 @@ def test_map_roi_levels_and_multi_level_vs_mmdet_extractor():
     g = jax.grad(lambda fs: jnp.sum(fn(fs, rois) * cot))([jnp.asarray(f) for f in feats])
     for gi, ri in zip(g, grads, strict=True):
         np.testing.assert_allclose(np.asarray(gi), ri, rtol=1e-5, atol=GRAD_ATOL)
+
+
+def test_bfloat16_features_accumulate_in_fp32():
+    """bf16 maps (mixed precision): output and gradient keep the feature dtype, values equal to
+    torchvision on the bf16-rounded features within bf16 resolution (rtol 1e-2)."""
+    rng = np.random.default_rng(3)
+    feat = rng.normal(0, 1, (10, 12, 2)).astype(np.float32)
+    rounded = np.asarray(jnp.asarray(feat, jnp.bfloat16).astype(jnp.float32))
+    rois = _rois(rng, 10, 10, 12, 4)
+    ref = _tv(rounded, rois, 0.25, (7, 7), 0, True)[1].detach().numpy().transpose(0, 2, 3, 1)
+    got = RA.roi_align(jnp.asarray(feat, jnp.bfloat16), rois, 0.25)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), ref, rtol=1e-2, atol=1e-2)
+    g = jax.grad(lambda x: RA.roi_align(x, rois, 0.25).astype(jnp.float32).sum())(
+        jnp.asarray(feat, jnp.bfloat16)
+    )
+    assert g.dtype == jnp.bfloat16

@@ -114,7 +114,7 @@ def _make_core(out_h: int, out_w: int, sampling_ratio: int, aligned: bool):
     def forward(flat, geom):
         total, count = _num_samples(geom, out_h, out_w, sampling_ratio, aligned)
         r = geom[0].shape[0]
-        acc0 = jnp.zeros((r, out_h, out_w, flat.shape[1]), flat.dtype)
+        acc0 = jnp.zeros((r, out_h, out_w, flat.shape[1]), jnp.float32)  # fp32 accumulation
 
         def body(c):
             s, acc = c
@@ -123,7 +123,7 @@ def _make_core(out_h: int, out_w: int, sampling_ratio: int, aligned: bool):
             return s + 1, acc
 
         _, acc = lax.while_loop(lambda c: c[0] < total, body, (jnp.int32(0), acc0))
-        return acc / count[:, None, None, None]
+        return (acc / count[:, None, None, None]).astype(flat.dtype)
 
     @jax.custom_vjp
     def core(flat, geom):
@@ -135,8 +135,9 @@ def _make_core(out_h: int, out_w: int, sampling_ratio: int, aligned: bool):
     def bwd(res, g):
         geom, p = res
         total, count = _num_samples(geom, out_h, out_w, sampling_ratio, aligned)
-        g = g / count[:, None, None, None]
-        grad0 = jnp.zeros((p, g.shape[-1]), g.dtype)
+        dtype = g.dtype
+        g = g.astype(jnp.float32) / count[:, None, None, None]
+        grad0 = jnp.zeros((p, g.shape[-1]), jnp.float32)
 
         def body(c):
             s, grad = c
@@ -145,7 +146,7 @@ def _make_core(out_h: int, out_w: int, sampling_ratio: int, aligned: bool):
             return s + 1, grad
 
         _, grad = lax.while_loop(lambda c: c[0] < total, body, (jnp.int32(0), grad0))
-        return grad, jax.tree_util.tree_map(jnp.zeros_like, geom)
+        return grad.astype(dtype), jax.tree_util.tree_map(jnp.zeros_like, geom)
 
     core.defvjp(fwd, bwd)
     return core
