@@ -577,27 +577,33 @@ def test_config_errors_are_clear():
 
 @pytest.mark.slow
 def test_tiny_fcos_overfits_one_batch():
+    """Focal + GIoU drop > 80% in 100 Adam steps (backbone frozen to keep it fast; the
+    centerness BCE has a floor, the entropy of its soft targets, so it only has to drop)."""
     import optax
 
-    model = build_detector(_tiny_cfg())
+    cfg = _tiny_cfg()
+    cfg.backbone.frozen_stages = 4
+    model = build_detector(cfg)
     batch = _tiny_batch(np.random.default_rng(3))
-    variables = model.init(jax.random.key(0), batch["image"])
+    variables = jax.jit(model.init)(jax.random.key(0), batch["image"])
     params, rest = variables["params"], {k: v for k, v in variables.items() if k != "params"}
-    opt = optax.adam(2e-3)
+    opt = optax.adam(3e-3)
     state = opt.init(params)
 
     def total(p):
         losses, _ = model.apply({"params": p, **rest}, batch, method="forward_train")
-        return sum(losses.values())
+        return sum(losses.values()), losses
 
     @jax.jit
     def step(p, s):
-        loss, g = jax.value_and_grad(total)(p)
+        (_, losses), g = jax.value_and_grad(total, has_aux=True)(p)
         u, s = opt.update(g, s, p)
-        return optax.apply_updates(p, u), s, loss
+        return optax.apply_updates(p, u), s, losses
 
     first = None
-    for _ in range(200):
-        params, state, loss = step(params, state)
-        first = float(loss) if first is None else first
-    assert float(loss) < 0.2 * first, (first, float(loss))
+    for _ in range(100):
+        params, state, losses = step(params, state)
+        first = first or {k: float(v) for k, v in losses.items()}
+    last = {k: float(v) for k, v in losses.items()}
+    assert last["loss_cls"] + last["loss_bbox"] < 0.2 * (first["loss_cls"] + first["loss_bbox"])
+    assert last["loss_centerness"] < first["loss_centerness"]
