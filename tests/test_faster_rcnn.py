@@ -162,12 +162,18 @@ def test_matches_torchvision_faster_rcnn():
     outs = jax.jit(lambda v, im: model.apply(v, im))(variables, image)
     # 1. FPN maps and RPN outputs
     assert len(outs["features"]) == 5
+    errs = {"fpn": 0.0, "rpn_cls": 0.0, "rpn_reg": 0.0, "roi": 0.0}
     for o, r in zip(outs["features"], feats_t.values(), strict=True):
-        assert rel_err(o, nhwc(r)) < 1e-4
+        errs["fpn"] = max(errs["fpn"], rel_err(o, nhwc(r)))
     for lvl in range(5):
         assert outs["rpn_cls_scores"][lvl].shape[1:3] == shapes[lvl]
-        assert rel_err(outs["rpn_cls_scores"][lvl], nhwc(obj_t[lvl])) < 1e-4
-        assert rel_err(outs["rpn_bbox_preds"][lvl], nhwc(reg_t[lvl])) < 1e-4
+        errs["rpn_cls"] = max(
+            errs["rpn_cls"], rel_err(outs["rpn_cls_scores"][lvl], nhwc(obj_t[lvl]))
+        )
+        errs["rpn_reg"] = max(
+            errs["rpn_reg"], rel_err(outs["rpn_bbox_preds"][lvl], nhwc(reg_t[lvl]))
+        )
+    assert max(errs.values()) < 1e-4, errs
     anchors_t = tv.rpn.anchor_generator(ImageList(x, [(h, w)]), list(feats_t.values()))[0]
     ours_anchors = np.concatenate([np.asarray(a) for a in rpn_anchors(shapes)])
     np.testing.assert_allclose(ours_anchors, anchors_t.numpy(), atol=1e-4)
@@ -188,7 +194,10 @@ def test_matches_torchvision_faster_rcnn():
     lv = pool.levels(rois).numpy()
     assert len(np.unique(lv)) >= 2  # the test covers several levels
     for lvl in np.unique(lv):
-        assert rel_err(np.asarray(roi[0])[lv == lvl], nhwc(roi_t[lv == lvl])) < 1e-4, lvl
+        errs["roi"] = max(
+            errs["roi"], rel_err(np.asarray(roi[0])[lv == lvl], nhwc(roi_t[lv == lvl]))
+        )
+    assert errs["roi"] < 1e-4, errs
 
     # 4. detections
     # `predict` == `postprocess` of the test forward (one compilation of the backbone less)
@@ -201,6 +210,8 @@ def test_matches_torchvision_faster_rcnn():
     assert len(ref_scores) == n == 100
     ours = {k: np.asarray(v[0])[:n] for k, v in det.items()}
     np.testing.assert_allclose(ours["scores"], ref_scores, atol=1e-5)  # sorted scores agree
+    errs["det_score_abs"] = float(np.max(np.abs(ours["scores"] - ref_scores)))
+    print("max errors vs torchvision:", errs)
     safe = ref_scores > ref_scores[-1] + 1e-4
     assert safe.sum() > 50
     for c in range(num_classes):
@@ -230,6 +241,7 @@ def _expected_counts(assigned, num, frac):
     return n_pos, n_neg
 
 
+@pytest.mark.slow  # three compilations (sampler sizes), ~10-15 s on 2 shared cores
 def test_rpn_sampling_counts_order_padding_and_key():
     rng = np.random.default_rng(0)
     anchors = np.concatenate([np.asarray(a) for a in rpn_anchors([(16, 16), (8, 8)], (4, 8))])
@@ -237,17 +249,18 @@ def test_rpn_sampling_counts_order_padding_and_key():
     gt[:3] = _random_boxes(rng, 3, 64.0)
     gt_valid = np.array([True, True, True, False, False])
     anchor_valid = rng.uniform(size=len(anchors)) > 0.2
+    fn = jax.jit(rpn_targets, static_argnames=("num", "pos_fraction"))
+    eager = np.asarray(
+        assign_ops.max_iou_assign(anchors, gt, gt_valid, 0.7, 0.3, 0.3, anchor_valid=anchor_valid)[
+            0
+        ]
+    )
     for num, frac in ((256, 0.5), (16, 0.5), (2000, 0.25)):
-        t = jax.jit(rpn_targets, static_argnames=("num", "pos_fraction"))(
-            anchors, anchor_valid, gt, gt_valid, jax.random.key(3), num=num, pos_fraction=frac
-        )
+        t = fn(anchors, anchor_valid, gt, gt_valid, jax.random.key(3), num=num, pos_fraction=frac)
         # The assignment made inside (under jit XLA may fuse multiply-adds, so IoUs that
         # tie exactly in eager mode can differ by an ulp and change low-quality matches).
         assigned = np.asarray(t["assigned"])
-        eager, _ = assign_ops.max_iou_assign(
-            anchors, gt, gt_valid, 0.7, 0.3, 0.3, anchor_valid=anchor_valid
-        )
-        assert np.mean(assigned == np.asarray(eager)) > 0.99
+        assert np.mean(assigned == eager) > 0.99
         n_pos, n_neg = _expected_counts(assigned, num, frac)
         valid, pos, inds = (np.asarray(t[k]) for k in ("valid", "pos", "inds"))
         assert int(t["num_pos"]) == pos.sum() == n_pos
@@ -257,9 +270,11 @@ def test_rpn_sampling_counts_order_padding_and_key():
         assert np.all(assigned[inds[valid & ~pos]] == assign_ops.NEGATIVE)
         assert np.all(anchor_valid[inds[valid]])  # padding (invalid anchors) never sampled
         assert len(np.unique(inds[valid])) == valid.sum()
+
     # reproducible with the key, different with another key
-    fn = jax.jit(rpn_targets, static_argnames="num")
-    run = lambda k: fn(anchors, anchor_valid, gt, gt_valid, jax.random.key(k), num=64)  # noqa: E731
+    def run(k):
+        return fn(anchors, anchor_valid, gt, gt_valid, jax.random.key(k), num=256, pos_fraction=0.5)
+
     a, b, c = run(1), run(1), run(2)
     np.testing.assert_array_equal(a["inds"], b["inds"])
     assert not np.array_equal(np.asarray(a["inds"]), np.asarray(c["inds"]))
