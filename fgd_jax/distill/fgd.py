@@ -99,7 +99,8 @@ def fg_bg_masks(
     (with the unclipped indices, so a box reaching the last row/column counts one row/column
     beyond the grid, as in the original); `fg` is the max over the covering boxes, 0 elsewhere.
     `bg = (fg == 0) / sum(fg == 0)` per image (all zeros if every cell is foreground). Padded
-    boxes (`valid=False`) mark nothing; an image without boxes has `fg = 0`, `bg = 1 / (H*W)`.
+    boxes (`valid=False`) and boxes with non-finite scaled coordinates (a zero frame size) mark
+    nothing; an image without boxes has `fg = 0`, `bg = 1 / (H*W)`.
 
     Outside coordinates: the scaled coordinates are clipped to [0, W] x [0, H] first (which is
     the same as clipping the boxes to the scaling frame: the image for 'img_shape', the canvas
@@ -161,7 +162,8 @@ def fg_bg_masks(
 
     rows_n = hmax + 1 - hmin
     cols_n = wmax + 1 - wmin
-    nonempty = (rows_n > 0) & (cols_n > 0) & jnp.asarray(valid, bool)
+    finite = jnp.all(jnp.isfinite(jnp.stack([x1, x2, y1, y2], -1)), -1)  # e.g. a 0 frame
+    nonempty = (rows_n > 0) & (cols_n > 0) & jnp.asarray(valid, bool) & finite
     safe_rows = jnp.where(nonempty, rows_n, 1).astype(jnp.float32)
     safe_cols = jnp.where(nonempty, cols_n, 1).astype(jnp.float32)
     # The original's float32 `1.0 / rows / cols` (two roundings). The barrier keeps XLA from
