@@ -226,7 +226,7 @@ def test_param_tree_and_init_match_original():
 
 
 # ------------------------------------------------------------------------------------- masks
-masks_jit = jax.jit(fg_bg_masks, static_argnames=("feat_hw", "box_scale", "dtype"))
+masks_jit = jax.jit(fg_bg_masks, static_argnames=("feat_hw", "box_scale", "dtype", "unroll"))
 
 
 def reference_masks(boxes, valid, img_shape, pad_shape, box_scale, dtype=torch.float32):
@@ -264,6 +264,12 @@ def test_masks_match_original_loops_cell_by_cell(box_scale):
         fg_r, bg_r = reference_masks(boxes, valid, img_shape, pad_shape, box_scale)
         np.testing.assert_array_equal(np.asarray(fg), fg_r)
         np.testing.assert_array_equal(np.asarray(bg), bg_r)
+        if trial == 0:  # the unrolled loop (default off CPU) gives the same masks
+            fg_u, bg_u = masks_jit(
+                boxes, valid, img_shape, pad_shape, FEAT_HW, box_scale, unroll=True
+            )
+            np.testing.assert_array_equal(np.asarray(fg_u), fg_r)
+            np.testing.assert_array_equal(np.asarray(bg_u), bg_r)
         assert np.all(np.asarray(fg)[2] == 0)  # no boxes
         np.testing.assert_allclose(np.asarray(bg)[2], 1.0 / np.prod(FEAT_HW), rtol=1e-7)
         np.testing.assert_allclose(np.asarray(bg).sum((1, 2)), 1.0, rtol=1e-5)
