@@ -738,8 +738,18 @@ class FasterRCNN(nn.Module):
     def _forward_test(self, images: Array, img_shape: Array) -> dict[str, Any]:
         feats = self.extract_feat(images, train=False)
         rpn_cls, rpn_reg = self.rpn_head(feats)
-        props = self.proposals(rpn_cls, rpn_reg, img_shape, train=False)
-        cls_score, bbox_pred = self.roi_head(self.roi_feats(feats, props["boxes"]))
+        if self.is_initializing():
+            # `init` only needs the parameter shapes: skip NMS and RoIAlign (slow when `init`
+            # runs eagerly), feed the box head placeholder RoI features instead.
+            b, k, s = images.shape[0], self.test_max_proposals, self.roi_output_size
+            props = dict(
+                boxes=jnp.zeros((b, k, 4)), scores=jnp.zeros((b, k)), valid=jnp.zeros((b, k), bool)
+            )
+            roi_feats = jnp.zeros((b, k, s, s, feats[0].shape[-1]), jnp.float32)
+        else:
+            props = self.proposals(rpn_cls, rpn_reg, img_shape, train=False)
+            roi_feats = self.roi_feats(feats, props["boxes"])
+        cls_score, bbox_pred = self.roi_head(roi_feats)
         return dict(
             features=feats,
             rpn_cls_scores=rpn_cls,
