@@ -38,6 +38,9 @@ def get_config() -> C.ConfigDict:
         lambda_fgd=0.000008,
         num_levels=5,
         init_student=True,
+        # The student's towers have conv biases the plain R101 teacher lacks; the original
+        # loads the teacher non-strictly, so those biases keep their init. Nothing else may.
+        inherit_allow_missing=(r"^bbox_head/(cls|reg)_convs_\d+/conv/bias$",),
     )
     cfg.data = C.coco_data(pixel_style="caffe")
     cfg.data.multiscale_short = (640, 800)

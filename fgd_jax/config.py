@@ -146,6 +146,7 @@ def fgd_distill(
     teacher_channels: int = 256,
     init_student: bool = True,
     box_scale: str = "img_shape",
+    inherit_allow_missing: Sequence[str] = (),
 ) -> ConfigDict:
     """FGD hyper-parameters (the original `FeatureLoss` arguments), one loss per FPN level
     named `loss_fgd_fpn_{i}`. `box_scale`: 'img_shape' (original, default) or 'pad_shape'."""
@@ -161,6 +162,8 @@ def fgd_distill(
             teacher_channels=teacher_channels,
             init_student=init_student,
             box_scale=box_scale,
+            # regexes of student leaves that may lack a teacher counterpart when inheriting
+            inherit_allow_missing=tuple(inherit_allow_missing),
         )
     )
 

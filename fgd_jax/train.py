@@ -244,7 +244,9 @@ def init_train_state(
         model_state = _set_backbone_state(model_state, bb, exp.distill)
     if exp.distill and cfg.distill.init_student and teacher_vars is not None:
         student_params, copied = distill_lib.inherit_from_teacher(
-            params["student"], teacher_vars["params"]
+            params["student"],
+            teacher_vars["params"],
+            allow_missing=tuple(cfg.distill.get("inherit_allow_missing", ())),
         )
         params = dict(params, student=student_params)
         log.info("inheriting: copied %d teacher leaves (neck and heads)", len(copied))

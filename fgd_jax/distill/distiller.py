@@ -15,7 +15,8 @@ Trained parameters are `{'student': <student params>, 'distill_losses': {'loss_f
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -130,21 +131,28 @@ def teacher_features(teacher: nn.Module, teacher_vars: Mapping, images: Array) -
 
 
 def inherit_from_teacher(
-    student_params: Mapping, teacher_params: Mapping
+    student_params: Mapping, teacher_params: Mapping, allow_missing: Sequence[str] = ()
 ) -> tuple[dict, list[str]]:
-    """The inheriting strategy (`init_student=True`): copy every non-backbone teacher
+    r"""The inheriting strategy (`init_student=True`): copy every non-backbone teacher
     parameter (neck, heads) into the student, leaf by leaf.
 
+    Args:
+      allow_missing: regexes of '/'-joined student leaf paths that may be absent from the
+        teacher and keep their own init (e.g. `r"bbox_head/.*_convs_\d+/conv/bias$"` for an
+        FCOS student with tower biases under a plain teacher, which the original loads
+        non-strictly). Everything else must match exactly.
     Returns the new student params and the '/'-joined paths copied. Raises ValueError listing
     every student leaf the teacher lacks, every extra teacher leaf and every shape mismatch,
     instead of the silent partial load of PyTorch's non-strict `load_state_dict`.
     """
+    patterns = [re.compile(p) for p in allow_missing]
     s_flat = flatten_dict(dict(student_params))
     t_flat = {
         k: v for k, v in flatten_dict(dict(teacher_params)).items() if k[0] not in BACKBONE_KEYS
     }
     s_rest = {k for k in s_flat if k[0] not in BACKBONE_KEYS}
-    missing = sorted("/".join(k) for k in s_rest - t_flat.keys())
+    missing_all = sorted("/".join(k) for k in s_rest - t_flat.keys())
+    missing = [m for m in missing_all if not any(p.search(m) for p in patterns)]
     extra = sorted("/".join(k) for k in t_flat.keys() - s_rest)
     shape = sorted(
         f"{'/'.join(k)}: student {tuple(s_flat[k].shape)} vs teacher {tuple(t_flat[k].shape)}"
@@ -157,10 +165,14 @@ def inherit_from_teacher(
         lines += [f"  only in teacher: {e}" for e in extra]
         lines += [f"  shape mismatch: {s}" for s in shape]
         raise ValueError("\n".join(lines))
-    copied = sorted(s_rest)
+    copied = sorted(s_rest & t_flat.keys())
     for k in copied:
         s_flat[k] = jnp.asarray(t_flat[k], dtype=s_flat[k].dtype)
-    log.info("inherited %d teacher leaves (neck and heads) into the student", len(copied))
+    log.info(
+        "inherited %d teacher leaves (neck and heads) into the student; %d kept their init",
+        len(copied),
+        len(missing_all),
+    )
     return unflatten_dict(s_flat), ["/".join(k) for k in copied]
 
 
