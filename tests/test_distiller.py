@@ -105,3 +105,14 @@ def test_teacher_gets_no_gradient_and_fgd_params_do(tmp_path):
     # The last GcBlock conv is zero-initialized (as the original), so at init only it (not
     # conv_mask_s behind it) receives a relation-loss gradient.
     assert float(jnp.abs(g_fgd["channel_add_conv_s_3"]["kernel"]).max()) > 0
+
+
+def test_inherit_allow_missing_keeps_only_listed_leaves():
+    student = {"neck": {"a": np.ones(2)}, "bbox_head": {"c_0": {"conv": {"kernel": np.ones(1), "bias": np.full(1, 7.0)}}}}
+    teacher = {"neck": {"a": np.full(2, 3.0)}, "bbox_head": {"c_0": {"conv": {"kernel": np.full(1, 5.0)}}}}
+    new, copied = D.inherit_from_teacher(student, teacher, allow_missing=[r"^bbox_head/c_\d+/conv/bias$"])
+    assert copied == ["bbox_head/c_0/conv/kernel", "neck/a"]
+    assert float(new["bbox_head"]["c_0"]["conv"]["bias"][0]) == 7.0
+    assert float(new["bbox_head"]["c_0"]["conv"]["kernel"][0]) == 5.0
+    with pytest.raises(ValueError, match="missing in teacher: bbox_head/c_0/conv/bias"):
+        D.inherit_from_teacher(student, teacher, allow_missing=[r"^neck/"])
