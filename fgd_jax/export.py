@@ -92,7 +92,7 @@ def write_torch_state_dict(path: str, variables: dict, cfg: ml_collections.Confi
     from fgd_jax.convert import export_torch_state_dict
 
     sd = export_torch_state_dict(variables, cfg.model)
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}
+    tensors = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in sd.items()}
     meta = {"fgd_jax_model": cfg.model.to_json(), "exported_by": "fgd_jax.export"}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save({"state_dict": tensors, "meta": meta}, path)

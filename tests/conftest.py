@@ -22,3 +22,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def fgd_run(tmp_path_factory):
+    """A 20-step tiny FGD run (RetinaNet R18, random R18 teacher) on the synthetic set,
+    shared by the training, eval and export tests: (cfg, workdir, final eval metrics)."""
+    from fgd_jax.train import train
+    from tests._tiny import make_teacher, tiny_config
+
+    tmp = tmp_path_factory.mktemp("fgd_run")
+    cfg = tiny_config(str(tmp / "data"), "fgd", steps=20)
+    cfg.train.ckpt_every = 10
+    make_teacher(cfg, str(tmp / "teacher"))
+    workdir = str(tmp / "work")
+    metrics = train(cfg, workdir)
+    return cfg, workdir, metrics

@@ -1,0 +1,99 @@
+"""eval / export / convert commands on a tiny trained run (see conftest.fgd_run).
+
+References: pycocotools run directly on our detections file; the training checkpoint's own
+student outputs; our converter's import of the exported PyTorch state dict.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from fgd_jax import checkpoint as ckpt_lib
+from fgd_jax import export as export_lib
+from fgd_jax.convert import import_torch_checkpoint, load_torch_file
+from fgd_jax.eval import main as eval_main
+from fgd_jax.eval import val_annotation_file
+from fgd_jax.models import build_detector
+
+from ._tiny import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_eval_cli_equals_pycocotools_on_its_detections(fgd_run, tmp_path, capsys):
+    cfg, workdir, _ = fgd_run
+    out = tmp_path / "eval"
+    assert eval_main(["--ckpt", workdir, "--out", str(out)]) == 0
+    ours = json.loads((out / "metrics.json").read_text())
+    dets = json.loads((out / "detections.json").read_text())
+    gt = COCO(val_annotation_file(cfg.data))
+    if dets:
+        ev = COCOeval(gt, gt.loadRes(str(out / "detections.json")), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+        ref = np.maximum(ev.stats[:3], 0)
+    else:
+        ref = np.zeros(3)
+    np.testing.assert_allclose([ours["AP"], ours["AP50"], ours["AP75"]], ref, atol=1e-12)
+    # every val image was evaluated once; padding examples never appear
+    assert {d["image_id"] for d in dets} <= set(gt.getImgIds())
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_export_reproduces_the_student_and_round_trips_through_torch(fgd_run, tmp_path):
+    cfg, workdir, _ = fgd_run
+    out, pth = tmp_path / "student", tmp_path / "student.pth"
+    assert export_lib.main(["--ckpt", workdir, "--out", str(out), "--torch", str(pth)]) == 0
+    trained, _ = export_lib.load_model(workdir)
+    exported, ecfg = ckpt_lib.load_variables(str(out))
+    assert "teacher" not in ecfg and "distill" not in ecfg
+    jax.tree.map(np.testing.assert_array_equal, trained, exported)
+    # same detections from the exported model as from the training checkpoint's student
+    det = build_detector(ecfg.model)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 64, 64, 3)), jnp.float32)
+    shp, sf = jnp.array([[64, 64]]), jnp.ones((1, 4))
+    a = det.apply(trained, x, shp, sf, method="predict")
+    b = det.apply(exported, x, shp, sf, method="predict")
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    # PyTorch state dict (mmdetection names) re-imports to identical params
+    sd = load_torch_file(str(pth))
+    assert any(k.startswith("bbox_head.retina_cls") for k in sd)
+    back = import_torch_checkpoint(str(pth), ecfg.model)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, exported), back)
+
+
+def _run(args):
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+
+
+def test_bad_inputs_give_one_line_errors(fgd_run, tmp_path):
+    cfg, workdir, _ = fgd_run
+    r = _run(["-m", "fgd_jax.eval", "--ckpt", str(tmp_path / "nope")])
+    assert r.returncode == 1 and "nope" in r.stderr and "Traceback" not in r.stderr
+    # a checkpoint of another architecture given as a teacher
+    other = tmp_path / "other"
+    ckpt_lib.save_variables(str(other), {"params": {"x": np.zeros(3)}}, cfg)
+    with pytest.raises(ValueError, match="does not match the expected model"):
+        from fgd_jax.train import Experiment, dummy_batch, load_teacher
+
+        c = cfg.copy_and_resolve_references()
+        c.teacher.ckpt = str(other)
+        load_teacher(Experiment(c), dummy_batch(c.data))
+    r = _run(["-m", "fgd_jax.export", "--ckpt", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert r.returncode == 1 and "error:" in r.stderr and "Traceback" not in r.stderr
