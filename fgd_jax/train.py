@@ -10,6 +10,7 @@ CPU, one GPU, 8 GPUs, or many hosts (launched once per host; see README).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -81,7 +82,8 @@ class Experiment:
         and an FGD run with the same seed start from the same student) and, when distilling,
         the FGD params under `params/distill_losses`."""
         images = jnp.asarray(batch["image"][:1])
-        student_vars = self.student.init(rng, images, train=False)
+        # jitted: eager init of a detector runs op by op and is several times slower
+        student_vars = jax.jit(functools.partial(self.student.init, train=False))(rng, images)
         if not self.distill:
             return student_vars
         feats = jax.eval_shape(
@@ -93,7 +95,7 @@ class Experiment:
         tc = self.cfg.distill.teacher_channels
         feats_t = tuple(jnp.zeros(f.shape[:-1] + (tc,), f.dtype) for f in feats)
         fgd_rng = jax.random.fold_in(rng, 1)
-        fgd_vars = distill_lib.build_distill_losses(self.cfg.distill).init(
+        fgd_vars = jax.jit(distill_lib.build_distill_losses(self.cfg.distill).init)(
             fgd_rng, feats_s, feats_t, _slice_jnp(batch, 1)
         )
         out = {"params": {"student": student_vars["params"], "distill_losses": fgd_vars["params"]}}

@@ -167,7 +167,8 @@ def inherit_from_teacher(
         raise ValueError("\n".join(lines))
     copied = sorted(s_rest & t_flat.keys())
     for k in copied:
-        s_flat[k] = jnp.asarray(t_flat[k], dtype=s_flat[k].dtype)
+        # a copy: the student's buffers are donated to the train step, the teacher's are not
+        s_flat[k] = jnp.array(t_flat[k], dtype=s_flat[k].dtype, copy=True)
     log.info(
         "inherited %d teacher leaves (neck and heads) into the student; %d kept their init",
         len(copied),
