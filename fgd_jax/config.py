@@ -242,6 +242,7 @@ def schedule_2x(batch_size: int = 16, base_lr: float = 0.01) -> ConfigDict:
             num_epochs=24,
             num_steps=-1,  # > 0 overrides num_epochs
             base_lr=base_lr,
+            optimizer="sgd",  # 'sgd' (mmdetection) or 'adamw' (toy from-scratch runs)
             momentum=0.9,
             weight_decay=1e-4,
             grad_clip_norm=35.0,  # <= 0 disables clipping

@@ -224,7 +224,8 @@ def make_optimizer(
     params: PyTree,
     trainable_mask: PyTree | Callable[[str], bool] | None = None,
 ) -> optax.GradientTransformation:
-    """SGD with momentum, mmdetection / PyTorch semantics (see the module docstring).
+    """SGD with momentum, mmdetection / PyTorch semantics (see the module docstring); or,
+    with `train.optimizer='adamw'`, PyTorch AdamW (used for from-scratch toy runs).
 
     Args:
       train_cfg: the `train` section: `momentum`, `weight_decay`, `grad_clip_norm` (<= 0: off),
@@ -260,11 +261,20 @@ def make_optimizer(
     clip = float(train_cfg.get("grad_clip_norm", 0.0))
     if clip > 0:
         chain.append(clip_by_global_norm_torch(clip))
-    chain.append(add_decayed_weights_tree(wd_tree))
-    momentum = float(train_cfg.get("momentum", 0.0))
-    if momentum > 0:
-        # optax.trace: t = g + momentum * t, t0 = 0 -> identical to torch (dampening 0).
-        chain.append(optax.trace(decay=momentum, nesterov=False))
+    kind = train_cfg.get("optimizer", "sgd")
+    if kind == "sgd":
+        chain.append(add_decayed_weights_tree(wd_tree))
+        momentum = float(train_cfg.get("momentum", 0.0))
+        if momentum > 0:
+            # optax.trace: t = g + momentum * t, t0 = 0 -> identical to torch (dampening 0).
+            chain.append(optax.trace(decay=momentum, nesterov=False))
+    elif kind == "adamw":
+        # torch.optim.AdamW: p -= lr * (adam_step + wd * p) (decoupled weight decay).
+        b1, b2 = train_cfg.get("adam_betas", (0.9, 0.999))
+        chain.append(optax.scale_by_adam(b1=b1, b2=b2, eps=train_cfg.get("adam_eps", 1e-8)))
+        chain.append(add_decayed_weights_tree(wd_tree))
+    else:
+        raise ValueError(f"train.optimizer must be 'sgd' or 'adamw', got {kind!r}")
     chain.append(scale_by_tree(lr_tree))
     chain.append(optax.scale_by_learning_rate(make_lr_schedule(train_cfg, steps_per_epoch)))
     return optax.chain(*chain)
