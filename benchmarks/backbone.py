@@ -1,20 +1,24 @@
 """ResNet-50 forward+backward: Flax (jit) vs torchvision, side by side in one process.
 
-    python -m benchmarks.backbone                      # default: batch 2, 512x512, 2 steps
+    python -m benchmarks.backbone                      # default: batch 2, 512x512, 3 steps
     python -m benchmarks.backbone --xla_flags="--xla_cpu_use_onednn=true"
     python -m benchmarks.backbone --sweep              # one subprocess per XLA-flag variant
-    python -m benchmarks.backbone --flax_1x1=matmul    # 1x1 convs as jnp.einsum
+    python -m benchmarks.backbone --flax_1x1=conv      # 1x1 convs via nn.Conv (the old path)
 
 Both sides: BN on running statistics (mmdetection norm_eval), all parameters trainable, loss =
 sum of the squared means of C2..C5, gradients w.r.t. all parameters; torch in channels_last
-with as many intra-op threads as JAX's CPU client uses (all cores). Prints images/s per side,
-the ratio and the peak RSS increase of each side (psutil, sampled every 5 ms).
+with as many intra-op threads as JAX's CPU client uses (all cores). The timed steps alternate
+between the two sides so both see the same machine load (the dev machine is shared); prints
+the median images/s per side, the ratio, and the peak RSS increase of each side's first
+(warm-up) step (psutil, sampled every 5 ms; Flax compiled beforehand). Every --sweep variant
+runs torch beside it, so compare the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -25,9 +29,14 @@ def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--size", type=int, default=512)
-    p.add_argument("--steps", type=int, default=2, help="timed steps per side (after 1 warm-up)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per side (after 1 warm-up)")
     p.add_argument("--xla_flags", default="", help="added to XLA_FLAGS before JAX starts")
-    p.add_argument("--flax_1x1", choices=("conv", "matmul"), default="conv")
+    p.add_argument(
+        "--flax_1x1",
+        choices=("conv", "matmul"),
+        default="matmul",
+        help="1x1 convs as the model's PointwiseConv matmul (default) or as nn.Conv",
+    )
     p.add_argument("--skip_torch", action="store_true")
     p.add_argument("--sweep", action="store_true", help="run every variant in VARIANTS")
     return p.parse_args()
@@ -36,7 +45,7 @@ def _parse() -> argparse.Namespace:
 # (label, extra command-line arguments) tried by --sweep.
 VARIANTS = (
     ("default", []),
-    ("1x1 as einsum", ["--flax_1x1=matmul"]),
+    ("1x1 as nn.Conv", ["--flax_1x1=conv"]),
     ("oneDNN", ["--xla_flags=--xla_cpu_use_onednn=true"]),
     (
         "oneDNN custom call",
@@ -74,18 +83,7 @@ class PeakRSS:
         self._thread.join()
 
 
-def _time(step, steps: int) -> tuple[float, float]:
-    """(first-call seconds incl. compile, mean seconds per step over `steps`)."""
-    t0 = time.perf_counter()
-    step()
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return first, (time.perf_counter() - t0) / steps
-
-
-def run_torch(args) -> dict:
+def make_torch(args):
     import torch
     import torchvision
 
@@ -105,12 +103,10 @@ def run_torch(args) -> dict:
         loss.backward()
         return float(loss.detach())
 
-    with PeakRSS() as mem:
-        first, per_step = _time(step, args.steps)
-    return dict(first=first, per_step=per_step, peak=mem.peak, threads=torch.get_num_threads())
+    return step, f"{torch.get_num_threads()} threads"
 
 
-def run_flax(args) -> dict:
+def make_flax(args):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -118,8 +114,8 @@ def run_flax(args) -> dict:
     from fgd_jax.models import layers
     from fgd_jax.models.resnet import ResNet
 
-    if args.flax_1x1 == "matmul":
-        _patch_1x1_as_matmul(layers)
+    if args.flax_1x1 == "conv":
+        _patch_1x1_as_conv(layers)
     model = ResNet(depth=50, frozen_stages=-1, norm_eval=True)
     shape = (args.batch, args.size, args.size, 3)
     x = jnp.asarray(np.random.RandomState(0).randn(*shape), jnp.float32)
@@ -133,32 +129,24 @@ def run_flax(args) -> dict:
 
         return jax.value_and_grad(loss_fn)(params)
 
+    compiled = grad_step.lower(variables["params"], variables["batch_stats"], x).compile()
+
     def step():
-        loss, grads = grad_step(variables["params"], variables["batch_stats"], x)
+        loss, grads = compiled(variables["params"], variables["batch_stats"], x)
         jax.block_until_ready(grads)
         return float(loss)
 
-    with PeakRSS() as mem:
-        first, per_step = _time(step, args.steps)
-    return dict(first=first, per_step=per_step, peak=mem.peak, devices=str(jax.devices()))
+    return step, str(jax.devices())
 
 
-def _patch_1x1_as_matmul(layers) -> None:
-    """Experiment: 1x1 stride-1 convs as `jnp.einsum` on the same HWIO kernel."""
+def _patch_1x1_as_conv(layers) -> None:
+    """Experiment: 1x1 convs through `nn.Conv` (XLA conv) instead of `PointwiseConv`."""
     import flax.linen as nn
     import jax.numpy as jnp
 
+    import fgd_jax.models.resnet as resnet
+
     original = layers.torch_conv
-
-    class Conv1x1(nn.Module):
-        features: int
-        kernel_init: object
-        dtype: object = None
-
-        @nn.compact
-        def __call__(self, x):
-            k = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features))
-            return jnp.einsum("bhwc,cd->bhwd", x, k[0, 0])
 
     def torch_conv(
         features,
@@ -172,8 +160,18 @@ def _patch_1x1_as_matmul(layers) -> None:
         kernel_init=layers.kaiming_fan_out,
         name=None,
     ):
-        if kernel_size == 1 and stride == 1 and groups == 1 and not use_bias:
-            return Conv1x1(features, kernel_init, dtype, name=name)
+        if kernel_size == 1 and not padding and groups == 1:
+            return nn.Conv(
+                features,
+                (1, 1),
+                strides=(stride, stride),
+                padding="VALID",
+                use_bias=use_bias,
+                dtype=dtype,
+                param_dtype=jnp.float32,
+                kernel_init=kernel_init,
+                name=name,
+            )
         return original(
             features,
             kernel_size,
@@ -186,8 +184,6 @@ def _patch_1x1_as_matmul(layers) -> None:
             kernel_init,
             name,
         )
-
-    import fgd_jax.models.resnet as resnet
 
     resnet.torch_conv = torch_conv
 
@@ -217,8 +213,6 @@ def main() -> None:
                 f"--steps={args.steps}",
                 *extra,
             ]
-            if label != "default":
-                cmd.append("--skip_torch")
             print(f"=== {label}: {' '.join(cmd[1:])}", flush=True)
             subprocess.run(cmd, check=False)
         return
@@ -231,23 +225,37 @@ def main() -> None:
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, 1x1={args.flax_1x1}",
         flush=True,
     )
-    fx = run_flax(args)
-    ips_f = args.batch / fx["per_step"]
-    print(
-        f"flax : {ips_f:6.3f} img/s  {fx['per_step']:6.2f} s/step  "
-        f"first call {fx['first']:5.1f} s  peak RSS +{fx['peak'] / 2**20:6.0f} MiB",
-        flush=True,
-    )
-    if args.skip_torch:
-        return
-    th = run_torch(args)
-    ips_t = args.batch / th["per_step"]
-    print(
-        f"torch: {ips_t:6.3f} img/s  {th['per_step']:6.2f} s/step  "
-        f"first call {th['first']:5.1f} s  peak RSS +{th['peak'] / 2**20:6.0f} MiB  "
-        f"({th['threads']} threads)"
-    )
-    print(f"flax / torch throughput: {ips_f / ips_t:.2f}x")
+    sides = {}
+    t0 = time.perf_counter()
+    sides["flax"] = make_flax(args)
+    print(f"flax : build + jit compile {time.perf_counter() - t0:5.1f} s", flush=True)
+    if not args.skip_torch:
+        sides["torch"] = make_torch(args)
+    # First call of each side alone, its peak RSS increase measured (compile excluded).
+    peak = {}
+    for name, (step, _) in sides.items():
+        with PeakRSS() as mem:
+            step()
+        peak[name] = mem.peak
+    # Timed steps interleaved (flax, torch, flax, ...) so both see the same machine load.
+    times = {name: [] for name in sides}
+    for _ in range(args.steps):
+        for name, (step, _) in sides.items():
+            t = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t)
+    ips = {}
+    for name, (_, info) in sides.items():
+        med = statistics.median(times[name])
+        ips[name] = args.batch / med
+        print(
+            f"{name:5s}: {ips[name]:6.3f} img/s  median {med:6.2f} s/step "
+            f"(all {', '.join(f'{t:.2f}' for t in times[name])})  "
+            f"peak RSS +{peak[name] / 2**20:5.0f} MiB  [{info}]",
+            flush=True,
+        )
+    if "torch" in ips:
+        print(f"flax / torch throughput: {ips['flax'] / ips['torch']:.2f}x")
 
 
 if __name__ == "__main__":
