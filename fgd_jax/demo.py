@@ -44,6 +44,7 @@ def _cfg(variant: str, args, workdir: str) -> ConfigDict:
 def run(args) -> dict:
     from fgd_jax import checkpoint as ckpt_lib
     from fgd_jax.data import shapes
+    from fgd_jax.export import load_model
     from fgd_jax.train import train
 
     workdir = args.workdir
@@ -62,15 +63,15 @@ def run(args) -> dict:
     t_cfg = _cfg("teacher", args, workdir)
     t_dir = os.path.join(workdir, "teacher")
     t_export = os.path.join(t_dir, "export")
-    if ckpt_lib.is_model_export(t_export):
+    if os.path.isdir(os.path.join(t_export, "variables")):
         print(f"[demo] reusing the teacher in {t_export}")
         variables, _ = ckpt_lib.load_variables(t_export)
         rows["teacher (R34)"] = _evaluate(t_cfg, variables)
     else:
         print(f"[demo] training the teacher for {t_cfg.train.num_steps} steps -> {t_dir}")
         rows["teacher (R34)"] = train(t_cfg, t_dir)
-        state_vars = ckpt_lib.latest_model_variables(t_dir)
-        ckpt_lib.save_variables(t_export, state_vars, t_cfg)
+        variables, standalone = load_model(t_dir)
+        ckpt_lib.save_variables(t_export, variables, standalone, overwrite=True)
 
     # 3. the student, alone and with FGD, same steps and seed
     b_cfg = _cfg("baseline", args, workdir)
@@ -110,7 +111,7 @@ def _evaluate(cfg: ConfigDict, variables) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fgd_jax.demo", description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default="workdirs/demo")
-    p.add_argument("--data-root", default=".cache/shapes")
+    p.add_argument("--data-root", default=".cache/shapes96")
     p.add_argument("--config", default=CONFIG, help="demo config (default configs/shapes_demo.py)")
     p.add_argument("--steps", type=int, default=600, help="student training steps")
     p.add_argument("--teacher-steps", type=int, default=1200, help="teacher training steps")
