@@ -62,15 +62,25 @@ def enable_compilation_cache(path: str | None = None) -> None:
         log.warning("compilation cache disabled: %s", e)
 
 
+def compute_dtype(cfg: ml_collections.ConfigDict) -> Any:
+    """`train.dtype`: 'float32' (default) or 'bfloat16' (mixed precision: bf16 compute,
+    float32 parameters, optimizer state, losses and FGD)."""
+    name = cfg.get("train", {}).get("dtype", "float32") if "train" in cfg else "float32"
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"train.dtype must be 'float32' or 'bfloat16', got {name!r}")
+    return None if name == "float32" else jnp.bfloat16
+
+
 class Experiment:
     """The models and the pure functions of one run (no state; the loop lives in `train`)."""
 
     def __init__(self, cfg: ml_collections.ConfigDict):
         self.cfg = cfg
-        self.student = build_detector(cfg.model)
+        dtype = compute_dtype(cfg)
+        self.student = build_detector(cfg.model, dtype=dtype)
         self.distill = "teacher" in cfg and cfg.get("teacher") is not None and "distill" in cfg
         if self.distill:
-            self.teacher = build_detector(cfg.teacher.model)
+            self.teacher = build_detector(cfg.teacher.model, dtype=dtype)
             self.module = distill_lib.build_distiller(self.student, cfg.distill)
         else:
             self.teacher = None

@@ -41,7 +41,6 @@ from torchvision.models.detection.image_list import ImageList
 
 from fgd_jax import config as C
 from fgd_jax.convert import import_torch_checkpoint
-from fgd_jax.convert.torchvision_faster_rcnn import prepare_state_dict
 from fgd_jax.models import build_detector
 from fgd_jax.models.faster_rcnn import (
     FasterRCNN,
@@ -137,7 +136,7 @@ def test_matches_torchvision_faster_rcnn():
     cfg.test_cfg.rpn.min_bbox_size = 1e-3  # torchvision's RPN min_size
     model = build_detector(cfg)
     assert isinstance(model, FasterRCNN)
-    variables = import_torch_checkpoint(prepare_state_dict(tv.state_dict()), cfg)
+    variables = import_torch_checkpoint(tv.state_dict(), cfg)  # prepare_state_dict runs inside
 
     h, w = 128, 192  # multiples of 64: torchvision's strides are then exactly 4..64
     x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(1))

@@ -95,6 +95,15 @@ def detector_variable_shapes(model_cfg: ml_collections.ConfigDict) -> Any:
     return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
 
 
+def _torchvision_module_attr(model_cfg: ml_collections.ConfigDict, name: str) -> Any:
+    """`fgd_jax.convert.torchvision_<type>.<name>` if that module and attribute exist."""
+    try:
+        module = importlib.import_module(f"fgd_jax.convert.torchvision_{model_cfg.type}")
+    except ModuleNotFoundError:
+        return None
+    return getattr(module, name, None)
+
+
 def import_torch_checkpoint(
     path_or_state_dict: str | os.PathLike | Mapping[str, Any],
     model_cfg: ml_collections.ConfigDict,
@@ -127,6 +136,11 @@ def import_torch_checkpoint(
         layout = detect_layout(state_dict)
         if layout == "torchvision":
             rename = torchvision_rules(model_cfg)
+            # Some torchvision heads need array surgery before renaming (Faster R-CNN's
+            # background-first classifier): `torchvision_<type>.prepare_state_dict`.
+            prepare = _torchvision_module_attr(model_cfg, "prepare_state_dict")
+            if prepare is not None:
+                state_dict = prepare(state_dict)
         elif layout == "classification":
             rename = CLASSIFICATION_BACKBONE_RULES
     target = init_variables if init_variables is not None else detector_variable_shapes(model_cfg)

@@ -75,8 +75,8 @@ class DistillLosses(nn.Module):
                 box_scale=self.box_scale,
                 name=name,
             )(
-                feats_s[i],
-                feats_t[i],
+                feats_s[i].astype(jnp.float32),  # FGD in float32 under mixed precision
+                feats_t[i].astype(jnp.float32),
                 batch["boxes"],
                 batch["valid"],
                 batch["img_shape"],

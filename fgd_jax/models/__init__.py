@@ -34,8 +34,11 @@ __all__ = [
 ]
 
 
-def build_detector(model_cfg: ml_collections.ConfigDict) -> nn.Module:
-    """The detector module for `model_cfg` (e.g. `fgd_jax.config.retinanet_model()`)."""
+def build_detector(model_cfg: ml_collections.ConfigDict, dtype: Any = None) -> nn.Module:
+    """The detector module for `model_cfg` (e.g. `fgd_jax.config.retinanet_model()`).
+
+    `dtype`: compute dtype (e.g. `jnp.bfloat16` for mixed precision on GPUs); parameters stay
+    float32 and the heads return float32 outputs, so losses are computed in float32."""
     kind = model_cfg.get("type") if hasattr(model_cfg, "get") else None
     if kind not in DETECTORS:
         raise ValueError(
@@ -43,7 +46,7 @@ def build_detector(model_cfg: ml_collections.ConfigDict) -> nn.Module:
         )
     module_name, cls_name = DETECTORS[kind]
     module = importlib.import_module(module_name)
-    return getattr(module, cls_name).from_config(model_cfg)
+    return getattr(module, cls_name).from_config(model_cfg, dtype=dtype)
 
 
 def _frozen_stages(cfg: ml_collections.ConfigDict | int | None) -> int:
