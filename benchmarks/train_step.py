@@ -138,7 +138,7 @@ def cpu_peak_gflops(info: dict, cores: int, fma_units: int) -> tuple[float, str]
     peak = cores * fma_units * lanes * 2 * ghz
     how = (
         f"{cores} cores x {fma_units} FMA units x {lanes} fp32 lanes ({isa}) x 2 flops x "
-        f"{ghz:.2f} GHz (nominal clock from lscpu//proc/cpuinfo; AVX-512 clocks may be lower, "
+        f"{ghz:.2f} GHz (nominal clock from lscpu or /proc/cpuinfo; AVX-512 clocks may be lower, "
         f"AMX/bf16 units not counted: XLA:CPU fp32 does not use them)"
     )
     return peak, how
@@ -466,7 +466,22 @@ def report(args: argparse.Namespace, results: list[dict], env: dict) -> str:
             f"| {r['size']} | {j['flops'] / 1e9:.1f} | {tf} | {ach:.1f} | "
             f"{peak_t * 1e3:.0f} | {frac} |"
         )
-    lines += ["", f"Peak: {peak_how}."]
+    lines += ["", f"Peak: {peak_how}.", ""]
+    lines += [
+        "Notes: random weights on both sides (the frozen-BN teacher and student without "
+        "ImageNet statistics give very large FGD losses; the arithmetic is the same as with "
+        "real weights). The PyTorch peer builds P6 from P5 (torchvision) instead of C5 "
+        "(mmdetection), a fraction of a percent of the FLOPs. XLA's count includes every "
+        "element-wise op; torch's counter only convolutions and matmuls."
+    ]
+    if not args.gpu and env["load_before"] > (os.cpu_count() or 1):
+        lines += [
+            "",
+            f"**Caveat**: the machine was loaded (load average {env['load_before']:.1f} on "
+            f"{os.cpu_count()} cores at the start) by other jobs: absolute times are inflated and "
+            "noisy; the alternating order gives both sides the same load, so the ratio is the "
+            "number to read, and only roughly.",
+        ]
     return "\n".join(lines) + "\n"
 
 
