@@ -125,13 +125,17 @@ def train_step(
     targets: list[dict[str, torch.Tensor]],
     img_shapes: Sequence[tuple[int, int]],
     clip_norm: float = 35.0,
+    autocast_dtype: torch.dtype | None = None,
 ) -> float:
     """One distillation step: losses, backward, clip, SGD update. Returns the total loss
-    (a host float, which also synchronizes a CUDA device)."""
+    (a host float, which also synchronizes a CUDA device). `autocast_dtype=torch.bfloat16`:
+    mixed precision (the forward under `torch.autocast`, float32 parameters and update)."""
     peer.train()
     opt.zero_grad(set_to_none=True)
-    losses = peer(images, targets, img_shapes)
-    loss = sum(losses.values())
+    mixed = autocast_dtype is not None
+    with torch.autocast(images.device.type, dtype=autocast_dtype, enabled=mixed):
+        losses = peer(images, targets, img_shapes)
+        loss = sum(v.float() for v in losses.values())
     loss.backward()
     if clip_norm > 0:
         torch.nn.utils.clip_grad_norm_(

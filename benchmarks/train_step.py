@@ -26,9 +26,10 @@ achieved FLOP/s and the fraction of the device's peak.
         --out benchmarks/results/train_step_cpu.md
     python -m benchmarks.train_step --gpu --steps 20 --out benchmarks/results/train_step_gpu.md
 
-Mixed precision: `--dtype bfloat16` needs the detectors to compute in a dtype. The models take
-one (`RetinaNet.from_config(cfg, dtype=...)`), but `build_detector` / `Experiment` do not
-forward `train.dtype` yet, so the flag stops with a message instead of timing a fake.
+Mixed precision: `--dtype bfloat16` sets the config's `train.dtype` (bf16 compute, float32
+parameters, optimizer state, losses and FGD, see `fgd_jax.train.compute_dtype`) and runs the
+torch peer under `torch.autocast(dtype=torch.bfloat16)`. Meant for GPUs: XLA:CPU has no fast
+bf16 convolutions, and the CPU peak estimate below is the fp32 one.
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads",
         type=int,
         default=0,
-        help="CPU cores for both sides (affinity + torch threads); 0 = all this process may use",
+        help="CPU cores for both sides (affinity + torch threads); 0 = all this process may "
+        "use. On a machine shared with other jobs use 1: torch's OpenMP threads collapse under "
+        "oversubscription (see benchmarks/results/train_step_cpu.md)",
     )
     p.add_argument("--gpu", action="store_true", help="JAX on the GPU, torch on CUDA")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -315,8 +318,12 @@ def build_torch(args: argparse.Namespace, batch: dict, device: str) -> dict:
     ]
     shapes = [tuple(int(v) for v in s) for s in batch["img_shape"]]
 
+    autocast = torch.bfloat16 if args.dtype == "bfloat16" else None
+
     def step() -> None:
-        step.loss = train_step(peer, opt, images, targets, shapes, clip_norm=35.0)
+        step.loss = train_step(
+            peer, opt, images, targets, shapes, clip_norm=35.0, autocast_dtype=autocast
+        )
 
     t0 = time.perf_counter()
     flops = float("nan")
@@ -413,7 +420,7 @@ def report(args: argparse.Namespace, results: list[dict], env: dict) -> str:
         f"{os.getloadavg()[0]:.1f}",
         f"- step: teacher R101-FPN forward + student R50-FPN forward/backward + FGD on 5 levels "
         f"+ clip 35 + SGD(momentum 0.9, wd 1e-4); batch {args.batch}, {args.boxes} GT boxes "
-        f"per image, float32; {args.steps} timed steps per side after 1 warm-up, alternating "
+        f"per image, {args.dtype}; {args.steps} timed steps per side after 1 warm-up, alternating "
         "sides, median",
         "",
         "| canvas | fgd-jax img/s | torch img/s | ratio (jax/torch) | fgd-jax s/step | torch "
@@ -487,14 +494,6 @@ def report(args: argparse.Namespace, results: list[dict], env: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.dtype == "bfloat16":
-        raise SystemExit(
-            "benchmarks.train_step: --dtype bfloat16 is not supported yet: "
-            "fgd_jax.models.build_detector (used by fgd_jax.train.Experiment) does not forward "
-            "a compute dtype to the detectors (RetinaNet.from_config takes one), so train.dtype "
-            "has no effect on the model. Mixed precision needs build_detector(cfg, dtype=...) "
-            "and Experiment passing cfg.train.dtype; until then only float32 is timed."
-        )
     if not args.gpu:
         cores = sorted(os.sched_getaffinity(0))
         n = args.threads or len(cores)
