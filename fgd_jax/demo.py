@@ -1,6 +1,6 @@
 """The newcomer's first run: FGD end to end on the embedded synthetic dataset.
 
-    python -m fgd_jax.demo [--workdir workdirs/demo] [--steps 600] [--teacher-steps 1200]
+    python -m fgd_jax.demo [--workdir workdirs/demo] [--steps 400] [--teacher-steps 800]
 
 1. writes the synthetic COCO-format dataset (`fgd_jax.data.shapes`) if it is not there;
 2. trains the teacher (RetinaNet R34) or reuses it from `WORKDIR/teacher` when complete;
@@ -32,7 +32,7 @@ def _cfg(variant: str, args, workdir: str) -> ConfigDict:
     cfg.data.root = args.data_root
     steps = args.teacher_steps if variant == "teacher" else args.steps
     cfg.train.num_steps = steps
-    cfg.train.decay_steps = (int(steps * 0.75), int(steps * 0.92))
+    cfg.train.decay_steps = (int(steps * 0.8),)
     cfg.train.warmup_iters = min(cfg.train.warmup_iters, max(1, steps // 5))
     cfg.train.ckpt_every = max(1, steps // 3)
     cfg.train.log_every = max(1, min(cfg.train.log_every, steps // 4))
@@ -61,30 +61,33 @@ def run(args) -> dict:
 
     # 2. the teacher, cached
     t_cfg = _cfg("teacher", args, workdir)
+    b_cfg = _cfg("baseline", args, workdir)
+    t_name = f"teacher (R{t_cfg.model.backbone.depth})"
+    s_name = f"student (R{b_cfg.model.backbone.depth})"
+    f_name = f"{s_name} + FGD"
     t_dir = os.path.join(workdir, "teacher")
     t_export = os.path.join(t_dir, "export")
     if os.path.isdir(os.path.join(t_export, "variables")):
         print(f"[demo] reusing the teacher in {t_export}")
         variables, _ = ckpt_lib.load_variables(t_export)
-        rows["teacher (R34)"] = _evaluate(t_cfg, variables)
+        rows[t_name] = _evaluate(t_cfg, variables)
     else:
         print(f"[demo] training the teacher for {t_cfg.train.num_steps} steps -> {t_dir}")
-        rows["teacher (R34)"] = train(t_cfg, t_dir)
+        rows[t_name] = train(t_cfg, t_dir)
         variables, standalone = load_model(t_dir)
         ckpt_lib.save_variables(t_export, variables, standalone, overwrite=True)
 
     # 3. the student, alone and with FGD, same steps and seed
-    b_cfg = _cfg("baseline", args, workdir)
     print(f"[demo] training the student baseline for {b_cfg.train.num_steps} steps")
-    rows["student (R18)"] = train(b_cfg, os.path.join(workdir, "student_baseline"))
+    rows[s_name] = train(b_cfg, os.path.join(workdir, "student_baseline"))
     f_cfg = _cfg("fgd", args, workdir)
     print(f"[demo] training the student with FGD for {f_cfg.train.num_steps} steps")
-    rows["student (R18) + FGD"] = train(f_cfg, os.path.join(workdir, "student_fgd"))
+    rows[f_name] = train(f_cfg, os.path.join(workdir, "student_fgd"))
 
     # 4. the table
     table = evaluation.format_table(rows)
     minutes = (time.time() - t_start) / 60
-    gain = 100 * (rows["student (R18) + FGD"]["AP"] - rows["student (R18)"]["AP"])
+    gain = 100 * (rows[f_name]["AP"] - rows[s_name]["AP"])
     verdict = (
         f"FGD changed the student's AP by {gain:+.1f} points"
         f" ({'better' if gain > 0 else 'not better'} than the baseline in this run)"
@@ -113,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default="workdirs/demo")
     p.add_argument("--data-root", default=".cache/shapes96")
     p.add_argument("--config", default=CONFIG, help="demo config (default configs/shapes_demo.py)")
-    p.add_argument("--steps", type=int, default=600, help="student training steps")
-    p.add_argument("--teacher-steps", type=int, default=1200, help="teacher training steps")
+    p.add_argument("--steps", type=int, default=400, help="student training steps")
+    p.add_argument("--teacher-steps", type=int, default=800, help="teacher training steps")
     args = p.parse_args(argv)
     rows = run(args)
     print(json.dumps({n: round(100 * m["AP"], 1) for n, m in rows.items()}))

@@ -37,6 +37,8 @@ def tiny_config(
     cfg.data.max_boxes = 8
     cfg.train.batch_size = 4
     cfg.train.reference_batch_size = 4
+    cfg.train.optimizer = "sgd"  # the paper recipe (the demo itself uses AdamW)
+    cfg.train.weight_decay = 1e-4
     cfg.train.base_lr = 0.004  # stable from scratch with clipping at 35 (0.02 oscillates)
     cfg.train.num_steps = steps
     cfg.train.warmup_iters = 2
