@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 def test_every_loss_part_decreases(fgd_run):
     _, workdir, metrics = fgd_run
     recs = [r for r in read_metrics(workdir) if "loss" in r]
-    assert len(recs) == 20
+    assert len(recs) == 40
     keys = [k for k in recs[0] if k.startswith("loss")]
     assert (
         "loss_cls" in keys and "loss_fgd_fpn_0/relation" in keys and "loss_fgd_fpn_4/mask" in keys

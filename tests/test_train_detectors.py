@@ -20,7 +20,7 @@ def _tiny_model(kind: str):
         m = C.fcos_model(
             depth=18,
             num_classes=6,
-            tricks=True,
+            tricks=False,
             feat_channels=32,
             stacked_convs=1,
             fpn_channels=32,
@@ -49,12 +49,16 @@ def _tiny_model(kind: str):
 
 @pytest.mark.parametrize("kind,levels", [("fcos", 5), ("faster_rcnn", 4)])
 def test_fgd_training_decreases_every_loss_part(tmp_path, kind, levels):
-    cfg = tiny_config(str(tmp_path / "data"), "fgd", steps=24)
+    cfg = tiny_config(str(tmp_path / "data"), "fgd", steps=40)
     cfg.model = _tiny_model(kind)
     cfg.teacher.model = _tiny_model(kind)
     cfg.distill.num_levels = levels
     if kind == "fcos":
         cfg.data.pixel_style = "caffe"
+        # From scratch on un-normalized caffe inputs, SGD at the tiny config's lr does not move
+        # FCOS's box loss within 40 steps; AdamW does (as the FCOS overfit test uses Adam).
+        cfg.train.optimizer = "adamw"
+        cfg.train.base_lr = 1e-3
     cfg.train.ckpt_every = 100
     make_teacher(cfg, str(tmp_path / "teacher"))
     metrics = train(cfg, str(tmp_path / "work"))
