@@ -108,9 +108,17 @@ def test_teacher_gets_no_gradient_and_fgd_params_do(tmp_path):
 
 
 def test_inherit_allow_missing_keeps_only_listed_leaves():
-    student = {"neck": {"a": np.ones(2)}, "bbox_head": {"c_0": {"conv": {"kernel": np.ones(1), "bias": np.full(1, 7.0)}}}}
-    teacher = {"neck": {"a": np.full(2, 3.0)}, "bbox_head": {"c_0": {"conv": {"kernel": np.full(1, 5.0)}}}}
-    new, copied = D.inherit_from_teacher(student, teacher, allow_missing=[r"^bbox_head/c_\d+/conv/bias$"])
+    student = {
+        "neck": {"a": np.ones(2)},
+        "bbox_head": {"c_0": {"conv": {"kernel": np.ones(1), "bias": np.full(1, 7.0)}}},
+    }
+    teacher = {
+        "neck": {"a": np.full(2, 3.0)},
+        "bbox_head": {"c_0": {"conv": {"kernel": np.full(1, 5.0)}}},
+    }
+    new, copied = D.inherit_from_teacher(
+        student, teacher, allow_missing=[r"^bbox_head/c_\d+/conv/bias$"]
+    )
     assert copied == ["bbox_head/c_0/conv/kernel", "neck/a"]
     assert float(new["bbox_head"]["c_0"]["conv"]["bias"][0]) == 7.0
     assert float(new["bbox_head"]["c_0"]["conv"]["kernel"][0]) == 5.0
@@ -129,8 +137,12 @@ def test_bfloat16_compute_matches_float32(tmp_path):
     cfg16.train.dtype = "bfloat16"
     exp16 = Experiment(cfg16)
     batch = _batch(cfg)
-    l32, _ = exp32.apply_losses(state.params, state.model_state, tvars, batch, jax.random.PRNGKey(0))
-    l16, _ = exp16.apply_losses(state.params, state.model_state, tvars, batch, jax.random.PRNGKey(0))
+    l32, _ = exp32.apply_losses(
+        state.params, state.model_state, tvars, batch, jax.random.PRNGKey(0)
+    )
+    l16, _ = exp16.apply_losses(
+        state.params, state.model_state, tvars, batch, jax.random.PRNGKey(0)
+    )
     assert all(v.dtype == jnp.float32 for v in l16.values())
     for k in ("loss_cls", "loss_bbox", "loss_fgd_fpn_0", "loss_fgd_fpn_2"):
         assert np.isfinite(float(l16[k]))

@@ -232,18 +232,34 @@ def test_current_lr_reads_counter():
 def test_adamw_matches_torch():
     """train.optimizer='adamw' vs torch.optim.AdamW (decoupled decay) with clipping, constant lr."""
     rng = np.random.default_rng(3)
-    cfg = train_cfg(optimizer="adamw", base_lr=1e-3, reference_batch_size=8, warmup="none",
-                    weight_decay=0.05, grad_clip_norm=1.0, decay_epochs=(100,))
-    params = {"conv": {"kernel": rng.normal(size=(3, 3, 2, 4)).astype(np.float32),
-                       "bias": rng.normal(size=(4,)).astype(np.float32)}}
-    grads = [jax_tree_map(lambda p: rng.normal(size=p.shape).astype(np.float32), params) for _ in range(6)]
+    cfg = train_cfg(
+        optimizer="adamw",
+        base_lr=1e-3,
+        reference_batch_size=8,
+        warmup="none",
+        weight_decay=0.05,
+        grad_clip_norm=1.0,
+        decay_epochs=(100,),
+    )
+    params = {
+        "conv": {
+            "kernel": rng.normal(size=(3, 3, 2, 4)).astype(np.float32),
+            "bias": rng.normal(size=(4,)).astype(np.float32),
+        }
+    }
+    grads = [
+        jax_tree_map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
+        for _ in range(6)
+    ]
     tx = optim.make_optimizer(cfg, 10, params)
     p, state = params, tx.init(params)
     for g in grads:
         upd, state = tx.update(g, state, p)
         p = optax.apply_updates(p, upd)
     tp = {k: torch.tensor(v.copy(), requires_grad=True) for k, v in params["conv"].items()}
-    opt = torch.optim.AdamW(list(tp.values()), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
+    opt = torch.optim.AdamW(
+        list(tp.values()), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05
+    )
     for g in grads:
         opt.zero_grad()
         for k, t in tp.items():
@@ -251,4 +267,6 @@ def test_adamw_matches_torch():
         torch.nn.utils.clip_grad_norm_(list(tp.values()), 1.0, 2)
         opt.step()
     for k, t in tp.items():
-        np.testing.assert_allclose(np.asarray(p["conv"][k]), t.detach().numpy(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(
+            np.asarray(p["conv"][k]), t.detach().numpy(), rtol=1e-5, atol=1e-7
+        )
