@@ -533,24 +533,11 @@ def rcnn_postprocess(
         sf = jnp.asarray(scale_factor, jnp.float32)
         boxes = boxes / sf[:, None, None, :]
 
-    def one(bx, sc):
-        flat = sc.reshape(-1)  # index r*C + c
-        k = min(max_candidates, flat.shape[0])
-        top, idx = jax.lax.top_k(jnp.where(flat > score_thr, flat, -jnp.inf), k)
-        cand_valid = jnp.isfinite(top)
-        cand_boxes = bx.reshape(-1, 4)[idx]
-        cand_labels = (idx % num_classes).astype(jnp.int32)
-        cand_scores = jnp.where(cand_valid, top, 0.0)
-        keep, keep_valid = nms_ops.batched_nms(
-            cand_boxes, cand_scores, cand_labels, cand_valid, iou_threshold, max_per_img
+    def one(bx, sc):  # class-specific boxes [R, C, 4], scores [R, C]
+        dets = nms_ops.multiclass_nms(
+            bx, sc, None, score_thr, iou_threshold, max_per_img, max_candidates=max_candidates
         )
-        keep_valid = keep_valid & cand_valid[keep]
-        return dict(
-            boxes=jnp.where(keep_valid[:, None], cand_boxes[keep], 0.0),
-            scores=jnp.where(keep_valid, cand_scores[keep], 0.0),
-            labels=jnp.where(keep_valid, cand_labels[keep], -1),
-            valid=keep_valid,
-        )
+        return {k: v for k, v in dets.items() if k != "index"}
 
     return jax.vmap(one)(boxes, scores)
 

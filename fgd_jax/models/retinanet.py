@@ -330,40 +330,17 @@ def retina_postprocess(
     boxes = jnp.concatenate(all_boxes, axis=1) / scale_factor[:, None, :]  # [B, M, 4]
     scores = jnp.concatenate(all_scores, axis=1)  # [B, M, C]
     return jax.vmap(
-        lambda b, s: _multiclass_nms(
-            b, s, score_thr, iou_threshold, max_per_img, max_candidates, num_classes
+        lambda b, s: _without_index(
+            nms_ops.multiclass_nms(
+                b, s, None, score_thr, iou_threshold, max_per_img, max_candidates=max_candidates
+            )
         )
     )(boxes, scores)
 
 
-def _multiclass_nms(
-    boxes: Array,
-    scores: Array,
-    score_thr: float,
-    iou_threshold: float,
-    max_per_img: int,
-    max_candidates: int,
-    num_classes: int,
-) -> dict[str, Array]:
-    """One image: `boxes [M, 4]`, `scores [M, C]` -> mmdetection `multiclass_nms` output."""
-    flat = scores.reshape(-1)  # index m*C + c
-    passed = flat > score_thr
-    k = min(max_candidates, flat.shape[0])
-    top, idx = jax.lax.top_k(jnp.where(passed, flat, -jnp.inf), k)
-    cand_valid = jnp.isfinite(top)
-    cand_boxes = boxes[idx // num_classes]
-    cand_labels = (idx % num_classes).astype(jnp.int32)
-    cand_scores = jnp.where(cand_valid, top, 0.0)
-    keep, keep_valid = nms_ops.batched_nms(
-        cand_boxes, cand_scores, cand_labels, cand_valid, iou_threshold, max_per_img
-    )
-    keep_valid = keep_valid & cand_valid[keep]
-    return dict(
-        boxes=jnp.where(keep_valid[:, None], cand_boxes[keep], 0.0),
-        scores=jnp.where(keep_valid, cand_scores[keep], 0.0),
-        labels=jnp.where(keep_valid, cand_labels[keep], -1),
-        valid=keep_valid,
-    )
+def _without_index(dets: dict[str, Array]) -> dict[str, Array]:
+    """The detector API's keys (boxes, scores, labels, valid)."""
+    return {k: v for k, v in dets.items() if k != "index"}
 
 
 # -------------------------------------------------------------------------------- detector
