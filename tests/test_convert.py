@@ -121,6 +121,23 @@ def test_generic_leaf_rules_linear_layernorm_scale():
     assert out["params"]["fc"]["kernel"].dtype == np.float32
 
 
+def test_converted_leaves_own_their_memory():
+    """Training the source torch module after conversion (BN running stats update in place)
+    must not change the converted variables: no leaf may be a view of a torch tensor."""
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18()
+    out = convert_state_dict(tv.state_dict(), _r18_shapes(), rename=[(r"^fc\.", None)])
+    before = jax.tree_util.tree_map(np.copy, out)
+    sd = tv.state_dict()
+    for leaf in jax.tree_util.tree_leaves(out):
+        assert not any(np.shares_memory(leaf, t.numpy()) for t in sd.values())
+    tv.train()
+    tv(torch.randn(2, 3, 32, 32))  # updates every running_mean / running_var in place
+    assert not np.allclose(tv.bn1.running_mean.numpy(), before["batch_stats"]["bn1"]["mean"])
+    for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(before), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_rename_and_prefix_options():
     sd = {f"student.{k}": v for k, v in _tv_r18_state_dict().items() if not k.startswith("fc.")}
     sd["teacher.conv1.weight"] = torch.zeros(1)

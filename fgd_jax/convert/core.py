@@ -246,7 +246,10 @@ def convert_state_dict(
                 f"expects {_describe(tleaf.shape)}"
             )
             continue
-        filled[tpath] = np.asarray(out, dtype=tleaf.dtype)
+        # an owned copy: a 1-D leaf passes through `_transform` as a view of the torch
+        # tensor, and jax may wrap host numpy memory without copying, so an in-place update
+        # of the source module (a BN running stat in train mode) would leak into the params
+        filled[tpath] = np.array(out, dtype=tleaf.dtype, copy=True)
         source_of[tpath] = key
         report.loaded.append(key)
     for tpath, tleaf in targets.items():
