@@ -275,6 +275,27 @@ def test_masks_match_original_loops_cell_by_cell(box_scale):
         np.testing.assert_allclose(np.asarray(bg).sum((1, 2)), 1.0, rtol=1e-5)
 
 
+def test_masks_with_valid_boxes_anywhere_in_the_slots():
+    """The CPU loop stops after the batch's last valid slot: valid boxes scattered among the
+    padding (the last slot included) still all mark, and the masks equal the original's.
+    Gradients w.r.t. the boxes are zero, not an error (no tangent enters the loop)."""
+    rng = np.random.default_rng(5)
+    img_shape = np.array([[90, 150], [96, 160]], np.int32)
+    pad_shape = np.array([PAD] * 2, np.int32)
+    boxes, _ = random_inside_boxes(rng, img_shape, 12, [12, 12])
+    valid = np.zeros((2, 12), bool)
+    valid[0, [3, 11]] = True
+    valid[1, [0, 5, 6]] = True
+    fg, bg = masks_jit(boxes, valid, img_shape, pad_shape, FEAT_HW, "img_shape")
+    fg_r, bg_r = reference_masks(boxes, valid, img_shape, pad_shape, "img_shape")
+    np.testing.assert_array_equal(np.asarray(fg), fg_r)
+    np.testing.assert_array_equal(np.asarray(bg), bg_r)
+    grad = jax.grad(lambda bx: jnp.sum(fg_bg_masks(bx, valid, img_shape, pad_shape, FEAT_HW)[0]))(
+        jnp.asarray(boxes)
+    )
+    assert np.all(np.asarray(grad) == 0)
+
+
 def test_mask_values_for_every_box_size():
     """One box per image, of every (rows, cols) the grid allows: the cell value
     1.0 / rows / cols (float32, two roundings) equals the original's bit for bit."""
