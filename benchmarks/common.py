@@ -1,0 +1,171 @@
+"""Shared scaffolding of the side-by-side detector benchmarks (retinanet.py, faster_rcnn.py).
+
+What every such script needs, in one place:
+- `add_common_args`: `--iters`, `--threads` (CPU cores for both frameworks), `--gpu` (JAX on
+  the GPU and torch on CUDA), `--out`;
+- `setup`: call BEFORE importing jax or torch: pins the process to `--threads` cores (XLA:CPU
+  sizes its thread pool from the affinity) or checks that both frameworks see a GPU;
+- `time_interleaved`: one warm-up call per side, then the timed calls alternate between the
+  sides (A, B, A, B, ...), so a change of machine load hits both alike; median seconds;
+- `synthetic_batch`: a static-shape batch with random boxes (contracts.md keys);
+- `header` and `table`: the markdown report (date, device, versions, threads, load average,
+  peak memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+
+def add_common_args(p: argparse.ArgumentParser, iters: int = 3) -> None:
+    p.add_argument("--iters", type=int, default=iters, help="timed calls per side")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="CPU cores for both frameworks (process affinity + torch threads); CPU mode only",
+    )
+    p.add_argument("--gpu", action="store_true", help="JAX on the GPU, torch on CUDA")
+    p.add_argument("--out", default="", help="write the markdown report to this file")
+
+
+def setup(args: argparse.Namespace) -> str:
+    """Prepare the process for `args`; returns the torch device name ('cpu' or 'cuda').
+    Must run before jax and torch are imported (affinity and JAX_PLATFORMS)."""
+    if args.gpu:
+        os.environ.pop("JAX_PLATFORMS", None)
+        import jax
+        import torch
+
+        if jax.default_backend() != "gpu":
+            raise SystemExit("--gpu: JAX sees no GPU (install jax[cuda12]; see the README)")
+        if not torch.cuda.is_available():
+            raise SystemExit("--gpu: torch sees no CUDA device")
+        return "cuda"
+    cores = sorted(os.sched_getaffinity(0))
+    if not 1 <= args.threads <= len(cores):
+        raise SystemExit(f"--threads must be in 1..{len(cores)}, got {args.threads}")
+    os.sched_setaffinity(0, cores[: args.threads])
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import torch
+
+    torch.set_num_threads(args.threads)
+    return "cpu"
+
+
+def torch_sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], iters: int) -> dict[str, float]:
+    """Median seconds per call of each function (each must block until its work is done):
+    one warm-up call each (compilation), then `iters` rounds calling every function once."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def synthetic_batch(b: int, h: int, w: int, g: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random image [b, h, w, 3] float32 and `g` random boxes per image (xyxy pixels, inside
+    the image), labels in [0, 80), all valid, img_shape = (h, w), scale factor 1."""
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(0, 0.6, (b, g, 2)) * [w, h]
+    wh = rng.uniform(0.1, 0.4, (b, g, 2)) * [w, h]
+    boxes = np.concatenate([xy, xy + wh], -1).astype(np.float32)
+    return dict(
+        image=rng.normal(0, 1, (b, h, w, 3)).astype(np.float32),
+        boxes=boxes,
+        labels=rng.integers(0, 80, (b, g)).astype(np.int32),
+        valid=np.ones((b, g), bool),
+        img_shape=np.tile([h, w], (b, 1)).astype(np.int32),
+        scale_factor=np.ones((b, 4), np.float32),
+    )
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def peak_device_gib(device: str) -> tuple[float | None, float | None]:
+    """(JAX, torch) peak device memory in GiB on a GPU run; (None, None) on CPU."""
+    if device != "cuda":
+        return None, None
+    import jax
+    import torch
+
+    stats = jax.devices()[0].memory_stats() or {}
+    jax_peak = stats.get("peak_bytes_in_use")
+    return (
+        jax_peak / 2**30 if jax_peak is not None else None,
+        torch.cuda.max_memory_allocated() / 2**30,
+    )
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        import jax
+
+        return f"{jax.devices()[0].device_kind} (JAX gpu, torch cuda)"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return cpu
+
+
+def header(title: str, args: argparse.Namespace, device: str) -> list[str]:
+    import jax
+    import torch
+    import torchvision
+
+    threads = "-" if device == "cuda" else str(args.threads)
+    return [
+        f"# {title}",
+        "",
+        f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
+        f"- device: {device_name(device)}; CPU threads for both sides: {threads}",
+        f"- versions: jax {jax.__version__}, torch {torch.__version__}, "
+        f"torchvision {torchvision.__version__}, python {platform.python_version()}",
+        f"- load average before the run: {os.getloadavg()[0]:.2f}",
+        f"- timing: {args.iters} calls per side after 1 warm-up (compilation excluded), "
+        "alternating between the sides; median",
+        "",
+    ]
+
+
+def table(rows: list[tuple[str, float, float]], peer: str) -> list[str]:
+    """Markdown rows `(workload, fgd-jax img/s, peer img/s)` with the ratio."""
+    lines = [f"| workload | fgd-jax img/s | {peer} img/s | ratio (jax/torch) |"]
+    lines.append("|---|---|---|---|")
+    for name, a, b in rows:
+        lines.append(f"| {name} | {a:.3f} | {b:.3f} | {a / b:.2f} |")
+    return lines
+
+
+def write_report(lines: list[str], out: str) -> None:
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+        print(f"wrote {out}")

@@ -1,0 +1,33 @@
+"""benchmarks/common.py: the alternating timer, the synthetic batch, argument checks."""
+
+import argparse
+
+import numpy as np
+import pytest
+
+from benchmarks import common
+
+
+def test_time_interleaved_alternates_and_warms_up():
+    calls: list[str] = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    out = common.time_interleaved(fns, iters=3)
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # one warm-up each, then alternating
+    assert set(out) == {"a", "b"} and all(v >= 0 for v in out.values())
+
+
+def test_synthetic_batch_follows_the_batch_contract():
+    b = common.synthetic_batch(3, 64, 96, g=5, seed=1)
+    assert b["image"].shape == (3, 64, 96, 3) and b["image"].dtype == np.float32
+    assert b["boxes"].shape == (3, 5, 4) and b["valid"].all()
+    x1, y1, x2, y2 = np.moveaxis(b["boxes"], -1, 0)
+    assert np.all((0 <= x1) & (x1 < x2) & (x2 <= 96) & (0 <= y1) & (y1 < y2) & (y2 <= 64))
+    assert np.all(b["img_shape"] == [64, 96]) and b["labels"].max() < 80
+    np.testing.assert_array_equal(b["boxes"], common.synthetic_batch(3, 64, 96, 5, 1)["boxes"])
+
+
+def test_setup_rejects_a_bad_thread_count():
+    p = argparse.ArgumentParser()
+    common.add_common_args(p)
+    with pytest.raises(SystemExit, match="--threads must be in"):
+        common.setup(p.parse_args(["--threads", "0"]))
