@@ -162,6 +162,41 @@ def table(rows: list[tuple[str, float, float]], peer: str) -> list[str]:
     return lines
 
 
+def detector_args(doc: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags of a detector comparison: the common ones, `--train-size`, `--infer-size`."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    add_common_args(ap)
+    ap.add_argument("--train-size", type=int, default=512, help="square training images, batch 2")
+    ap.add_argument("--infer-size", type=int, nargs=2, default=(800, 1344), help="h w, batch 1")
+    return ap.parse_args(argv)
+
+
+def compare_detectors(
+    title: str,
+    args: argparse.Namespace,
+    device: str,
+    train: dict[str, Callable[[], object]],
+    infer: dict[str, Callable[[], object]],
+) -> None:
+    """Time `train` ({'jax': fn, 'torch': fn}: one step on a batch of 2 at --train-size) and
+    `infer` (a batch of 1 at --infer-size) alternately, then print / write the report."""
+    lines = header(title, args, device)
+    t_train = time_interleaved(train, args.iters)
+    t_infer = time_interleaved(infer, args.iters)
+    ts, (ih, iw) = args.train_size, args.infer_size
+    rows = [
+        (f"train step, batch 2, {ts}x{ts}", 2 / t_train["jax"], 2 / t_train["torch"]),
+        (f"inference, batch 1, {ih}x{iw}", 1 / t_infer["jax"], 1 / t_infer["torch"]),
+    ]
+    lines += table(rows, "torchvision")
+    jax_dev, torch_dev = peak_device_gib(device)
+    lines.append("")
+    if jax_dev is not None:
+        lines.append(f"Peak device memory: fgd-jax {jax_dev:.2f} GiB, torch {torch_dev:.2f} GiB.")
+    lines.append(f"Peak RSS of the process (both sides): {peak_rss_gib():.2f} GiB.")
+    write_report(lines, args.out)
+
+
 def write_report(lines: list[str], out: str) -> None:
     text = "\n".join(lines) + "\n"
     print(text)

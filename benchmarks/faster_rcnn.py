@@ -16,21 +16,11 @@ of identical arithmetic. Timed calls alternate between the sides (`benchmarks/co
 
 from __future__ import annotations
 
-import argparse
-
 from benchmarks import common
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    common.add_common_args(ap)
-    ap.add_argument("--train-size", type=int, default=512, help="square training images")
-    ap.add_argument("--infer-size", type=int, nargs=2, default=(800, 1344), help="h w")
-    return ap.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = common.detector_args(__doc__, argv)
     device = common.setup(args)
     import jax
     import jax.numpy as jnp
@@ -114,20 +104,13 @@ def main(argv: list[str] | None = None) -> None:
             tv(img_t)
         common.torch_sync(device)
 
-    lines = common.header("Faster R-CNN R50-FPN, fgd-jax vs torchvision", args, device)
-    train = common.time_interleaved({"jax": jax_train, "torch": torch_train}, args.iters)
-    infer = common.time_interleaved({"jax": jax_infer, "torch": torch_infer}, args.iters)
-    rows = [
-        (f"train step, batch 2, {ts}x{ts}", 2 / train["jax"], 2 / train["torch"]),
-        (f"inference, batch 1, {ih}x{iw}", 1 / infer["jax"], 1 / infer["torch"]),
-    ]
-    lines += common.table(rows, "torchvision")
-    jax_dev, torch_dev = common.peak_device_gib(device)
-    lines.append("")
-    if jax_dev is not None:
-        lines.append(f"Peak device memory: fgd-jax {jax_dev:.2f} GiB, torch {torch_dev:.2f} GiB.")
-    lines.append(f"Peak RSS of the process (both sides): {common.peak_rss_gib():.2f} GiB.")
-    common.write_report(lines, args.out)
+    common.compare_detectors(
+        "Faster R-CNN R50-FPN, fgd-jax vs torchvision",
+        args,
+        device,
+        train={"jax": jax_train, "torch": torch_train},
+        infer={"jax": jax_infer, "torch": torch_infer},
+    )
 
 
 if __name__ == "__main__":
