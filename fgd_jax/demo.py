@@ -1,11 +1,15 @@
 """The newcomer's first run: FGD end to end on the embedded synthetic dataset.
 
     python -m fgd_jax.demo [--workdir workdirs/demo] [--steps 400] [--teacher-steps 800]
+                           [--ablation]
 
 1. writes the synthetic COCO-format dataset (`fgd_jax.data.shapes`) if it is not there;
 2. trains the teacher (RetinaNet R34) or reuses it from `WORKDIR/teacher` when complete;
 3. trains the student (RetinaNet R18) alone, and the student with FGD, for the same steps;
-4. evaluates all three with pycocotools and prints a table like the paper's.
+   with `--ablation` also the student with the inheriting init only (the FGD run with every
+   FGD weight set to 0: same teacher, init, data order and steps; only the loss differs),
+   which splits FGD's gain into what inheriting gives and what the distillation loss adds;
+4. evaluates them with pycocotools and prints a table like the paper's.
 
 Everything is the real code path (`fgd_jax.train.train`, `fgd_jax.eval`), only smaller.
 """
@@ -78,11 +82,17 @@ def run(args) -> dict:
         ckpt_lib.save_variables(t_export, variables, standalone, overwrite=True)
 
     # 3. the student, alone and with FGD, same steps and seed
-    print(f"[demo] training the student baseline for {b_cfg.train.num_steps} steps")
+    steps = b_cfg.train.num_steps
+    print(f"[demo] training the student baseline for {steps} steps")
     rows[s_name] = train(b_cfg, os.path.join(workdir, "student_baseline"))
     f_cfg = _cfg("fgd", args, workdir)
     print(f"[demo] training the student with FGD for {f_cfg.train.num_steps} steps")
     rows[f_name] = train(f_cfg, os.path.join(workdir, "student_fgd"))
+    i_name = f"{s_name} + inheriting only"
+    if args.ablation:
+        i_cfg = inherit_only(_cfg("fgd", args, workdir))
+        print(f"[demo] training the student with the inheriting init only for {steps} steps")
+        rows[i_name] = train(i_cfg, os.path.join(workdir, "student_inherit"))
 
     # 4. the table
     table = evaluation.format_table(rows)
@@ -92,6 +102,12 @@ def run(args) -> dict:
         f"FGD changed the student's AP by {gain:+.1f} points"
         f" ({'better' if gain > 0 else 'not better'} than the baseline in this run)"
     )
+    if args.ablation:
+        inherit_gain = 100 * (rows[i_name]["AP"] - rows[s_name]["AP"])
+        verdict += (
+            f"; inheriting alone {inherit_gain:+.1f}, the FGD loss on top of it "
+            f"{gain - inherit_gain:+.1f}"
+        )
     print("\nCOCO bbox metrics on the synthetic val set (pycocotools), in percent:\n")
     print(table)
     print(f"\n{verdict}; total time {minutes:.1f} min on {jax.devices()[0].platform}.")
@@ -102,6 +118,19 @@ def run(args) -> dict:
     evaluation.write_json(os.path.join(workdir, "results.json"), out)
     print(f"results written to {os.path.join(workdir, 'results.json')}")
     return rows
+
+
+def inherit_only(cfg: ConfigDict) -> ConfigDict:
+    """The FGD config with the four FGD loss weights at 0: the student still starts from the
+    teacher's neck and heads (inheriting) and sees the same batches, but no distillation
+    loss reaches it. The train CLI equivalent: `--config.distill.alpha_fgd=0` (and beta,
+    gamma, lambda)."""
+    if not cfg.distill.init_student:
+        raise ValueError("inherit_only: the config does not use the inheriting init")
+    cfg = cfg.copy_and_resolve_references()
+    for key in ("alpha_fgd", "beta_fgd", "gamma_fgd", "lambda_fgd"):
+        cfg.distill[key] = 0.0
+    return cfg
 
 
 def _evaluate(cfg: ConfigDict, variables) -> dict:
@@ -118,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=CONFIG, help="demo config (default configs/shapes_demo.py)")
     p.add_argument("--steps", type=int, default=400, help="student training steps")
     p.add_argument("--teacher-steps", type=int, default=800, help="teacher training steps")
+    p.add_argument(
+        "--ablation",
+        action="store_true",
+        help="also train the student with the inheriting init only (no FGD loss)",
+    )
     args = p.parse_args(argv)
     rows = run(args)
     print(json.dumps({n: round(100 * m["AP"], 1) for n, m in rows.items()}))

@@ -64,3 +64,17 @@ def test_backbone_channels():
         2048,
     )
     assert C.backbone_out_channels(C.resnet_backbone(depth=18)) == (64, 128, 256, 512)
+
+
+def test_demo_inherit_only_zeroes_the_fgd_weights_and_copies():
+    from fgd_jax.demo import CONFIG, inherit_only
+
+    cfg = C.load_config(f"{CONFIG}:fgd")
+    ablated = inherit_only(cfg)
+    for key in ("alpha_fgd", "beta_fgd", "gamma_fgd", "lambda_fgd"):
+        assert ablated.distill[key] == 0.0 and cfg.distill[key] > 0  # the input is untouched
+    assert ablated.distill.init_student and ablated.teacher.ckpt == cfg.teacher.ckpt
+    assert ablated.train.to_dict() == cfg.train.to_dict()
+    cfg.distill.init_student = False
+    with pytest.raises(ValueError, match="inheriting"):
+        inherit_only(cfg)

@@ -28,6 +28,7 @@ def test_demo_end_to_end(tmp_path):
         "3",
         "--teacher-steps",
         "4",
+        "--ablation",
     ]
     r = subprocess.run(
         cmd,
@@ -39,10 +40,12 @@ def test_demo_end_to_end(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
-    for row in ("teacher (R18)", "student (R18)", "student (R18) + FGD", "AP50", "FGD changed"):
+    rows = {"teacher (R18)", "student (R18)", "student (R18) + FGD"}
+    rows.add("student (R18) + inheriting only")
+    for row in (*rows, "AP50", "FGD changed", "inheriting alone"):
         assert row in out, out[-2000:]
     results = json.loads((work / "results.json").read_text())
-    assert set(results) == {"teacher (R18)", "student (R18)", "student (R18) + FGD"}
+    assert set(results) == rows
     assert all(0.0 <= m["AP"] <= 1.0 for m in results.values())
     # the teacher is cached: a second run reuses it
     assert (work / "teacher" / "export" / "variables").is_dir()
