@@ -44,7 +44,11 @@ def get_config(arg: str | None = None) -> C.ConfigDict:
             beta_fgd=0.0005,
             gamma_fgd=0.0005,
             lambda_fgd=0.000005,
-            num_levels=5,
+            # P3-P5 only: at 96 px P6 and P7 are 2x2 and 1x1 grids, where every box covers
+            # (nearly) every cell, the fg/bg masks degenerate and the FGD loss of those two
+            # levels dwarfs the detection loss (measured: all 5 levels 5.8 AP, P3-P5 10.3 AP,
+            # same everything else). On COCO-sized inputs the paper distills all 5.
+            num_levels=3,
             student_channels=64,
             teacher_channels=64,
             init_student=True,

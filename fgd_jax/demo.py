@@ -1,14 +1,14 @@
 """The newcomer's first run: FGD end to end on the embedded synthetic dataset.
 
     python -m fgd_jax.demo [--workdir workdirs/demo] [--steps 400] [--teacher-steps 800]
-                           [--ablation]
+                           [--no-ablation]
 
 1. writes the synthetic COCO-format dataset (`fgd_jax.data.shapes`) if it is not there;
 2. trains the teacher (RetinaNet R34) or reuses it from `WORKDIR/teacher` when complete;
 3. trains the student (RetinaNet R18) alone, and the student with FGD, for the same steps;
-   with `--ablation` also the student with the inheriting init only (the FGD run with every
-   FGD weight set to 0: same teacher, init, data order and steps; only the loss differs),
-   which splits FGD's gain into what inheriting gives and what the distillation loss adds;
+   unless `--no-ablation`, also the student with the inheriting init only (the FGD run with
+   every FGD weight set to 0: same teacher, init, data order and steps; only the loss
+   differs), which splits FGD's gain into what inheriting gives and what the loss adds;
 4. evaluates them with pycocotools and prints a table like the paper's.
 
 Everything is the real code path (`fgd_jax.train.train`, `fgd_jax.eval`), only smaller.
@@ -149,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher-steps", type=int, default=800, help="teacher training steps")
     p.add_argument(
         "--ablation",
-        action="store_true",
-        help="also train the student with the inheriting init only (no FGD loss)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also train the student with the inheriting init only (no FGD loss); on by default",
     )
     args = p.parse_args(argv)
     rows = run(args)

@@ -28,8 +28,7 @@ def test_demo_end_to_end(tmp_path):
         "3",
         "--teacher-steps",
         "4",
-        "--ablation",
-    ]
+    ]  # the ablation row (inheriting only) is on by default
     r = subprocess.run(
         cmd,
         cwd=REPO,
