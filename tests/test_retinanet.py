@@ -38,6 +38,8 @@ from fgd_jax.models.retinanet import (
     retina_postprocess,
 )
 
+from ._tiny import overfit_batch
+
 STRIDES = (8, 16, 32, 64, 128)
 
 
@@ -477,35 +479,12 @@ def test_from_config_shapes_and_names():
         RetinaNet.from_config(cfg)
 
 
-def _overfit_batch():
-    rng = np.random.default_rng(0)
-    images = rng.normal(0, 1, (2, 64, 64, 3)).astype(np.float32)
-    boxes = np.array(
-        [
-            [[4, 6, 30, 40], [30, 20, 60, 50], [0, 0, 0, 0]],
-            [[10, 10, 50, 36], [0, 0, 0, 0], [0, 0, 0, 0]],
-        ],
-        np.float32,
-    )
-    for i, bs in enumerate(boxes):  # paint the boxes so the image carries the signal
-        for x1, y1, x2, y2 in bs.astype(int):
-            images[i, y1:y2, x1:x2] += 2.0
-    return dict(
-        image=jnp.asarray(images),
-        boxes=jnp.asarray(boxes),
-        labels=jnp.asarray([[0, 2, -1], [1, -1, -1]], jnp.int32),
-        valid=jnp.asarray([[True, True, False], [True, False, False]]),
-        img_shape=jnp.asarray([[64, 64], [64, 64]], jnp.int32),
-        scale_factor=jnp.ones((2, 4), jnp.float32),
-    )
-
-
 @pytest.mark.slow
 def test_overfits_one_small_batch():
     cfg = _tiny_cfg()
     cfg.backbone.frozen_stages = 4  # ResNet-18 frozen (features still random): keeps it fast
     model = build_detector(cfg)
-    batch = _overfit_batch()
+    batch = overfit_batch()
     variables = jax.jit(model.init)(jax.random.key(0), batch["image"])
     params, stats = variables["params"], variables["batch_stats"]
     tx = optax.adam(1e-3)
