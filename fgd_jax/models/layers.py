@@ -208,3 +208,50 @@ def max_pool_torch(x: Array, kernel: int, stride: int, padding: int = 0) -> Arra
         strides=(stride, stride),
         padding=((padding, padding), (padding, padding)),
     )
+
+
+def head_tower(
+    prefix: str,
+    num_convs: int,
+    features: int,
+    *,
+    dtype: jnp.dtype | None,
+    kernel_init: Callable,
+    norm: str | None = None,
+    num_groups: int = 32,
+    use_bias: bool = True,
+) -> list[ConvModule]:
+    """The stacked 3x3 conv(+norm)+ReLU towers of RetinaNet / FCOS heads, named `{prefix}_{i}`
+    (mmdetection's `cls_convs.i` / `reg_convs.i`). Call inside a compact method: the modules
+    belong to the caller."""
+    return [
+        ConvModule(
+            features,
+            3,
+            norm=norm,
+            num_groups=num_groups,
+            act=True,
+            use_bias=use_bias,
+            dtype=dtype,
+            kernel_init=kernel_init,
+            name=f"{prefix}_{i}",
+        )
+        for i in range(num_convs)
+    ]
+
+
+def head_out_conv(
+    features: int, bias: float, name: str, *, dtype: jnp.dtype | None, kernel_init: Callable
+) -> nn.Conv:
+    """A head's final 3x3 conv (padding 1, float32 parameters) with a constant bias init
+    (the focal-loss prior for classification, 0 for regression)."""
+    return nn.Conv(
+        features,
+        (3, 3),
+        padding=((1, 1), (1, 1)),
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=kernel_init,
+        bias_init=nn.initializers.constant(bias),
+        name=name,
+    )

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fgd_jax.models.layers import ConvModule
+from fgd_jax.models.layers import ConvModule, head_out_conv, head_tower
 from fgd_jax.ops import anchors as anchor_ops
 from fgd_jax.ops import assign as assign_ops
 from fgd_jax.ops import boxes as box_ops
@@ -65,30 +65,12 @@ class RetinaHead(nn.Module):
         init = nn.initializers.normal(0.01)
 
         def tower(prefix: str) -> list[ConvModule]:
-            return [
-                ConvModule(
-                    self.feat_channels,
-                    3,
-                    act=True,
-                    use_bias=True,
-                    dtype=self.dtype,
-                    kernel_init=init,
-                    name=f"{prefix}_{i}",
-                )
-                for i in range(self.stacked_convs)
-            ]
+            return head_tower(
+                prefix, self.stacked_convs, self.feat_channels, dtype=self.dtype, kernel_init=init
+            )
 
         def out_conv(features: int, bias: float, name: str) -> nn.Conv:
-            return nn.Conv(
-                features,
-                (3, 3),
-                padding=((1, 1), (1, 1)),
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                kernel_init=init,
-                bias_init=nn.initializers.constant(bias),
-                name=name,
-            )
+            return head_out_conv(features, bias, name, dtype=self.dtype, kernel_init=init)
 
         cls_convs, reg_convs = tower("cls_convs"), tower("reg_convs")
         bias_cls = -math.log((1 - self.prior_prob) / self.prior_prob)
