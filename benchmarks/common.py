@@ -8,6 +8,8 @@ What every such script needs, in one place:
 - `time_interleaved`: one warm-up call per side, then the timed calls alternate between the
   sides (A, B, A, B, ...), so a change of machine load hits both alike; median seconds;
 - `synthetic_batch`: a static-shape batch with random boxes (contracts.md keys);
+- `detector_sides` + `compare_detectors`: a whole fgd-jax vs torchvision detector comparison
+  (train step and inference), used by retinanet.py and faster_rcnn.py;
 - `header` and `table`: the markdown report (date, device, versions, threads, load average,
   peak memory).
 """
@@ -22,6 +24,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -169,6 +172,96 @@ def detector_args(doc: str, argv: list[str] | None = None) -> argparse.Namespace
     ap.add_argument("--train-size", type=int, default=512, help="square training images, batch 2")
     ap.add_argument("--infer-size", type=int, nargs=2, default=(800, 1344), help="h w, batch 1")
     return ap.parse_args(argv)
+
+
+def detector_sides(
+    args: argparse.Namespace,
+    device: str,
+    model_cfg: Any,
+    peer: Any,
+    lr: float,
+    label_offset: int = 0,
+) -> tuple[dict[str, Callable[[], None]], dict[str, Callable[[], None]]]:
+    """The timed calls of a detector comparison, `({'jax': train, 'torch': train},
+    {'jax': infer, 'torch': infer})`, for `compare_detectors`.
+
+    Train: one SGD(momentum 0.9) step on the same synthetic batch of 2 at --train-size (fgd-jax
+    `forward_train`, a fresh sampler key per step; the torchvision `peer` in train mode, its
+    resize set to the input size). Infer: a batch of 1 at --infer-size (`predict`; the peer in
+    eval mode under `no_grad`). `label_offset`: added to the labels for the peer (1 for a
+    background-first class order, as torchvision's Faster R-CNN)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    import torch
+
+    from fgd_jax.models import build_detector
+
+    ts, (ih, iw) = args.train_size, args.infer_size
+    tb, ib = synthetic_batch(2, ts, ts), synthetic_batch(1, ih, iw)
+
+    model = build_detector(model_cfg)
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.asarray(tb["image"]))
+    params, stats = variables["params"], variables["batch_stats"]
+    tx = optax.sgd(lr, momentum=0.9)
+
+    @jax.jit
+    def step(p, o, batch, key):
+        def loss_fn(p):
+            losses, _ = model.apply(
+                {"params": p, "batch_stats": stats},
+                batch,
+                method="forward_train",
+                rngs={"sampler": key},  # (Faster R-CNN's samplers; unused by the others)
+            )
+            return sum(losses.values())
+
+        loss, g = jax.value_and_grad(loss_fn)(p)
+        upd, o = tx.update(g, o, p)
+        return optax.apply_updates(p, upd), o, loss
+
+    state = [params, tx.init(params), 0]
+    jtb, jib = jax.device_put(tb), jax.device_put(ib)
+    pred = jax.jit(lambda v, x, s, f: model.apply(v, x, s, f, method="predict"))
+
+    def jax_train() -> None:
+        state[2] += 1
+        state[0], state[1], loss = step(state[0], state[1], jtb, jax.random.key(state[2]))
+        loss.block_until_ready()
+
+    def jax_infer() -> None:
+        out = pred(variables, jib["image"], jib["img_shape"], jib["scale_factor"])
+        out["boxes"].block_until_ready()
+
+    peer = peer.to(device)
+    opt = torch.optim.SGD(peer.parameters(), lr=lr, momentum=0.9)
+    imgs = [torch.as_tensor(x).permute(2, 0, 1).to(device) for x in tb["image"]]
+    targets = [
+        dict(
+            boxes=torch.as_tensor(b).to(device),
+            labels=(torch.as_tensor(lab).long() + label_offset).to(device),
+        )
+        for b, lab in zip(tb["boxes"], tb["labels"], strict=True)
+    ]
+    img_t = [torch.as_tensor(ib["image"][0]).permute(2, 0, 1).to(device)]
+
+    def torch_train() -> None:
+        peer.train()
+        peer.transform.min_size, peer.transform.max_size = (ts,), ts
+        loss = sum(peer(imgs, targets).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        torch_sync(device)
+
+    def torch_infer() -> None:
+        peer.eval()
+        peer.transform.min_size, peer.transform.max_size = (min(ih, iw),), max(ih, iw)
+        with torch.no_grad():
+            peer(img_t)
+        torch_sync(device)
+
+    return {"jax": jax_train, "torch": torch_train}, {"jax": jax_infer, "torch": torch_infer}
 
 
 def compare_detectors(

@@ -19,87 +19,14 @@ from benchmarks import common
 def main(argv: list[str] | None = None) -> None:
     args = common.detector_args(__doc__, argv)
     device = common.setup(args)
-    import jax
-    import jax.numpy as jnp
-    import optax
-    import torch
     from torchvision.models.detection import retinanet as tv_retinanet
 
     from fgd_jax import config as C
-    from fgd_jax.models import build_detector
-    from fgd_jax.models.retinanet import RetinaNet
 
-    ts = args.train_size
-    ih, iw = args.infer_size
-
-    # ------------------------------------------------------------------------------ fgd-jax
-    model = build_detector(C.retinanet_model(depth=50))
-    tb = common.synthetic_batch(2, ts, ts)
-    ib = common.synthetic_batch(1, ih, iw)
-    variables = jax.jit(model.init)(jax.random.key(0), jnp.asarray(tb["image"]))
-    params, stats = variables["params"], variables["batch_stats"]
-    tx = optax.sgd(0.01, momentum=0.9)
-
-    @jax.jit
-    def step(p, o, batch):
-        def loss_fn(p):
-            losses, _ = model.apply(
-                {"params": p, "batch_stats": stats}, batch, method=RetinaNet.forward_train
-            )
-            return sum(losses.values())
-
-        loss, g = jax.value_and_grad(loss_fn)(p)
-        upd, o = tx.update(g, o, p)
-        return optax.apply_updates(p, upd), o, loss
-
-    state = [params, tx.init(params)]
-    jtb = jax.device_put(tb)
-    jib = jax.device_put(ib)
-
-    def jax_train():
-        state[0], state[1], loss = step(state[0], state[1], jtb)
-        loss.block_until_ready()
-
-    pred = jax.jit(lambda v, x, s, f: model.apply(v, x, s, f, method=RetinaNet.predict))
-
-    def jax_infer():
-        out = pred(variables, jib["image"], jib["img_shape"], jib["scale_factor"])
-        out["boxes"].block_until_ready()
-
-    # -------------------------------------------------------------------------- torchvision
-    tv = tv_retinanet.retinanet_resnet50_fpn(
-        weights=None, weights_backbone=None, num_classes=80
-    ).to(device)
-    opt_t = torch.optim.SGD(tv.parameters(), lr=0.01, momentum=0.9)
-    imgs = [torch.as_tensor(x).permute(2, 0, 1).to(device) for x in tb["image"]]
-    targets = [
-        dict(boxes=torch.as_tensor(b).to(device), labels=torch.as_tensor(lab).long().to(device))
-        for b, lab in zip(tb["boxes"], tb["labels"], strict=True)
-    ]
-    img_t = [torch.as_tensor(ib["image"][0]).permute(2, 0, 1).to(device)]
-
-    def torch_train():
-        tv.train()
-        tv.transform.min_size, tv.transform.max_size = (ts,), ts
-        loss = sum(tv(imgs, targets).values())
-        opt_t.zero_grad()
-        loss.backward()
-        opt_t.step()
-        common.torch_sync(device)
-
-    def torch_infer():
-        tv.eval()
-        tv.transform.min_size, tv.transform.max_size = (min(ih, iw),), max(ih, iw)
-        with torch.no_grad():
-            tv(img_t)
-        common.torch_sync(device)
-
+    peer = tv_retinanet.retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=80)
+    train, infer = common.detector_sides(args, device, C.retinanet_model(depth=50), peer, lr=0.01)
     common.compare_detectors(
-        "RetinaNet R50-FPN, fgd-jax vs torchvision",
-        args,
-        device,
-        train={"jax": jax_train, "torch": torch_train},
-        infer={"jax": jax_infer, "torch": torch_infer},
+        "RetinaNet R50-FPN, fgd-jax vs torchvision", args, device, train=train, infer=infer
     )
 
 

@@ -90,7 +90,7 @@ def run(args) -> dict:
     rows[f_name] = train(f_cfg, os.path.join(workdir, "student_fgd"))
     i_name = f"{s_name} + inheriting only"
     if args.ablation:
-        i_cfg = inherit_only(_cfg("fgd", args, workdir))
+        i_cfg = inherit_only(f_cfg)  # a copy: f_cfg is not changed
         print(f"[demo] training the student with the inheriting init only for {steps} steps")
         rows[i_name] = train(i_cfg, os.path.join(workdir, "student_inherit"))
 
