@@ -38,10 +38,13 @@ def resnet_backbone(
     frozen_stages: int = 1,
     norm_eval: bool = True,
     out_indices: Sequence[int] = (0, 1, 2, 3),
+    norm_requires_grad: bool = True,
 ) -> ConfigDict:
     """ResNet / ResNeXt backbone (mmdetection `ResNet` / `ResNeXt` arguments).
 
     ResNeXt-101 32x4d is `depth=101, groups=32, base_width=4`; 64x4d is `groups=64`.
+    `norm_requires_grad=False` is mmdetection's `norm_cfg=dict(type='BN', requires_grad=False)`
+    (the caffe FCOS backbones): every BN scale/bias stays fixed (no update, no decay).
     """
     return ConfigDict(
         dict(
@@ -52,6 +55,7 @@ def resnet_backbone(
             frozen_stages=frozen_stages,
             norm_eval=norm_eval,
             out_indices=tuple(out_indices),
+            norm_requires_grad=norm_requires_grad,
         )
     )
 
@@ -305,6 +309,51 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+# Keys whose value may be a bool or a string (mmdetection's own unions).
+_BOOL_OR_STR_KEYS = frozenset({"add_extra_convs"})
+
+
+def _checked_value(old: Any, value: Any, key: str, source: str) -> Any:
+    """`value` coerced to the type of `old` where lossless, else a TypeError naming `key`."""
+
+    def fail(expected: str) -> None:
+        raise TypeError(
+            f"{source}: config key {key!r} expects {expected} (current {old!r}), "
+            f"got {type(value).__name__} {value!r}"
+        )
+
+    if old is None:
+        return value
+    if isinstance(old, ConfigDict):
+        fail("a group of keys; set its fields one by one, e.g. " + key + ".<field>=...")
+    if isinstance(old, tuple):
+        if isinstance(value, list):
+            value = tuple(value)
+        if not isinstance(value, tuple):
+            value = (value,)
+        kinds = {type(v) for v in old}
+        if len(kinds) == 1 and old:
+            (kind,) = kinds
+            items = []
+            for v in value:
+                if kind is float and isinstance(v, int) and not isinstance(v, bool):
+                    v = float(v)
+                if type(v) is not kind:
+                    fail(f"a tuple of {kind.__name__}")
+                items.append(v)
+            value = tuple(items)
+        return value
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is type(old):
+        return value
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf in _BOOL_OR_STR_KEYS and isinstance(value, bool | str):
+        return value
+    fail(type(old).__name__)
+    return value
+
+
 def apply_overrides(
     cfg: ConfigDict, overrides: Sequence[str] | dict, source: str = "config"
 ) -> None:
@@ -334,19 +383,7 @@ def apply_overrides(
             if i < len(parts) - 1:
                 node = node[part]
         old = node[parts[-1]]
-        if isinstance(old, tuple) and isinstance(value, list):
-            value = tuple(value)
-        if isinstance(old, tuple) and not isinstance(value, tuple):
-            value = (value,)
-        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if old is not None and not isinstance(old, ConfigDict) and type(value) is not type(old):
-            # bool/str unions such as add_extra_convs are allowed to switch type.
-            if not (isinstance(old, bool | str) and isinstance(value, bool | str)):
-                raise TypeError(
-                    f"{source}: config key {key!r} expects {type(old).__name__} "
-                    f"(current {old!r}), got {type(value).__name__} {value!r}"
-                )
+        value = _checked_value(old, value, key, source)
         with cfg.ignore_type():
             node[parts[-1]] = value
 
@@ -379,7 +416,10 @@ def fcos_model(
     regression / stride with ReLU, GIoU loss, bias in the tower convs, NMS 0.6; centerness
     stays on the cls tower, `centerness_on_reg=False` in that config). `depth=101` for the
     teacher. `fpn_channels`, `feat_channels`, `num_groups` shrink it for tests."""
-    backbone = resnet_backbone(depth=depth, style=style, frozen_stages=frozen_stages)
+    # mmdetection's FCOS: `norm_cfg=dict(type='BN', requires_grad=False)` in the backbone
+    backbone = resnet_backbone(
+        depth=depth, style=style, frozen_stages=frozen_stages, norm_requires_grad=False
+    )
     return ConfigDict(
         dict(
             type="fcos",

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 import jax
 import ml_collections
 import numpy as np
+from flax.errors import FlaxError
 from tqdm import tqdm
 
 from fgd_jax import evaluation, parallel
@@ -101,7 +102,7 @@ def write_metrics(out_dir: str, metrics: Mapping) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from fgd_jax.config import apply_overrides, load_config
-    from fgd_jax.export import load_model
+    from fgd_jax.export import check_variables, load_model
     from fgd_jax.models import build_detector
 
     p = argparse.ArgumentParser(prog="python -m fgd_jax.eval", description=__doc__.split("\n")[0])
@@ -111,17 +112,30 @@ def main(argv: list[str] | None = None) -> int:
     who = p.add_mutually_exclusive_group()
     who.add_argument("--student", action="store_true", help="evaluate the student (default)")
     who.add_argument("--teacher", action="store_true", help="evaluate the teacher of a run")
-    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.root=/data")
-    args = p.parse_args(argv)
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted config overrides, e.g. data.root=/data (or --config.data.root=/data)",
+    )
+    args, extra = p.parse_known_args(argv)
+    bad = [a for a in extra if not a.startswith("--config.")]
+    if bad:
+        p.error(f"unrecognized arguments: {' '.join(bad)}")
+    overrides = [o.removeprefix("--config.") for o in [*args.overrides, *extra]]
     try:
         variables, cfg = load_model(args.ckpt, teacher=args.teacher)
         if args.config:
             cfg = load_config(args.config)
-        apply_overrides(cfg, [o.removeprefix("--config.") for o in args.overrides])
+        apply_overrides(cfg, overrides)
+        ann = val_annotation_file(cfg.data)
+        if cfg.data.get("source", "coco") == "coco" and not os.path.isfile(ann):
+            # before any inference (the shapes source writes its files on first use)
+            raise FileNotFoundError(f"{ann}: val annotation file not found (set data.root)")
         module = build_detector(cfg.model)
+        check_variables(module, variables, args.ckpt)
         out = args.out or os.path.join(args.ckpt, "eval" + ("_teacher" if args.teacher else ""))
         metrics = evaluate_variables(module, variables, cfg, out_dir=out)
-    except (FileNotFoundError, ValueError, TypeError, KeyError) as e:
+    except (FileNotFoundError, ValueError, TypeError, KeyError, FlaxError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if jax.process_index() == 0:

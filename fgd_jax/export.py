@@ -18,6 +18,7 @@ import argparse
 import copy
 import os
 import sys
+from collections.abc import Mapping
 
 import jax
 import ml_collections
@@ -83,6 +84,29 @@ def load_model(path: str, teacher: bool = False) -> tuple[dict, ml_collections.C
     exp = Experiment(cfg)
     variables = parallel.fetch(exp.student_variables(state.params, state.model_state))
     return variables, model_config(cfg)
+
+
+def check_variables(module, variables: Mapping, source: str) -> None:
+    """Raise ValueError if `variables` do not fit `module` exactly (every leaf present, none
+    extra, same shapes): Flax would otherwise ignore extra leaves, so a config naming a
+    smaller model than the checkpoint evaluates a silently truncated model."""
+    import jax.numpy as jnp
+
+    image = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+    expected = jax.eval_shape(lambda x: module.init(jax.random.key(0), x), image)
+    problems = ckpt_lib.tree_mismatches(
+        {k: v for k, v in variables.items() if k in expected},
+        {k: v for k, v in expected.items() if k in ("params", "batch_stats")},
+        limit=10,
+    )
+    problems += [
+        f"unexpected collection in checkpoint: {k}" for k in variables if k not in expected
+    ]
+    if problems:
+        raise ValueError(
+            f"{source} does not match the model of the config "
+            f"({len(problems)} problem(s)):\n  " + "\n  ".join(problems)
+        )
 
 
 def write_torch_state_dict(path: str, variables: dict, cfg: ml_collections.ConfigDict) -> str:

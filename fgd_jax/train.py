@@ -246,12 +246,10 @@ def init_train_state(
     params = variables["params"]
     model_state = {k: v for k, v in variables.items() if k != "params"}
     if cfg.train.get("backbone_init"):
-        from fgd_jax.convert import import_torch_checkpoint
+        from fgd_jax.convert import import_backbone_weights
 
         student_vars = exp.student_variables(params, model_state)
-        bb = import_torch_checkpoint(
-            cfg.train.backbone_init, cfg.model, strict=False, init_variables=student_vars
-        )
+        bb = import_backbone_weights(cfg.train.backbone_init, cfg.model, student_vars)
         params = _set_backbone(params, bb, exp.distill)
         model_state = _set_backbone_state(model_state, bb, exp.distill)
     if exp.distill and cfg.distill.init_student and teacher_vars is not None:

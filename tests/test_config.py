@@ -49,6 +49,29 @@ def test_wrong_type_is_named(tmp_path):
         C.load_config(_write(tmp_path, CFG), ["train.batch_size='eight'"])
 
 
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("model.backbone.norm_eval=Ture", "expects bool"),  # a typo is not a string
+        ("model.backbone.style=True", "expects str"),
+        ("model.backbone=3", "group of keys"),  # would drop the whole subtree
+        ("model.backbone.out_indices=('a',)", "tuple of int"),
+    ],
+)
+def test_wrong_types_that_used_to_pass(tmp_path, override, expected):
+    with pytest.raises(TypeError, match=expected):
+        C.load_config(_write(tmp_path, CFG), [override])
+
+
+def test_bool_or_str_union_and_tuple_coercion(tmp_path):
+    cfg = C.load_config(
+        _write(tmp_path, CFG),
+        ["model.neck.add_extra_convs='on_output'", "model.backbone.out_indices=[1, 2, 3]"],
+    )
+    assert cfg.model.neck.add_extra_convs == "on_output"
+    assert cfg.model.backbone.out_indices == (1, 2, 3)
+
+
 def test_missing_file_and_missing_get_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.py"):
         C.load_config(tmp_path / "nope.py")

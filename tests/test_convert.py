@@ -83,6 +83,15 @@ def test_strict_errors_name_every_bad_key():
     assert "params/bn1/bias" in msg and "layer9.0.conv1.weight" in msg
     assert "layer3.0.conv2.weight" in msg
 
+    # A whole wrong architecture: counts for each kind, at most 12 keys each (not a 260-line
+    # wall); the report keeps every key for code that wants them.
+    many = {f"extra.{i}.weight": torch.zeros(1) for i in range(30)}
+    with pytest.raises(ValueError) as info:
+        convert_state_dict(dict(sd, **many), shapes)
+    msg = str(info.value)
+    assert "unexpected in the checkpoint (30):" in msg and "... and 18 more" in msg
+    assert msg.count("extra.") == 12
+
     # Non-strict: missing / unexpected reported, shape errors still raised.
     _, report = convert_state_dict(extra, shapes, strict=False, return_report=True)
     assert report.unexpected == ["layer9.0.conv1.weight [3, 3, 1, 1]"] and not report.missing
@@ -350,3 +359,36 @@ def test_load_torch_file_formats_and_errors(tmp_path):
     torch.save([1, 2, 3], tmp_path / "list.pth")
     with pytest.raises(ValueError, match=r"list\.pth.*expected a state dict"):
         load_torch_file(tmp_path / "list.pth")
+
+
+def test_import_backbone_weights_strict_on_the_backbone_only(tmp_path):
+    """ImageNet init (`train.backbone_init`): torchvision ResNet-18 classification weights,
+    saved from DataParallel (`module.` prefix), fill every backbone leaf exactly (reference:
+    the torch tensors) and keep the neck/head leaves; a file without the backbone is refused
+    naming the file, not loaded as a silent no-op."""
+    from fgd_jax.convert import import_backbone_weights
+
+    model = C.retinanet_model(depth=18, num_classes=3)
+    model.neck.out_channels = model.head.in_channels = model.head.feat_channels = 16
+    from fgd_jax.models import build_detector
+
+    init = build_detector(model).init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    sd = _tv_r18_state_dict()
+    path = tmp_path / "r18_dp.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, path)
+    out = import_backbone_weights(str(path), model, init)
+    np.testing.assert_array_equal(
+        out["params"]["backbone"]["layer2_0"]["conv1"]["kernel"],
+        sd["layer2.0.conv1.weight"].numpy().transpose(2, 3, 1, 0),
+    )
+    np.testing.assert_array_equal(
+        out["batch_stats"]["backbone"]["bn1"]["var"], sd["bn1.running_var"].numpy()
+    )
+    jax.tree.map(np.testing.assert_array_equal, out["params"]["neck"], init["params"]["neck"])
+
+    partial = {k: v for k, v in sd.items() if not k.startswith("layer4.")}
+    with pytest.raises(ValueError, match=r"(?s)partial\.pth: backbone weights not found.*layer4_0"):
+        torch.save(partial, tmp_path / "partial.pth")
+        import_backbone_weights(str(tmp_path / "partial.pth"), model, init)
+    with pytest.raises(ValueError, match="backbone weights not found"):
+        import_backbone_weights({"encoder.conv.weight": torch.zeros(1)}, model, init)

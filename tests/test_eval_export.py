@@ -97,3 +97,46 @@ def test_bad_inputs_give_one_line_errors(fgd_run, tmp_path):
         load_teacher(Experiment(c), dummy_batch(c.data))
     r = _run(["-m", "fgd_jax.export", "--ckpt", str(tmp_path), "--out", str(tmp_path / "x")])
     assert r.returncode == 1 and "error:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_eval_refuses_a_config_that_does_not_match_the_checkpoint(fgd_run, tmp_path):
+    cfg, workdir, _ = fgd_run
+    # wrong shapes: a one-line error naming the leaf, no traceback wall
+    r = _run(["-m", "fgd_jax.eval", "--ckpt", workdir, "--config.model.num_classes=3"])
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "does not match the model" in r.stderr and "retina_cls" in r.stderr
+    # a missing val annotation file is reported before any inference runs
+    r = _run(
+        [
+            "-m", "fgd_jax.eval", "--ckpt", workdir,
+            "--config.data.source=coco", f"--config.data.root={tmp_path}",
+        ]
+    )  # fmt: skip
+    assert r.returncode == 1 and "val annotation file not found" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_check_variables_refuses_a_smaller_model_than_the_checkpoint():
+    # Flax ignores extra leaves in apply: a 1-conv head run on a 2-conv head's checkpoint
+    # would evaluate silently; check_variables names the extra leaves instead.
+    from tests._tiny import tiny_config
+
+    small = tiny_config("/unused").model
+    big = small.copy_and_resolve_references()
+    big.head.stacked_convs = 2
+    x = jnp.zeros((1, 64, 64, 3))
+    v_big = build_detector(big).init(jax.random.key(0), x)
+    export_lib.check_variables(build_detector(big), v_big, "big")  # exact fit passes
+    with pytest.raises(ValueError, match=r"unexpected in checkpoint: params/.*1"):
+        export_lib.check_variables(build_detector(small), v_big, "big")
+    v_small = build_detector(small).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="missing in checkpoint"):
+        export_lib.check_variables(build_detector(big), v_small, "small")
+
+
+def test_two_line_load_after_import_fgd_jax():
+    import fgd_jax
+
+    assert callable(fgd_jax.export.load_model) and callable(fgd_jax.models.build_detector)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        fgd_jax.nope  # noqa: B018

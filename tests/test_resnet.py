@@ -236,6 +236,32 @@ def test_trainable_mask_on_detector_params_and_config():
         trainable_mask({"params": tree}, 1)
 
 
+def test_norm_requires_grad_false_freezes_every_bn_affine():
+    """mmdetection's `norm_cfg=dict(type='BN', requires_grad=False)` (caffe FCOS backbones):
+    every BN weight/bias (bn1..bn3, downsample.1, stem bn1) has requires_grad False; convs of
+    unfrozen stages still train."""
+    cfg = C.fcos_model(depth=50)
+    assert cfg.backbone.norm_requires_grad is False
+    assert C.retinanet_model(depth=50).backbone.norm_requires_grad is True
+    backbone = build_backbone(cfg.backbone)  # the key is accepted, not a module field
+    params = jax.eval_shape(backbone.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    mask = trainable_mask({"backbone": params["params"]}, cfg)
+    flat = {
+        "/".join(str(k.key) for k in path): m
+        for path, m in jax.tree_util.tree_leaves_with_path(mask["backbone"])
+    }
+    torch_bn = {  # torch names of BN params in torchvision's ResNet-50 (same structure)
+        "/".join(module_path(k.rsplit(".", 1)[0]))
+        for k, v in torchvision.models.resnet50().named_parameters()
+        if ".bn" in f".{k}" or ".downsample.1." in k
+    }
+    for name, m in flat.items():
+        module = name.rsplit("/", 1)[0]
+        stage_frozen = module.startswith(("conv1", "bn1", "layer1_"))  # frozen_stages=1
+        assert m == (not stage_frozen and module not in torch_bn), name
+    assert any(flat.values()) and len(torch_bn) == 53
+
+
 def test_norm_eval_keeps_batch_stats_and_train_bn_matches_torch():
     torch.manual_seed(0)
     tv = randomize_bn(torchvision.models.resnet18())

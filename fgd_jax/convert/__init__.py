@@ -46,6 +46,7 @@ __all__ = [
     "detect_layout",
     "detector_variable_shapes",
     "export_torch_state_dict",
+    "import_backbone_weights",
     "import_torch_checkpoint",
     "load_torch_file",
     "make_renamer",
@@ -128,6 +129,7 @@ def import_torch_checkpoint(
         state_dict = dict(path_or_state_dict)
     else:
         state_dict = load_torch_file(path_or_state_dict)
+    state_dict = strip_data_parallel_prefix(state_dict)
     if prefix:
         state_dict = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         if not state_dict:
@@ -147,6 +149,49 @@ def import_torch_checkpoint(
     return convert_state_dict(
         state_dict, target, rename=rename, strict=strict, return_report=return_report
     )
+
+
+def strip_data_parallel_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Drop the `module.` every key carries when saved from `nn.DataParallel` /
+    `DistributedDataParallel` (only when *every* key has it)."""
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        return {k[len("module.") :]: v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
+def import_backbone_weights(
+    path_or_state_dict: str | os.PathLike | Mapping[str, Any],
+    model_cfg: ml_collections.ConfigDict,
+    init_variables: Any,
+) -> dict:
+    """Detector variables with the backbone from a pretrained checkpoint (an ImageNet
+    classification ResNet, or a whole detector) and every other leaf from `init_variables`.
+
+    Strict where it matters: every backbone leaf (`params/backbone/...`,
+    `batch_stats/backbone/...`) must be filled from the file, else ValueError naming the file
+    and the leaves; keys outside the backbone (`fc.*`, a detector's neck and heads) are
+    skipped. (A loose load that fills nothing would train from scratch without a word.)
+    """
+    out, report = import_torch_checkpoint(
+        path_or_state_dict,
+        model_cfg,
+        strict=False,
+        init_variables=init_variables,
+        return_report=True,
+    )
+    is_path = isinstance(path_or_state_dict, str | os.PathLike)
+    where = path_or_state_dict if is_path else "state dict"
+    missing = [k for k in report.missing if k.split("/")[1:2] == ["backbone"]]
+    if missing:
+        shown = "\n  ".join(missing[:12]) + (
+            f"\n  ... and {len(missing) - 12} more" if len(missing) > 12 else ""
+        )
+        raise ValueError(
+            f"{os.fspath(where)}: backbone weights not found for {len(missing)} of the "
+            f"backbone's leaves ({len(report.loaded)} keys loaded; is it a ResNet of the config's "
+            f"depth/groups, in the torchvision, mmdetection or classification layout?):\n  " + shown
+        )
+    return out
 
 
 def export_torch_state_dict(

@@ -52,20 +52,22 @@ class ConversionReport:
     dropped: list[str] = field(default_factory=list)  # removed by the rename rules
     ignored: list[str] = field(default_factory=list)  # num_batches_tracked, outside prefix
 
-    def problems(self, strict: bool) -> list[str]:
+    def problems(self, strict: bool, limit: int = 12) -> list[str]:
+        """Error lines, at most `limit` keys per kind (then '... and N more')."""
+        groups = []
+        if strict:
+            groups.append(("missing in the checkpoint", self.missing))
+            groups.append(("unexpected in the checkpoint", self.unexpected))
+        groups.append(("wrong shape", self.mismatched))
+        groups.append(("several source keys for one target", self.duplicated))
         lines = []
-        if strict and self.missing:
-            lines.append(f"missing in the checkpoint ({len(self.missing)}):")
-            lines += [f"  {k}" for k in self.missing]
-        if strict and self.unexpected:
-            lines.append(f"unexpected in the checkpoint ({len(self.unexpected)}):")
-            lines += [f"  {k}" for k in self.unexpected]
-        if self.mismatched:
-            lines.append(f"wrong shape ({len(self.mismatched)}):")
-            lines += [f"  {k}" for k in self.mismatched]
-        if self.duplicated:
-            lines.append(f"several source keys for one target ({len(self.duplicated)}):")
-            lines += [f"  {k}" for k in self.duplicated]
+        for title, keys in groups:
+            if not keys:
+                continue
+            lines.append(f"{title} ({len(keys)}):")
+            lines += [f"  {k}" for k in keys[:limit]]
+            if len(keys) > limit:
+                lines.append(f"  ... and {len(keys) - limit} more")
         return lines
 
 

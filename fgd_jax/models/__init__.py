@@ -67,21 +67,24 @@ def trainable_mask(params: Any, cfg: ml_collections.ConfigDict | int | None) -> 
     Args:
       params: a detector's 'params' collection (frozen leaves under `params['backbone']`) or
         a bare backbone's params (top-level `conv1`, `layer1_0`, ...).
-      cfg: a model config (uses `backbone.frozen_stages`), a backbone config, or an int.
+      cfg: a model config (uses `backbone.frozen_stages` and `backbone.norm_requires_grad`),
+        a backbone config, or an int (frozen stages).
     Use with e.g. `optax.masked(optax.add_decayed_weights(wd), mask)` and
     `optax.masked(sgd, mask)` / zeroed updates, so neither the gradient nor weight decay
     moves frozen parameters.
     """
     frozen = _frozen_stages(cfg)
+    bb_cfg = cfg.get("backbone", cfg) if isinstance(cfg, ml_collections.ConfigDict) else None
+    norm_grad = bool(bb_cfg.get("norm_requires_grad", True)) if bb_cfg is not None else True
     if "params" in params and "backbone" not in params and "conv1" not in params:
         raise ValueError("trainable_mask: pass the 'params' collection, not the variables dict")
     if "backbone" in params:
         return {
             k: (
-                backbone_trainable_mask(v, frozen)
+                backbone_trainable_mask(v, frozen, norm_grad)
                 if k == "backbone"
                 else jax.tree_util.tree_map(lambda _: True, v)
             )
             for k, v in params.items()
         }
-    return backbone_trainable_mask(params, frozen)
+    return backbone_trainable_mask(params, frozen, norm_grad)

@@ -15,6 +15,7 @@ name rules (`fgd_jax.convert`).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -224,15 +225,19 @@ def build_backbone(cfg: ml_collections.ConfigDict, dtype: Any = None) -> ResNet:
     """`ResNet` from `fgd_jax.config.resnet_backbone(...)` (keys: depth, groups, base_width,
     style, frozen_stages, norm_eval, out_indices)."""
     known = {"depth", "groups", "base_width", "style", "frozen_stages", "norm_eval", "out_indices"}
-    known |= {"strides", "dilations", "type"}
+    known |= {"strides", "dilations", "type", "norm_requires_grad"}
     unknown = set(cfg.keys()) - known
     if unknown:
         raise ValueError(f"backbone config: unknown keys {sorted(unknown)}; known {sorted(known)}")
-    kw = {k: cfg[k] for k in cfg.keys() if k != "type"}
+    # norm_requires_grad is the optimizer's business (backbone_trainable_mask), not the module's
+    kw = {k: cfg[k] for k in cfg.keys() if k not in ("type", "norm_requires_grad")}
     for k in ("out_indices", "strides", "dilations"):
         if k in kw:
             kw[k] = tuple(kw[k])
     return ResNet(dtype=dtype, **kw)
+
+
+_BN_NAME = re.compile(r"^(bn\d+|downsample_1)$")  # BatchNorm module names (see Bottleneck)
 
 
 def _frozen_prefixes(frozen_stages: int) -> tuple[str, ...]:
@@ -241,16 +246,27 @@ def _frozen_prefixes(frozen_stages: int) -> tuple[str, ...]:
     return ("conv1", "bn1") + tuple(f"layer{i}_" for i in range(1, frozen_stages + 1))
 
 
-def backbone_trainable_mask(backbone_params: Any, frozen_stages: int) -> Any:
+def backbone_trainable_mask(
+    backbone_params: Any, frozen_stages: int, norm_requires_grad: bool = True
+) -> Any:
     """Pytree of bools shaped like `backbone_params` (the backbone's 'params' subtree):
-    False under the frozen stem / stages."""
+    False under the frozen stem / stages, and on every BN scale/bias when
+    `norm_requires_grad=False`."""
     prefixes = _frozen_prefixes(frozen_stages)
 
     def frozen(name: str) -> bool:
         return any(name == p or (p.endswith("_") and name.startswith(p)) for p in prefixes)
 
+    def is_norm(path: tuple) -> bool:
+        return any(_BN_NAME.match(getattr(k, "key", "")) for k in path)
+
     out = {}
     for name, sub in backbone_params.items():
         trainable = not frozen(name)
-        out[name] = jax.tree_util.tree_map(lambda _, t=trainable: t, sub)
+        out[name] = jax.tree_util.tree_map_with_path(
+            lambda path, _, t=trainable, n=name: (
+                t and (norm_requires_grad or not is_norm((jax.tree_util.DictKey(n), *path)))
+            ),
+            sub,
+        )
     return out
