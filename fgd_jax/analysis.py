@@ -2,7 +2,7 @@
 
 - training logs: `metric_series`, `loss_groups`, `read_eval_metrics`;
 - a run's full train state (student, FGD params) and one example of its data:
-  `load_train_state`, `example_batch`;
+  `load_train_state`, `example_batch` (or any image file: `image_file_batch`);
 - the maps FGD works with on one level: `fgd_level_maps` (masks, attentions, per-cell feature
   gap, GcBlock context weights), from the public pure parts of `fgd_jax.distill.fgd`.
 """
@@ -151,6 +151,61 @@ def example_batch(
         canvases = [tuple(int(v) for v in c) for c in data_cfg.canvases]
         hw = pipeline.max_resized_hw(record["orig_shape"], scale)
         canvas_hw = canvases[pipeline.choose_canvas(hw, canvases)]
+    ex = pipeline.make_example(
+        record,
+        tuple(int(v) for v in canvas_hw),
+        scale,
+        data_cfg.get("pixel_style", "pytorch"),
+        int(data_cfg.max_boxes),
+        int(data_cfg.get("max_ignore", 32)),
+    )
+    return {k: np.asarray(v)[None] for k, v in ex.items()}
+
+
+def image_file_batch(
+    data_cfg: ml_collections.ConfigDict,
+    path: str | os.PathLike,
+    boxes: Sequence[Sequence[float]] = (),
+    labels: Sequence[int] | None = None,
+    canvas_hw: tuple[int, int] | None = None,
+    img_scale: Sequence[int] | None = None,
+) -> dict[str, np.ndarray]:
+    """Any image file as a batch of one, through the eval transform of `data_cfg` (as
+    `example_batch`): for looking at FGD's maps on the user's own image.
+
+    Args:
+      path: an image file (any PIL format; EXIF orientation applied).
+      boxes: `[G, 4]` xyxy in the file's own pixels (the FGD foreground); none is allowed
+        (the foreground mask is then empty and the background covers every cell).
+      labels: `[G]` class indices (default 0), only used for display.
+    Raises:
+      transforms.BadImageError: the file is missing or unreadable (named in the message).
+      ValueError: `boxes` is not `[G, 4]`, or `labels` does not match it.
+    """
+    from fgd_jax.data import pipeline
+    from fgd_jax.data.transforms import decode_image
+
+    box_arr = np.asarray(boxes, np.float32).reshape(-1, 4) if len(boxes) else np.zeros((0, 4))
+    if len(boxes) and np.asarray(boxes).shape[-1] != 4:
+        raise ValueError(f"image_file_batch: boxes must be [G, 4] xyxy, got {np.shape(boxes)}")
+    lab = np.zeros(len(box_arr), np.int32) if labels is None else np.asarray(labels, np.int32)
+    if lab.shape != (len(box_arr),):
+        raise ValueError(f"image_file_batch: {len(box_arr)} boxes but labels {lab.shape}")
+    h, w = decode_image(path).shape[:2]
+    record = dict(
+        file_name=os.fspath(path),
+        image_id=0,
+        orig_shape=(h, w),
+        boxes=box_arr.astype(np.float32),
+        labels=lab,
+        ignore_boxes=np.zeros((0, 4), np.float32),
+    )
+    scale = tuple(int(v) for v in (img_scale if img_scale is not None else data_cfg.img_scale))
+    if canvas_hw is None:
+        canvases = [tuple(int(v) for v in c) for c in data_cfg.canvases]
+        canvas_hw = canvases[
+            pipeline.choose_canvas(pipeline.max_resized_hw((h, w), scale), canvases)
+        ]
     ex = pipeline.make_example(
         record,
         tuple(int(v) for v in canvas_hw),

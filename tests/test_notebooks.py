@@ -236,6 +236,42 @@ def test_example_batch_matches_eval_loader(tmp_path):
         analysis.example_batch(cfg.data, 8)
 
 
+def test_image_file_batch_equals_example_batch_for_a_val_image(tmp_path):
+    """A user's image file (here: a val image given by path with its boxes) goes through the
+    same eval transform as `example_batch` (the reference): identical arrays but the id."""
+    from fgd_jax.data.pipeline import load_split
+    from fgd_jax.data.transforms import BadImageError
+    from tests._tiny import tiny_config
+
+    cfg = tiny_config(str(tmp_path / "data"), "baseline")
+    rec = load_split(cfg.data, train=False).records[3]
+    assert len(rec["boxes"])
+    ours = analysis.image_file_batch(cfg.data, rec["file_name"], rec["boxes"], rec["labels"])
+    ref = analysis.example_batch(cfg.data, 3)
+    assert set(ours) == set(ref)
+    for k in ref:
+        if k != "image_id":
+            np.testing.assert_array_equal(ours[k], ref[k], err_msg=k)
+    empty = analysis.image_file_batch(cfg.data, rec["file_name"])
+    assert not empty["valid"].any()
+    with pytest.raises(BadImageError, match="nope.png"):
+        analysis.image_file_batch(cfg.data, tmp_path / "nope.png")
+    with pytest.raises(ValueError, match="labels"):
+        analysis.image_file_batch(cfg.data, rec["file_name"], [[0, 0, 4, 4]], [1, 2])
+
+
+def test_notebooks_are_stored_without_outputs():
+    """Outputs are stripped in the repository (they are produced by running them)."""
+    import nbformat
+
+    for name in sorted(os.listdir(NOTEBOOKS)):
+        if name.endswith(".ipynb"):
+            nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+            for cell in nb.cells:
+                if cell.cell_type == "code":
+                    assert cell.outputs == [] and cell.execution_count is None, name
+
+
 # --------------------------------------------------------------------- train state + notebooks
 @pytest.mark.slow
 def test_load_train_state(fgd_run):
@@ -314,27 +350,57 @@ _KERNEL_ENV = {
 }
 
 
+@pytest.fixture(scope="module")
+def baseline_run(fgd_run, tmp_path_factory):
+    """A 6-step tiny baseline (no FGD) on the same data as `fgd_run`: (workdir, metrics)."""
+    from fgd_jax.train import train
+    from tests._tiny import tiny_config
+
+    cfg, _, _ = fgd_run
+    workdir = str(tmp_path_factory.mktemp("baseline_run") / "work")
+    return workdir, train(tiny_config(cfg.data.root, "baseline", steps=6), workdir)
+
+
+def _text(cells) -> str:
+    return "".join(
+        out.get("text", "") for c in cells if c.cell_type == "code" for out in c.get("outputs", [])
+    )
+
+
 @pytest.mark.slow
-def test_fgd_anatomy_notebook(fgd_run, tmp_path):
-    _, workdir, _ = fgd_run
-    env = dict(_KERNEL_ENV, FGD_NOTEBOOK_WORKDIR=workdir, FGD_NOTEBOOK_IMAGE_INDEX="1")
+def test_fgd_anatomy_notebook(fgd_run, baseline_run, tmp_path):
+    """On a user's image file (a val image given by path, with its boxes), with a baseline."""
+    from fgd_jax.data.pipeline import load_split
+
+    cfg, workdir, _ = fgd_run
+    rec = load_split(cfg.data, train=False).records[1]
+    env = dict(
+        _KERNEL_ENV,
+        FGD_NOTEBOOK_WORKDIR=workdir,
+        FGD_NOTEBOOK_BASELINE=baseline_run[0],
+        FGD_NOTEBOOK_IMAGE_FILE=rec["file_name"],
+        FGD_NOTEBOOK_IMAGE_BOXES=json.dumps(np.asarray(rec["boxes"]).tolist()),
+    )
     cells = _execute("fgd_anatomy.ipynb", env, tmp_path)
     assert not _errors(cells)
     # masks, attentions, feature gap, context weights, img_shape vs pad_shape at least
     assert _pngs(cells) >= 5
+    text = _text(cells)
+    assert rec["file_name"] in text and "baseline student" in text
 
 
 @pytest.mark.slow
-def test_training_report_notebook(fgd_run, tmp_path):
+def test_training_report_notebook(fgd_run, baseline_run, tmp_path):
     _, workdir, metrics = fgd_run
-    runs = {"fgd": workdir, "fgd (again)": workdir}
+    base_dir, base_metrics = baseline_run
+    runs = {"baseline": base_dir, "fgd": workdir}
     env = dict(_KERNEL_ENV, FGD_NOTEBOOK_RUNS=json.dumps(runs))
     cells = _execute("training_report.ipynb", env, tmp_path)
     assert not _errors(cells)
     assert _pngs(cells) >= 5
-    # The printed table quotes the run's final AP (percent, one decimal).
-    text = "".join(
-        out.get("text", "") for c in cells if c.cell_type == "code" for out in c.get("outputs", [])
-    )
-    assert f"{100 * metrics['AP']:5.1f}" in text
+    # The printed table quotes both runs' final AP (percent, one decimal); the baseline is
+    # recognized as having no FGD terms.
+    text = _text(cells)
+    assert f"{100 * metrics['AP']:5.1f}" in text and f"{100 * base_metrics['AP']:5.1f}" in text
+    assert "no FGD terms" in text
     assert not math.isnan(metrics["AP"])
