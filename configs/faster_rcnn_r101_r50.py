@@ -10,7 +10,9 @@ Needs:  the teacher converted from mmdetection's faster_rcnn_r101_fpn_2x_coco ch
         python scripts/convert_torch_teacher.py \
             --src faster_rcnn_r101_fpn_2x_coco_bbox_mAP-0.398_20200504_210455-1d2dac9c.pth \
             --config configs/faster_rcnn_r101_baseline.py --out checkpoints/faster_rcnn_r101_2x
-        and COCO 2017 under data/coco (mmdetection layout).
+        COCO 2017 under data/coco (mmdetection layout), and the ImageNet ResNet-50 for the
+        student's backbone (mmdetection's `torchvision://resnet50`):
+            --config.train.backbone_init=checkpoints/resnet50-0676ba61.pth (torchvision layout)
 Should reach: the paper's Faster R-CNN result (R50 student 38.4 -> 42.0 bbox mAP) used a
         Cascade Mask R-CNN X101-32x4d-DCN teacher, which fgd-jax does not support yet. For this
         R101 teacher (39.8) the FGD repository publishes no number; expect the student between

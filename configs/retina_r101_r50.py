@@ -4,7 +4,9 @@ Run:    python -m fgd_jax.train --config configs/retina_r101_r50.py --workdir wo
 Needs:  the teacher converted from mmdetection's retinanet_r101_fpn_2x_coco checkpoint:
         python scripts/convert_torch_teacher.py --src retinanet_r101_fpn_2x_coco_20200131-5560aee8.pth \
             --config configs/retinanet_r101_baseline.py --out checkpoints/retinanet_r101_2x
-        and COCO 2017 under data/coco (mmdetection layout).
+        COCO 2017 under data/coco (mmdetection layout), and the ImageNet ResNet-50 for the
+        student's backbone (mmdetection's `torchvision://resnet50`):
+            --config.train.backbone_init=checkpoints/resnet50-0676ba61.pth (torchvision layout)
 Should reach: the FGD README publishes no number for this exact pair (its R101 -> R50
         config exists); the R50 baseline is 37.4 and FGD with an X101 teacher gives 40.7,
         so expect a result between the two (about 39.5-40.5 bbox mAP on COCO val2017).

@@ -4,6 +4,8 @@ Run:    python -m fgd_jax.train --config configs/retina_x101_r50.py --workdir wo
 Needs:  the teacher converted from mmdetection's retinanet_x101_64x4d_fpn_2x_coco checkpoint:
         python scripts/convert_torch_teacher.py --src retinanet_x101_64x4d_fpn_2x_coco.pth \
             --config configs/retinanet_x101_64x4d_baseline.py --out checkpoints/retinanet_x101_64x4d_2x
+        and the ImageNet ResNet-50 for the student's backbone (mmdetection's `torchvision://resnet50`):
+            --config.train.backbone_init=checkpoints/resnet50-0676ba61.pth (torchvision layout)
 Should reach: 40.7 bbox mAP on COCO val2017 (FGD paper; the R50 baseline is 37.4).
 """
 

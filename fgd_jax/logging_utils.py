@@ -94,6 +94,8 @@ class MetricLogger:
         if not self.is_main:
             return
         os.makedirs(self.workdir, exist_ok=True)
+        if initial_step > 0:
+            self._drop_records_after(initial_step)
         self._file = open(self.jsonl_path, "a", buffering=1)  # noqa: SIM115 - closed in close()
         if tensorboard:
             try:
@@ -112,6 +114,27 @@ class MetricLogger:
                 mininterval=1.0,
                 unit="step",
             )
+
+    def _drop_records_after(self, step: int) -> None:
+        """On resume: forget what a killed run logged after its last checkpoint (those steps
+        run again), so `metrics.jsonl` has each step once. Written atomically."""
+        if not os.path.isfile(self.jsonl_path):
+            return
+        with open(self.jsonl_path) as f:
+            lines = f.readlines()
+        keep = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by the kill
+            if int(rec.get("step", 0)) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        if len(keep) != len(lines):
+            tmp = self.jsonl_path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+            os.replace(tmp, self.jsonl_path)
 
     def update(self, step: int) -> None:
         """Advance the progress bar to `step` (cheap: call every step)."""

@@ -58,6 +58,54 @@ def _env_int(name: str) -> int | None:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from e
 
 
+def _local_process_count() -> int | None:
+    """Processes on this node under SLURM (`SLURM_NTASKS_PER_NODE`, or the first entry of
+    `SLURM_TASKS_PER_NODE` such as '1(x2)') or Open MPI (`OMPI_COMM_WORLD_LOCAL_SIZE`)."""
+    n = _env_int("SLURM_NTASKS_PER_NODE") or _env_int("OMPI_COMM_WORLD_LOCAL_SIZE")
+    if n is None and os.environ.get("SLURM_TASKS_PER_NODE"):
+        head = os.environ["SLURM_TASKS_PER_NODE"].split(",")[0].split("(")[0]
+        n = int(head) if head.isdigit() else None
+    return n
+
+
+_NVIDIA_PROC = "/proc/driver/nvidia/gpus"
+
+
+def _node_gpu_count() -> int | None:
+    """GPUs this node gives the job: `CUDA_VISIBLE_DEVICES` (set by SLURM's gres), else
+    `SLURM_GPUS_ON_NODE`, else the NVIDIA driver's GPU list; None when nothing says (CPU)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        return len([d for d in visible.split(",") if d.strip()])
+    n = _env_int("SLURM_GPUS_ON_NODE")
+    if n is None and os.path.isdir(_NVIDIA_PROC):  # the driver lists one folder per GPU
+        n = len(os.listdir(_NVIDIA_PROC)) or None
+    return n
+
+
+def local_device_ids_from_env() -> list[int] | None:
+    """Which local GPUs this process drives, for `jax.distributed.initialize`.
+
+    `FGD_LOCAL_DEVICE_IDS` ('0,1,2,3') wins. Otherwise, with ONE process per node under
+    SLURM / Open MPI, every GPU of the node (JAX's cluster auto-detection would otherwise pin
+    the process to GPU `local_rank` = 0 only, i.e. one GPU per node). With one process per GPU
+    (the other supported launch) None: JAX's default `[local_rank]` is right.
+    """
+    explicit = os.environ.get("FGD_LOCAL_DEVICE_IDS")
+    if explicit:
+        try:
+            return [int(x) for x in explicit.split(",") if x.strip()]
+        except ValueError as e:
+            raise ValueError(
+                f"FGD_LOCAL_DEVICE_IDS={explicit!r}: expected comma-separated integers"
+            ) from e
+    if _local_process_count() == 1:
+        n = _node_gpu_count()
+        if n:
+            return list(range(n))
+    return None
+
+
 def maybe_initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -66,11 +114,14 @@ def maybe_initialize_distributed(
     """Call `jax.distributed.initialize` when this is one of several processes.
 
     Must run before anything else touches JAX devices. Decision, in order:
-      1. explicit arguments, or env `FGD_COORDINATOR` (`host:port`), `FGD_NUM_PROCESSES`,
-         `FGD_PROCESS_ID`: initialize with those (all three needed when num_processes > 1);
-      2. SLURM (`SLURM_NTASKS` > 1) or Open MPI (`OMPI_COMM_WORLD_SIZE` > 1): initialize with
-         no arguments and let JAX's cluster auto-detection read the environment;
+      1. explicit arguments (`python -m fgd_jax.train --coordinator_address ...`), or env
+         `FGD_COORDINATOR` (`host:port`), `FGD_NUM_PROCESSES`, `FGD_PROCESS_ID`: initialize
+         with those (all three needed when num_processes > 1);
+      2. SLURM (`SLURM_NTASKS` > 1) or Open MPI (`OMPI_COMM_WORLD_SIZE` > 1): JAX's cluster
+         auto-detection reads the rest of the environment;
       3. otherwise (one process): do nothing.
+    In cases 1-2 the local GPUs come from `local_device_ids_from_env` (all GPUs of the node
+    when one process per node is launched).
     Returns True when distributed JAX is (now or already) initialized.
     """
     if jax.distributed.is_initialized():
@@ -104,12 +155,14 @@ def maybe_initialize_distributed(
             coordinator_address=coordinator_address,
             num_processes=num_processes,
             process_id=process_id,
+            local_device_ids=local_device_ids_from_env(),
         )
         return True
     slurm = _env_int("SLURM_NTASKS") or 1
     ompi = _env_int("OMPI_COMM_WORLD_SIZE") or 1
     if slurm > 1 or ompi > 1:
-        jax.distributed.initialize()  # JAX's cluster detection reads SLURM_* / OMPI_*.
+        # JAX's cluster detection reads SLURM_* / OMPI_* for the coordinator and ranks.
+        jax.distributed.initialize(local_device_ids=local_device_ids_from_env())
         return True
     return False
 

@@ -245,6 +245,11 @@ def init_train_state(
     variables = exp.init_variables(init_rng, batch)
     params = variables["params"]
     model_state = {k: v for k, v in variables.items() if k != "params"}
+    if not cfg.train.get("backbone_init") and cfg.data.get("source", "coco") == "coco":
+        log.warning(
+            "train.backbone_init is empty: the student's backbone starts from random weights; "
+            "the paper's numbers need ImageNet weights (--config.train.backbone_init=r50.pth)"
+        )
     if cfg.train.get("backbone_init"):
         from fgd_jax.convert import import_backbone_weights
 
@@ -336,44 +341,76 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     if teacher_vars is not None:
         teacher_vars = parallel.replicate(teacher_vars, mesh)
 
-    train_step = jax.jit(make_train_step(exp, tx, schedule), donate_argnums=(0,))
+    # Explicit shardings (pjit style): state and teacher replicated, the batch split on 'data';
+    # the state is donated (updated in place).
+    rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
+    train_step = jax.jit(
+        make_train_step(exp, tx, schedule),
+        in_shardings=(rep, rep, shard),
+        out_shardings=(rep, rep),
+        donate_argnums=(0,),
+    )
     step = int(parallel.fetch(state.step))
     logger = logging_utils.MetricLogger(
         workdir, total_steps=total_steps, is_main=is_main, initial_step=step
     )
     eval_every = tc.eval_every if tc.eval_every != -1 else steps_per_epoch
     pending = None
-    t_last, step_last = time.time(), step
-    while step < total_steps:
-        batch = parallel.host_batch_to_global(next(loader), mesh)
-        state, metrics = train_step(state, teacher_vars, batch)
-        step += 1
-        # Check the previous step's losses while this one runs (keeps the device busy).
-        if pending is not None:
-            _check(*pending)
-        pending = (step, metrics)
-        logger.update(step)
-        if step % tc.log_every == 0 or step == total_steps:
-            _check(*pending)
-            pending = None
-            host = parallel.fetch(metrics)
-            now = time.time()
-            host["images_per_s"] = global_batch * (step - step_last) / max(now - t_last, 1e-9)
-            host["step_time_s"] = (now - t_last) / max(step - step_last, 1)
-            t_last, step_last = now, step
-            logger.log(step, host)
-        if step % tc.ckpt_every == 0 or step == total_steps:
+    t_last, step_last, paused = time.time(), step, 0.0
+    stop = _StopRequest()
+    try:
+        while step < total_steps:
+            batch = parallel.host_batch_to_global(next(loader), mesh)
+            state, metrics = train_step(state, teacher_vars, batch)
+            step += 1
+            # Check the previous step's losses while this one runs (keeps the device busy).
             if pending is not None:
                 _check(*pending)
+            pending = (step, metrics)
+            logger.update(step)
+            at_log = step % tc.log_every == 0 or step == total_steps
+            if at_log:
+                _check(*pending)
                 pending = None
-            manager.save(step, state, data_state=loader.get_state(), config=cfg)
-        if eval_every > 0 and step % eval_every == 0 and step != total_steps:
-            m = eval_lib.evaluate_variables(
-                exp.student, exp.student_variables(state.params, state.model_state), cfg, mesh
-            )
-            logger.log(step, {k: v for k, v in m.items() if _is_num(v)}, prefix="eval/")
-            logger.write(f"step {step}: bbox AP {100 * m['AP']:.1f}")
-    manager.close()
+                host = parallel.fetch(metrics)
+                now = time.time()
+                # training throughput: checkpoint and eval time excluded
+                busy = max(now - t_last - paused, 1e-9)
+                host["images_per_s"] = global_batch * (step - step_last) / busy
+                host["step_time_s"] = busy / max(step - step_last, 1)
+                t_last, step_last, paused = now, step, 0.0
+                logger.log(step, host)
+            stopping = at_log and stop.agreed()
+            if step % tc.ckpt_every == 0 or step == total_steps or stopping:
+                if pending is not None:
+                    _check(*pending)
+                    pending = None
+                t0 = time.time()
+                manager.save(step, state, data_state=loader.get_state(), config=cfg)
+                paused += time.time() - t0
+            if stopping:
+                manager.wait()
+                logger.write(
+                    f"stopped by {stop.signal_name} at step {step}; checkpoint saved. "
+                    "Run the same command to resume."
+                )
+                raise Preempted(step)
+            if eval_every > 0 and step % eval_every == 0 and step != total_steps:
+                t0 = time.time()
+                m = eval_lib.evaluate_variables(
+                    exp.student, exp.student_variables(state.params, state.model_state), cfg, mesh
+                )
+                logger.log(step, {k: v for k, v in m.items() if _is_num(v)}, prefix="eval/")
+                logger.write(f"step {step}: bbox AP {100 * m['AP']:.1f}")
+                paused += time.time() - t0
+    finally:
+        # Let pending async checkpoint writes finish whatever ended the loop (a NaN error
+        # included: the last good checkpoint must be complete on disk).
+        stop.restore()
+        manager.close()
+        if step < total_steps:
+            loader.close()
+            logger.close()
     loader.close()
     final = eval_lib.evaluate_variables(
         exp.student,
@@ -394,8 +431,62 @@ def _is_num(v) -> bool:
 
 
 def _check(step: int, metrics: Mapping) -> None:
-    losses = {k: v for k, v in metrics.items() if k.startswith("loss")}
-    logging_utils.check_finite(parallel.fetch(losses), step)
+    """Every loss and the gradient norm must be finite: an inf gradient with finite losses
+    would turn the clipped update (35 / inf * inf) into NaN params, saved at the next
+    checkpoint."""
+    watched = {k: v for k, v in metrics.items() if k.startswith("loss") or k == "grad_norm"}
+    logging_utils.check_finite(parallel.fetch(watched), step)
+
+
+class Preempted(Exception):  # noqa: N818 - a stop request, not an error
+    """Training stopped on SIGUSR1 / SIGTERM after saving a checkpoint at `step`."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped at step {step} after saving a checkpoint")
+        self.step = step
+
+
+class _StopRequest:
+    """SIGUSR1 (SLURM's `--signal=USR1@T` warning before the time limit) and SIGTERM
+    (preemption) set a flag; the loop checks it at log steps, where every process agrees
+    (`agreed`: any process flagged) so all of them save the same step and stop."""
+
+    SIGNALS = ("SIGUSR1", "SIGTERM")
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.signal_name = ""
+        self._old = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        flag = np.array([bool(self.signal_name)])
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            flag = multihost_utils.process_allgather(flag)
+            if flag.any() and not self.signal_name:
+                self.signal_name = "a signal to another process"
+        return bool(flag.any())
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
 
 
 def _set_backbone(params, bb_vars, distill: bool):
@@ -422,16 +513,27 @@ def main(argv: list[str] | None = None) -> None:
 
     flags.DEFINE_string("workdir", None, "Where checkpoints, logs and eval results go.")
     config_flags.DEFINE_config_file("config", None, "Path to a config file (get_config()).")
+    flags.DEFINE_string(
+        "coordinator_address",
+        None,
+        "Multi-host without SLURM/Open MPI: host:port of process 0 (or env FGD_COORDINATOR).",
+    )
+    flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (hosts).")
+    flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
     flags.mark_flags_as_required(["config"])
 
     def _run(_):
-        parallel.maybe_initialize_distributed()
+        f = flags.FLAGS
+        parallel.maybe_initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
         cfg = flags.FLAGS.config
         workdir = flags.FLAGS.workdir or os.path.join(
             "workdirs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
         )
         try:
             train(cfg, workdir)
+        except Preempted as e:
+            print(f"{e} in {workdir}; run the same command to resume")
+            sys.exit(0)
         except (FileNotFoundError, ValueError, FloatingPointError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)

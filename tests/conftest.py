@@ -24,6 +24,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def tree_digest(root: str) -> str:
+    """sha256 over every file (relative path + bytes) under `root`."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in sorted(os.walk(root)):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            h.update(os.path.relpath(path, root).encode())
+            with open(path, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
 @pytest.fixture(scope="session")
 def fgd_run(tmp_path_factory):
     """A 40-step tiny FGD run (RetinaNet R18, random R18 teacher) on the synthetic set,
@@ -37,6 +52,9 @@ def fgd_run(tmp_path_factory):
     cfg = tiny_config(str(tmp / "data"), "fgd", steps=40)
     cfg.train.ckpt_every = 20
     make_teacher(cfg, str(tmp / "teacher"))
+    # Fingerprint of the teacher checkpoint's files before training (test_train checks that
+    # training never writes to it).
+    (tmp / "teacher.sha256").write_text(tree_digest(str(tmp / "teacher")))
     workdir = str(tmp / "work")
     metrics = train(cfg, workdir)
     return cfg, workdir, metrics

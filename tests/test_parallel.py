@@ -126,3 +126,71 @@ def test_maybe_initialize_distributed_bad_env(monkeypatch):
     monkeypatch.delenv("FGD_PROCESS_ID", raising=False)
     with pytest.raises(ValueError, match="FGD_COORDINATOR"):
         parallel.maybe_initialize_distributed()
+
+
+_CLUSTER_ENV = (
+    "FGD_COORDINATOR",
+    "FGD_NUM_PROCESSES",
+    "FGD_PROCESS_ID",
+    "FGD_LOCAL_DEVICE_IDS",
+    "SLURM_NTASKS",
+    "SLURM_NTASKS_PER_NODE",
+    "SLURM_TASKS_PER_NODE",
+    "SLURM_GPUS_ON_NODE",
+    "OMPI_COMM_WORLD_SIZE",
+    "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "CUDA_VISIBLE_DEVICES",
+)
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        # SLURM, one process per node with 8 GPUs: all of them (JAX alone would pick [0])
+        (
+            {
+                "SLURM_NTASKS": "2",
+                "SLURM_TASKS_PER_NODE": "1(x2)",
+                "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7",
+            },
+            list(range(8)),
+        ),
+        # SLURM, one process per GPU: JAX's own [local_rank] (None here)
+        ({"SLURM_NTASKS": "16", "SLURM_NTASKS_PER_NODE": "8", "SLURM_GPUS_ON_NODE": "8"}, None),
+        # Open MPI, one process per node, GPU count from SLURM-less env
+        ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_SIZE": "1"}, None),
+        (
+            {
+                "OMPI_COMM_WORLD_SIZE": "2",
+                "OMPI_COMM_WORLD_LOCAL_SIZE": "1",
+                "CUDA_VISIBLE_DEVICES": "2,3",
+            },
+            [0, 1],
+        ),
+        # explicit wins
+        ({"SLURM_NTASKS": "2", "FGD_LOCAL_DEVICE_IDS": "0,2"}, [0, 2]),
+    ],
+)
+def test_cluster_launch_passes_the_node_gpus(monkeypatch, env, expected):
+    """The SLURM / Open MPI branch calls jax.distributed.initialize (captured here, not run)
+    with every GPU of the node when one process per node is launched."""
+    for k in _CLUSTER_ENV:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    assert parallel.maybe_initialize_distributed() is True
+    assert calls == [{"local_device_ids": expected}]
+    # the explicit coordinator path passes them too
+    calls.clear()
+    parallel.maybe_initialize_distributed("10.0.0.1:1234", 2, 1)
+    assert calls[0]["local_device_ids"] == expected
+    assert calls[0]["coordinator_address"] == "10.0.0.1:1234" and calls[0]["process_id"] == 1
+
+
+def test_bad_local_device_ids(monkeypatch):
+    monkeypatch.setenv("FGD_LOCAL_DEVICE_IDS", "0,x")
+    with pytest.raises(ValueError, match="FGD_LOCAL_DEVICE_IDS"):
+        parallel.local_device_ids_from_env()

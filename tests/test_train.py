@@ -5,10 +5,12 @@ References: the uninterrupted run (resume), the rules of the NaN guard, and the 
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -43,12 +45,18 @@ def test_every_loss_part_decreases(fgd_run):
 
 
 def test_teacher_unchanged_and_student_exported(fgd_run, tmp_path):
-    cfg, workdir, _ = fgd_run
-    from fgd_jax import checkpoint as ckpt_lib
+    from fgd_jax.analysis import load_train_state
 
-    before, _ = ckpt_lib.load_variables(cfg.teacher.ckpt)
+    from .conftest import tree_digest
+
+    cfg, workdir, _ = fgd_run
+    # the teacher's checkpoint files are byte-identical to before training, and the train
+    # state holds no teacher leaf the optimizer could have moved
+    before = (Path(cfg.teacher.ckpt).parent / "teacher.sha256").read_text()
+    assert tree_digest(cfg.teacher.ckpt) == before
+    params, model_state, _, _ = load_train_state(workdir)
+    assert set(params) == {"student", "distill_losses"} and "teacher" not in model_state
     teacher, tcfg = load_model(workdir, teacher=True)
-    jax.tree.map(np.testing.assert_array_equal, before, teacher)  # bit-identical
     assert "teacher" not in tcfg and tcfg.model.backbone.depth == cfg.teacher.model.backbone.depth
     student, scfg = load_model(workdir)
     assert "distill_losses" not in student["params"] and "teacher" not in scfg
@@ -106,7 +114,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     r = _cli(str(tmp_path / "killed"), arg)
-    assert "resumed from step" in r.stdout
+    resumed = int(re.search(r"resumed from step (\d+)", r.stdout).group(1))
+    assert 2 <= resumed < 6, resumed  # killed mid-run, not after the final save
     a, _ = load_model(str(tmp_path / "full"))
     b, _ = load_model(str(tmp_path / "killed"))
     jax.tree.map(np.testing.assert_array_equal, a, b)
@@ -115,3 +124,119 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
         open(tmp_path / "killed" / "eval" / "metrics.json") as f2,
     ):
         assert json.load(f1)["AP"] == json.load(f2)["AP"]
+
+
+def test_nan_later_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """A NaN image at step 3 (after the checkpoint of step 2): the error names step 3 and
+    the loss, and checkpoint 2 is complete, finite and restorable."""
+    from fgd_jax import checkpoint as ckpt_lib
+    from fgd_jax.analysis import load_train_state
+    from fgd_jax.data import pipeline
+
+    cfg = tiny_config(str(tmp_path / "data"), "baseline", steps=6)
+    build = pipeline.build_train_loader
+
+    def poisoned(*args, **kwargs):
+        loader = build(*args, **kwargs)
+        real_next, count = loader.__next__, [0]
+
+        class Wrapped:
+            def __getattr__(self, name):
+                return getattr(loader, name)
+
+            def __next__(self):
+                batch = real_next()
+                count[0] += 1
+                if count[0] == 3:
+                    batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+                return batch
+
+        return Wrapped()
+
+    monkeypatch.setattr(pipeline, "build_train_loader", poisoned)
+    with pytest.raises(FloatingPointError, match=r"step 3: .*loss"):
+        train(cfg, str(tmp_path / "work"))
+    mngr = ckpt_lib.CheckpointManager(str(tmp_path / "work" / "checkpoints"))
+    assert mngr.latest_step() == 2
+    mngr.close()
+    params, _, _, step = load_train_state(str(tmp_path / "work"))
+    assert step == 2 and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_inf_gradient_norm_stops_training():
+    """Finite losses but an inf gradient norm (clipping would then write NaN params)."""
+    from fgd_jax.train import _check
+
+    _check(1, {"loss": np.float32(1.0), "grad_norm": np.float32(3.0), "lr": np.float32(0.1)})
+    with pytest.raises(FloatingPointError, match=r"step 7: grad_norm=inf"):
+        _check(7, {"loss": np.float32(1.0), "grad_norm": np.float32(np.inf)})
+
+
+def test_sigusr1_saves_a_checkpoint_and_stops_then_resumes(tmp_path):
+    """SLURM's `--signal=USR1@T` before the time limit: the run saves at its next log step,
+    exits 0 saying so, and the same command resumes to the end."""
+    data = str(tmp_path / "data")
+    arg = f"baseline,{data}"
+    work = tmp_path / "work"
+    metrics = work / "metrics.jsonl"
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "fgd_jax.train", f"--config=tests/tiny_config.py:{arg}",
+            f"--workdir={work}", "--config.train.ckpt_every=100",
+        ],
+        cwd=REPO,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().strip():
+            break  # step 1 is done: the signal handler is installed
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be signalled"
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    stopped = int(re.search(r"stopped at step (\d+)", out).group(1))
+    assert 1 <= stopped < 6 and "run the same command to resume" in out
+    assert (work / "checkpoints" / str(stopped)).is_dir()
+    r = _cli(str(work), arg)
+    assert f"resumed from step {stopped}" in r.stdout
+    steps = [rec["step"] for rec in read_metrics(work) if "loss" in rec]
+    assert steps == sorted(set(steps)) and steps[-1] == 6  # each step logged once
+
+
+def test_backbone_init_loads_imagenet_weights_into_the_student(tmp_path):
+    """`train.backbone_init`: a torchvision ResNet-18 .pth (classification layout) becomes the
+    student's backbone (reference: the torch tensors); inheriting still copies the teacher's
+    neck and heads, never its backbone."""
+    import torch
+    import torchvision
+
+    from fgd_jax.train import Experiment, dummy_batch, init_train_state
+
+    torch.manual_seed(0)
+    sd = torchvision.models.resnet18().state_dict()
+    torch.save(sd, tmp_path / "r18.pth")
+    cfg = tiny_config(str(tmp_path / "data"), "fgd")
+    tvars = make_teacher(cfg, str(tmp_path / "teacher"))
+    cfg.train.backbone_init = str(tmp_path / "r18.pth")
+    state, _, _ = init_train_state(Experiment(cfg), dummy_batch(cfg.data), 4, tvars)
+    bb = state.params["student"]["backbone"]
+    np.testing.assert_array_equal(
+        bb["layer3_1"]["conv2"]["kernel"], sd["layer3.1.conv2.weight"].numpy().transpose(2, 3, 1, 0)
+    )
+    np.testing.assert_array_equal(
+        state.model_state["batch_stats"]["student"]["backbone"]["layer1_0"]["bn1"]["mean"],
+        sd["layer1.0.bn1.running_mean"].numpy(),
+    )
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        state.params["student"]["neck"],
+        tvars["params"]["neck"],
+    )
+    cfg.train.backbone_init = str(tmp_path / "nope.pth")
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        init_train_state(Experiment(cfg), dummy_batch(cfg.data), 4, tvars)

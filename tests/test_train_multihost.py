@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from fgd_jax.export import load_model
+from fgd_jax.logging_utils import read_metrics
 
 from ._tiny import REPO
 
@@ -78,5 +79,13 @@ def test_two_processes_agree_with_one(tmp_path):
         return float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-12))
 
     worst = max(jax.tree.leaves(jax.tree.map(rel, b, a)))
-    assert worst < 1e-3, worst  # fp32, 6 steps, different reduction order over 2 hosts
+    print("worst relative param difference", worst)
+    assert worst < 1e-4, worst  # fp32, 6 steps, different reduction order over 2 hosts
+    # the logged losses of every step agree too
+    la = [r for r in read_metrics(tmp_path / "single") if "loss" in r]
+    lb = [r for r in read_metrics(tmp_path / "multi") if "loss" in r]
+    assert [r["step"] for r in la] == [r["step"] for r in lb] == list(range(1, 7))
+    for ra, rb in zip(la, lb, strict=True):
+        for k in (k for k in ra if k.startswith("loss")):
+            np.testing.assert_allclose(rb[k], ra[k], rtol=1e-5, err_msg=f"{k} step {ra['step']}")
     assert (tmp_path / "multi" / "eval" / "metrics.json").is_file()
