@@ -149,3 +149,27 @@ def test_bfloat16_compute_matches_float32(tmp_path):
         np.testing.assert_allclose(float(l16[k]), float(l32[k]), rtol=0.1, err_msg=k)
     # parameters stay float32
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+
+
+def test_bfloat16_train_step_keeps_float32_state(tmp_path):
+    """A whole jitted train step with train.dtype='bfloat16': params, BN statistics and the
+    optimizer state stay float32 after the update, every loss is finite, params move."""
+    from fgd_jax.train import make_train_step
+
+    cfg = tiny_config(str(tmp_path / "data"), "fgd")
+    cfg.train.dtype = "bfloat16"
+    tvars = make_teacher(cfg, str(tmp_path / "teacher"))
+    exp = Experiment(cfg)
+    state, tx, schedule = init_train_state(exp, dummy_batch(cfg.data), 10, teacher_vars=tvars)
+    before = jax.tree.map(np.asarray, state.params)
+    new, metrics = jax.jit(make_train_step(exp, tx, schedule))(state, tvars, _batch(cfg))
+    for name, tree in (
+        ("params", new.params),
+        ("model_state", new.model_state),
+        ("opt_state", new.opt_state),
+    ):
+        dtypes = {x.dtype for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)}
+        assert dtypes == {jnp.dtype(jnp.float32)}, (name, dtypes)
+    assert all(np.isfinite(float(v)) for k, v in metrics.items() if k.startswith("loss"))
+    moved = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), before, new.params)
+    assert any(jax.tree.leaves(moved))
