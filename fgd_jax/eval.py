@@ -141,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     if jax.process_index() == 0:
         print(metrics.get("summary", ""))
         print(evaluation.format_table({"model": metrics}))
+        per_class = metrics.get("per_class_AP", {})
+        if per_class:
+            width = max(len(n) for n in per_class)
+            print("\nper-class AP (%):")
+            for name, ap in per_class.items():
+                print(f"  {name:<{width}}  {100 * ap:5.1f}")
         print(json.dumps({k: round(100 * metrics[k], 1) for k in evaluation.METRIC_NAMES}))
         print(f"wrote {out}/metrics.json and {out}/detections.json")
     return 0

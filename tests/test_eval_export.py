@@ -46,7 +46,10 @@ def test_eval_cli_equals_pycocotools_on_its_detections(fgd_run, tmp_path, capsys
     np.testing.assert_allclose([ours["AP"], ours["AP50"], ours["AP75"]], ref, atol=1e-12)
     # every val image was evaluated once; padding examples never appear
     assert {d["image_id"] for d in dets} <= set(gt.getImgIds())
-    assert "wrote" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and "per-class AP" in printed
+    for name, ap in ours["per_class_AP"].items():  # every class printed with its AP
+        assert f"  {name}" in printed and f"{100 * ap:5.1f}" in printed
 
 
 def test_export_reproduces_the_student_and_round_trips_through_torch(fgd_run, tmp_path):
