@@ -145,7 +145,19 @@ def example_batch(
     if not 0 <= index < len(records):
         split = "train" if train else "val"
         raise IndexError(f"example_batch: index {index} outside the {len(records)} {split} images")
-    record = records[index]
+    return _eval_batch(data_cfg, records[index], canvas_hw, img_scale)
+
+
+def _eval_batch(
+    data_cfg: ml_collections.ConfigDict,
+    record: dict,
+    canvas_hw: tuple[int, int] | None,
+    img_scale: Sequence[int] | None,
+) -> dict[str, np.ndarray]:
+    """`record` through the eval transform, as a batch of one (canvas chosen as the loaders
+    do unless given)."""
+    from fgd_jax.data import pipeline
+
     scale = tuple(int(v) for v in (img_scale if img_scale is not None else data_cfg.img_scale))
     if canvas_hw is None:
         canvases = [tuple(int(v) for v in c) for c in data_cfg.canvases]
@@ -182,7 +194,6 @@ def image_file_batch(
       transforms.BadImageError: the file is missing or unreadable (named in the message).
       ValueError: `boxes` is not `[G, 4]`, or `labels` does not match it.
     """
-    from fgd_jax.data import pipeline
     from fgd_jax.data.transforms import decode_image
 
     box_arr = np.asarray(boxes, np.float32).reshape(-1, 4) if len(boxes) else np.zeros((0, 4))
@@ -200,21 +211,7 @@ def image_file_batch(
         labels=lab,
         ignore_boxes=np.zeros((0, 4), np.float32),
     )
-    scale = tuple(int(v) for v in (img_scale if img_scale is not None else data_cfg.img_scale))
-    if canvas_hw is None:
-        canvases = [tuple(int(v) for v in c) for c in data_cfg.canvases]
-        canvas_hw = canvases[
-            pipeline.choose_canvas(pipeline.max_resized_hw((h, w), scale), canvases)
-        ]
-    ex = pipeline.make_example(
-        record,
-        tuple(int(v) for v in canvas_hw),
-        scale,
-        data_cfg.get("pixel_style", "pytorch"),
-        int(data_cfg.max_boxes),
-        int(data_cfg.get("max_ignore", 32)),
-    )
-    return {k: np.asarray(v)[None] for k, v in ex.items()}
+    return _eval_batch(data_cfg, record, canvas_hw, img_scale)
 
 
 def denormalize(image: np.ndarray, pixel_style: str = "pytorch") -> np.ndarray:
