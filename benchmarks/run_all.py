@@ -1,6 +1,7 @@
 """Run every benchmark script in turn (one subprocess each) and collect one summary table.
 
     python -m benchmarks.run_all --quick           # small sizes, about 15-25 min on 2 CPU cores
+    python -m benchmarks.run_all --threads 2       # (default 1 thread on both sides)
     python -m benchmarks.run_all                   # the sizes of benchmarks/results/*
     python -m benchmarks.run_all --only train_step fgd_loss
     python -m benchmarks.run_all --gpu             # GPU flags where a script has them
@@ -112,10 +113,17 @@ class Bench:
     full: list[str]
     parse: Callable[[str], list[Row]]
     gpu: list[str]  # extra arguments for --gpu ([] : the script has no GPU mode)
+    threads: bool = True  # the script takes --threads (same thread count on both sides)
 
 
 BENCHES = [
-    Bench("backbone", ["--size", "256", "--steps", "2"], ["--steps", "3"], parse_backbone, []),
+    Bench(
+        "backbone",
+        ["--size", "256", "--steps", "2"],
+        ["--steps", "3"],
+        parse_backbone,
+        [],
+    ),
     Bench("retinanet", ["--iters", "1"], ["--iters", "2"], parse_md_table, ["--gpu"]),
     Bench(
         "fgd_loss",
@@ -130,6 +138,7 @@ BENCHES = [
         ["--workers", "0", "2"],
         parse_data,
         [],
+        threads=False,
     ),
     Bench(
         "train_step",
@@ -156,6 +165,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small sizes, 1-3 timed steps")
     p.add_argument("--gpu", action="store_true", help="pass each script's GPU flag if it has one")
     p.add_argument("--only", nargs="+", choices=[b.name for b in BENCHES], default=None)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for both sides of every script that takes --threads (default 1: on a "
+        "shared machine torch's OpenMP pool collapses at 2 threads, which flatters fgd-jax; "
+        "0 leaves each script's default)",
+    )
     p.add_argument("--timeout", type=float, default=1800, help="seconds per script")
     p.add_argument("--out", default="", help="default benchmarks/results/summary_{cpu,gpu}.md")
     p.add_argument("--log-dir", default=os.path.join(REPO, ".cache", "benchmark_logs"))
@@ -180,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
         cmd = [sys.executable, "-m", f"benchmarks.{b.name}", *(b.quick if args.quick else b.full)]
         if args.gpu:
             cmd += b.gpu
+        elif args.threads > 0 and b.threads:
+            cmd += ["--threads", str(args.threads)]
         shown = "python " + " ".join(cmd[1:])
         print(f"[{i + 1}/{len(benches)}] {shown}", flush=True)
         t0 = time.perf_counter()
