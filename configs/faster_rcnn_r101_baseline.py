@@ -16,6 +16,9 @@ from fgd_jax import config as C
 def get_config() -> C.ConfigDict:
     cfg = C.ConfigDict()
     cfg.model = C.faster_rcnn_model(depth=101)
+    # mmdetection normalizes these losses per GPU of 2 images (samples_per_gpu=2) and
+    # averages the GPUs; reproduce that whatever the device count
+    cfg.model.train_cfg.loss_norm_group = 2
     cfg.data = C.coco_data()
     cfg.train = C.schedule_2x(batch_size=16, base_lr=0.02)
     cfg.train.grad_clip_norm = 0.0  # mmdetection's Faster R-CNN configs: grad_clip=None

@@ -25,6 +25,9 @@ from fgd_jax import config as C
 def get_config() -> C.ConfigDict:
     cfg = C.ConfigDict()
     cfg.model = C.faster_rcnn_model(depth=50)  # the student
+    # mmdetection normalizes these losses per GPU of 2 images (samples_per_gpu=2) and
+    # averages the GPUs; reproduce that whatever the device count
+    cfg.model.train_cfg.loss_norm_group = 2
     cfg.teacher = C.teacher(C.faster_rcnn_model(depth=101), ckpt="checkpoints/faster_rcnn_r101_2x")
     cfg.distill = C.fgd_distill(
         temp=0.5,

@@ -15,6 +15,9 @@ from fgd_jax import config as C
 def get_config() -> C.ConfigDict:
     cfg = C.ConfigDict()
     cfg.model = C.retinanet_model(depth=50)
+    # mmdetection normalizes these losses per GPU of 2 images (samples_per_gpu=2) and
+    # averages the GPUs; reproduce that whatever the device count
+    cfg.model.train_cfg.loss_norm_group = 2
     cfg.teacher = C.teacher(
         C.retinanet_model(depth=101, groups=64, base_width=4),
         ckpt="checkpoints/retinanet_x101_64x4d_2x",

@@ -12,6 +12,9 @@ from fgd_jax import config as C
 def get_config() -> C.ConfigDict:
     cfg = C.ConfigDict()
     cfg.model = C.retinanet_model(depth=50)
+    # mmdetection normalizes these losses per GPU of 2 images (samples_per_gpu=2) and
+    # averages the GPUs; reproduce that whatever the device count
+    cfg.model.train_cfg.loss_norm_group = 2
     cfg.data = C.coco_data()
     cfg.train = C.schedule_2x(batch_size=16, base_lr=0.01)
     cfg.train.grad_clip_norm = 0.0  # mmdetection's RetinaNet 2x: optimizer_config grad_clip=None
