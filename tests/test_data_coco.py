@@ -15,7 +15,7 @@ from tests.test_data_fixtures import write_coco_fixture
 def _reference(ann_file, image_dir, train):
     """mmdetection 2.11 CocoDataset semantics from the pycocotools index, written plainly."""
     coco = COCO(ann_file)
-    cat_ids = coco.getCatIds()
+    cat_ids = sorted(coco.getCatIds())  # contiguous labels by sorted category id
     out = {}
     for img_id in coco.getImgIds():
         info = coco.loadImgs([img_id])[0]
@@ -53,8 +53,9 @@ def test_records_match_pycocotools_reference(tmp_path, train):
     p = write_coco_fixture(tmp_path)
     recs = load_coco_records(p["ann_file"], p["image_dir"], filter_empty=train)
     ref, cat_ids = _reference(p["ann_file"], p["image_dir"], train)
-    assert recs.label_to_cat_id == cat_ids == [7, 2, 40]  # json order, non-contiguous
-    assert recs.class_names == ["seven", "two", "forty"]
+    # the fixture lists categories [7, 2, 40]: labels follow the sorted ids, not json order
+    assert recs.label_to_cat_id == cat_ids == [2, 7, 40]
+    assert recs.class_names == ["two", "seven", "forty"]
     assert [r["image_id"] for r in recs.records] == list(ref)  # json image order
     for r in recs.records:
         path, hw, boxes, labels, ignore = ref[r["image_id"]]
@@ -75,7 +76,7 @@ def test_filter_rules_spelled_out(tmp_path):
     assert [r["image_id"] for r in evals.records] == [11, 3, 25, 4, 5, 6, 7, 8]
     land = train.records[0]
     np.testing.assert_array_equal(land["boxes"], [[10, 5, 40.5, 25], [50, 30, 89, 59]])
-    np.testing.assert_array_equal(land["labels"], [0, 2])  # cat 7 -> 0, cat 40 -> 2
+    np.testing.assert_array_equal(land["labels"], [1, 2])  # cat 2 -> 0, 7 -> 1, 40 -> 2
     np.testing.assert_array_equal(land["ignore_boxes"], [[0, 0, 40, 40]])
     port = train.records[1]  # partly outside kept unclipped, fully outside dropped
     np.testing.assert_array_equal(port["boxes"], [[30, 70, 70, 110]])

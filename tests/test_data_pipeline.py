@@ -2,6 +2,7 @@
 PIL + torch (`F.interpolate` bilinear, no antialias = cv2) + torchvision-normalize reference,
 host sharding, determinism, checkpoint/resume, eval coverage, bad input."""
 
+import dataclasses
 import os
 
 import numpy as np
@@ -14,10 +15,13 @@ from PIL import Image, ImageOps
 from fgd_jax.config import PYTORCH_PIXEL_MEAN, PYTORCH_PIXEL_STD, coco_data, shapes_data
 from fgd_jax.data.coco import load_coco_records
 from fgd_jax.data.pipeline import (
+    _BatchMaker,
     build_eval_loader,
     build_train_loader,
     choose_canvas,
     epoch_schedule,
+    group_by_canvas,
+    make_example,
 )
 from fgd_jax.data.transforms import BadImageError
 from tests.test_data_fixtures import write_coco_fixture
@@ -92,6 +96,7 @@ def test_train_batches_match_independent_reference(tmp_path):
     max_err = 0.0
     for _ in range(len(loader)):
         b = next(loader)
+        assert set(b) == set(KEYS)  # the loader's private skip count is not handed on
         for k, dt in KEYS.items():
             assert b[k].dtype == dt, k
         H, W = b["image"].shape[1:3]
@@ -227,7 +232,7 @@ def test_max_boxes_overflow_keeps_largest(tmp_path):
 
     write_coco_fixture(tmp_path)
     cfg = _fixture_cfg(tmp_path, max_boxes=1, flip_prob=0.0)
-    P._warned_overflow = False
+    P._warned_overflow.clear()
     with pytest.warns(UserWarning, match="max_boxes=1"):
         ev = list(build_eval_loader(cfg, 8, process_index=0, process_count=1))
     for b in ev:
@@ -236,18 +241,94 @@ def test_max_boxes_overflow_keeps_largest(tmp_path):
             assert b["labels"][j, 0] == 2 and b["valid"][j].tolist() == [True]
 
 
+def test_overflow_warning_once_per_kind(tmp_path):
+    """An ignore-box overflow must not use up the GT overflow warning (nor the reverse)."""
+    import fgd_jax.data.pipeline as P
+
+    p = write_coco_fixture(tmp_path)
+    path = os.path.join(p["image_dir"], "land.png")
+    three = np.array([[0, 0, 10, 10], [0, 0, 20, 20], [0, 0, 30, 30]], np.float32)
+    none = np.zeros((0, 4), np.float32)
+
+    def record(boxes, ignore):
+        labels = np.zeros(len(boxes), np.int32)
+        return dict(file_name=path, image_id=1, boxes=boxes, labels=labels, ignore_boxes=ignore)
+
+    P._warned_overflow.clear()
+    args = ((80, 144), (133, 80), "pytorch", 2, 2)
+    with pytest.warns(UserWarning, match="ignore boxes exceed max_ignore=2"):
+        make_example(record(none, three), *args)
+    with pytest.warns(UserWarning, match="gt boxes exceed max_boxes=2") as got:
+        make_example(record(three, three), *args)
+    assert len(got) == 1  # the ignore warning is not repeated
+    ex = make_example(record(three, none), *args)  # both warned already: silent
+    assert ex["valid"].all() and ex["boxes"][:, 2].max() > 0
+
+
+def _shorts(cfg, seed, steps=6):
+    loader = build_train_loader(cfg, 4, seed=seed, process_index=0, process_count=1)
+    return np.concatenate([next(loader)["img_shape"].min(1) for _ in range(steps)]).tolist()
+
+
 def test_multiscale_short_side_range(shapes_cfg):
     cfg = shapes_cfg.copy_and_resolve_references()
     cfg.img_scale = (96, 64)
     cfg.multiscale_short = (32, 64)
+    cfg.multiscale_mode = "range"
     cfg.canvases = ((64, 64),)
-    loader = build_train_loader(cfg, 4, seed=0, process_index=0, process_count=1)
-    shorts = np.concatenate([next(loader)["img_shape"].min(1) for _ in range(6)])
-    assert shorts.min() >= 32 and shorts.max() <= 64 and len(set(shorts.tolist())) > 3
+    shorts = _shorts(cfg, 0)  # shapes images are square: the short side is the drawn scale
+    assert min(shorts) >= 32 and max(shorts) <= 64 and len(set(shorts)) > 3
+    assert len(set(shorts) - {32, 64}) > 2  # values between the ends, not only the ends
+    assert _shorts(cfg, 0) == shorts and _shorts(cfg, 1) != shorts  # a function of the seed
     # canvases too small for the largest scale are refused up front
     cfg.canvases = ((48, 48),)
     with pytest.raises(ValueError, match="fits none"):
         build_train_loader(cfg, 4, seed=0, process_index=0, process_count=1)
+
+
+def test_multiscale_short_side_value(shapes_cfg):
+    """mmdetection `multiscale_mode='value'` (the default): one of the listed scales."""
+    cfg = shapes_cfg.copy_and_resolve_references()
+    assert cfg.multiscale_mode == "value"
+    cfg.img_scale = (96, 64)
+    cfg.multiscale_short = (32, 40, 64)
+    cfg.canvases = ((64, 64),)
+    shorts = _shorts(cfg, 0)
+    assert set(shorts) == {32, 40, 64}  # only listed values, each of them drawn
+    assert _shorts(cfg, 0) == shorts and _shorts(cfg, 1) != shorts
+    # eval ignores multi-scale
+    ev = next(build_eval_loader(cfg, 4, process_index=0, process_count=1))
+    assert (ev["img_shape"] == 64).all()
+    cfg.multiscale_mode = "ranges"
+    with pytest.raises(ValueError, match="multiscale_mode"):
+        build_train_loader(cfg, 4, seed=0, process_index=0, process_count=1)
+
+
+def test_epoch_cache_read_once(shapes_cfg):
+    """`_BatchMaker._epoch` reads the shared cache once: another read thread replacing it
+    between two reads (simulated here: every read after the first sees epoch 1's schedule)
+    must not give this call the other epoch's batches."""
+    maker = build_train_loader(shapes_cfg, 4, seed=0, process_index=0, process_count=1)._maker
+    b0, c0 = epoch_schedule(maker.groups, 1, 4, 0, 0)
+    b1, c1 = epoch_schedule(maker.groups, 1, 4, 0, 1)
+    assert not np.array_equal(b0, b1)
+
+    class Swapped(_BatchMaker):
+        reads = 0
+
+        @property
+        def _cache(self):
+            self.reads += 1
+            return (0, b0, c0) if self.reads == 1 else (1, b1, c1)
+
+        @_cache.setter
+        def _cache(self, value):
+            pass
+
+    m = Swapped(**{f.name: getattr(maker, f.name) for f in dataclasses.fields(maker)})
+    b, c = m._epoch(0)
+    np.testing.assert_array_equal(b, b0)
+    np.testing.assert_array_equal(c, c0)
 
 
 def _corrupt(p, name):
@@ -261,18 +342,42 @@ def test_bad_image_error_or_skip(tmp_path):
     p = write_coco_fixture(tmp_path)
     _corrupt(p, "land.png")
     cfg = _fixture_cfg(tmp_path)
-    with pytest.raises(BadImageError, match="land.png"):
-        for _ in range(4):
-            next(build_train_loader(cfg, 6, seed=0, process_index=0, process_count=1))
+    # one loader, several batches: the error comes whichever batch holds land.png
+    for seed in range(3):
+        loader = build_train_loader(cfg, 2, seed=seed, process_index=0, process_count=1)
+        with pytest.raises(BadImageError, match="land.png"):
+            for _ in range(len(loader)):
+                next(loader)
     cfg.on_bad_image = "skip"
     loader = build_train_loader(cfg, 2, seed=0, process_index=0, process_count=1)
+    assert loader.num_skipped == 0
     with pytest.warns(UserWarning, match="land.png"):
         ids = sum(_ids(loader, 4), [])
     assert 11 not in ids and len(ids) == 8
+    # the count: every slot of the epoch that held land.png (groups wrap, so maybe twice)
+    recs = load_coco_records(p["ann_file"], p["image_dir"], filter_empty=True)
+    land = [r["image_id"] for r in recs.records].index(11)
+    groups = group_by_canvas(recs.records, cfg.img_scale, cfg.canvases)
+    slots, _ = epoch_schedule(groups, 2, 2, seed=0, epoch=0)
+    assert (slots == land).sum() >= 1 and loader.num_skipped == (slots == land).sum()
+    assert loader.num_missing == 0
     with pytest.warns(UserWarning, match="land.png"):
-        ev = list(build_eval_loader(cfg, 8, process_index=0, process_count=1))
+        ev_loader = build_eval_loader(cfg, 8, process_index=0, process_count=1)
+        ev = list(ev_loader)
     ev_ids = [i for b in ev for i in b["image_id"].tolist() if i >= 0]
-    assert 11 not in ev_ids and len(ev_ids) == 7
+    assert 11 not in ev_ids and len(ev_ids) == 7 and ev_loader.num_skipped == 1
+
+
+@pytest.mark.slow
+def test_skip_count_with_workers(tmp_path):
+    """The skip count reaches the loader from worker processes too."""
+    p = write_coco_fixture(tmp_path)
+    _corrupt(p, "land.png")
+    os.remove(os.path.join(p["image_dir"], "port.png"))
+    cfg = _fixture_cfg(tmp_path, num_workers=2, on_bad_image="skip")
+    with build_eval_loader(cfg, 4, process_index=0, process_count=1) as ev:
+        ids = [i for b in ev for i in b["image_id"].tolist() if i >= 0]
+    assert sorted(ids) == [4, 5, 6, 7, 8, 25] and ev.num_skipped == 1 and ev.num_missing == 1
 
 
 @pytest.mark.slow

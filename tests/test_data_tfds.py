@@ -1,15 +1,28 @@
-"""tfds `coco/2017` example -> record conversion on hand-made example dicts (reference: the
-COCO xywh box the normalized tfds box was made from, and mmdetection's filtering rules);
-the real tfds source runs under `tfds.testing.mock_data` only where tensorflow_datasets is
-installed."""
+"""tfds `coco/2017` source: the example -> record conversion on hand-made example dicts
+(reference: the COCO xywh box the normalized tfds box was made from), the same records as the
+COCO source on the shared COCO fixture (converted the way tfds's `coco` builder converts a
+json), and, where tensorflow_datasets is installed, the real `tfds.data_source` path under
+`tfds.testing.mock_data`, down to batches identical to the COCO loader's."""
 
 import io
+import json
+import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from fgd_jax.data.tfds_source import COCO_CAT_IDS, tfds_example_to_record
+from fgd_jax.config import coco_data
+from fgd_jax.data import tfds_source
+from fgd_jax.data.coco import load_coco_records
+from fgd_jax.data.tfds_source import (
+    COCO_CAT_IDS,
+    image_size_from_bytes,
+    records_from_source,
+    tfds_example_to_record,
+)
+from fgd_jax.data.transforms import BadImageError
+from tests.test_data_fixtures import write_coco_fixture
 
 
 def _example(h=50, w=80, encoded=False):
@@ -79,15 +92,214 @@ def test_cat_ids_are_coco_sorted_ids():
     assert not {12, 26, 29, 30, 45, 66, 68, 69, 71, 83} & set(COCO_CAT_IDS)
 
 
-def test_tfds_mock_data_source():
-    tfds = pytest.importorskip("tensorflow_datasets")
-    from fgd_jax.config import coco_data
-    from fgd_jax.data.tfds_source import load_tfds_records
+def test_image_size_from_header_only(tmp_path):
+    p = write_coco_fixture(tmp_path)
+    with open(os.path.join(p["image_dir"], "exif.jpg"), "rb") as f:
+        jpg = f.read()
+    assert image_size_from_bytes(jpg) == (70, 40)  # stored 40x70, EXIF orientation 6
+    # a truncated file still has its header: the size comes without decoding any pixel
+    assert image_size_from_bytes(jpg[: len(jpg) // 3]) == (70, 40)
+    with open(os.path.join(p["image_dir"], "land.png"), "rb") as f:
+        png = f.read()
+    assert image_size_from_bytes(png[:100]) == (60, 90)
+    with pytest.raises(BadImageError, match="image 9"):
+        image_size_from_bytes(b"not an image", "image 9")
 
+
+# ------------------------------------------------- the COCO fixture as tfds would store it
+def _tfds_objects(anns, info, cat_ids):
+    """tfds `coco` builder (`_generate_examples`): bbox normalized by the json's height and
+    width (ymin, xmin, ymax, xmax), label = the category's position, is_crowd, int area.
+
+    tfds's `BBoxFeature` only holds coordinates in [0, 1], so they are clipped (COCO's own
+    boxes lie inside their images); categories unknown to the json cannot be stored."""
+    h, w = info["height"], info["width"]
+    objs = []
+    for a in anns:
+        if a["category_id"] not in cat_ids:
+            continue
+        x, y, bw, bh = a["bbox"]
+        box = np.clip([y / h, x / w, (y + bh) / h, (x + bw) / w], 0.0, 1.0)
+        objs.append(
+            dict(
+                id=a["id"],
+                area=int(a["area"]),
+                bbox=box,
+                label=cat_ids.index(a["category_id"]),
+                is_crowd=bool(a["iscrowd"]),
+            )
+        )
+    return objs
+
+
+def _fixture_as_tfds(p):
+    """The fixture's images in json order as tfds builder inputs (image = the file's path)."""
+    with open(p["ann_file"]) as f:
+        data = json.load(f)
+    cat_ids = sorted(c["id"] for c in data["categories"])  # COCO 2017's json order is sorted
+    out = []
+    for info in data["images"]:
+        anns = [a for a in data["annotations"] if a["image_id"] == info["id"]]
+        out.append(
+            {
+                "image": os.path.join(p["image_dir"], info["file_name"]),
+                "image/filename": info["file_name"],
+                "image/id": info["id"],
+                "objects": _tfds_objects(anns, info, cat_ids),
+            }
+        )
+    return out
+
+
+def _as_skip_decoded(builder_input):
+    """What `tfds.data_source(..., decoders={'image': SkipDecoding()})` returns for it."""
+    with open(builder_input["image"], "rb") as f:
+        data = f.read()
+    objs = builder_input["objects"]
+    return {
+        "image": data,
+        "image/filename": builder_input["image/filename"].encode(),
+        "image/id": np.int64(builder_input["image/id"]),
+        "objects": {
+            "bbox": np.array([o["bbox"] for o in objs], np.float32).reshape(-1, 4),
+            "label": np.array([o["label"] for o in objs], np.int64),
+            "is_crowd": np.array([o["is_crowd"] for o in objs], bool),
+            "area": np.array([o["area"] for o in objs], np.int64),
+            "id": np.array([o["id"] for o in objs], np.int64),
+        },
+    }
+
+
+def _assert_same_records(tf_recs, coco_recs):
+    """tfds records == COCO records (COCO boxes clipped to the image, as tfds stores them)."""
+    assert [r["image_id"] for r in tf_recs] == [r["image_id"] for r in coco_recs]
+    for t, c in zip(tf_recs, coco_recs, strict=True):
+        h, w = c["orig_shape"]
+        assert tuple(t["orig_shape"]) == tuple(c["orig_shape"]), c["image_id"]
+        for key in ("boxes", "ignore_boxes"):
+            want = np.clip(c[key], 0, [w, h, w, h])
+            assert t[key].shape == want.shape, (c["image_id"], key)
+            np.testing.assert_allclose(t[key], want, atol=1e-3)
+        np.testing.assert_array_equal(t["labels"], c["labels"])
+        assert "image_bytes" not in t and "image" not in t and "tfds_ref" in t
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_records_from_source_match_coco_source(tmp_path, train):
+    p = write_coco_fixture(tmp_path)
+    coco = load_coco_records(p["ann_file"], p["image_dir"], filter_empty=train)
+    source = [_as_skip_decoded(e) for e in _fixture_as_tfds(p)]
+    recs, skipped = records_from_source(source, train)
+    assert skipped == 0
+    _assert_same_records(recs, coco.records)
+    if train:
+        # filter_empty_gt as the COCO source: the crowd-only image 7 stays (no GT), the image
+        # without annotations (6) and the one under 32 px (8) go
+        assert [r["image_id"] for r in recs] == [11, 3, 25, 4, 5, 7]
+        assert recs[-1]["boxes"].shape == (0, 4) and recs[-1]["ignore_boxes"].shape == (1, 4)
+    else:
+        assert len(recs) == 8
+    assert sum(len(r["boxes"]) for r in recs) >= 6  # not vacuous: real boxes came through
+
+
+def test_records_from_source_filter_empty_gt():
+    """Training keeps an image with ANY annotation (as `coco.load_coco_records`), even when
+    none of them is usable GT; it drops an image without annotations or under `min_size`."""
+    degenerate, _ = _example(encoded=True)  # only the w = 0.5 px box and the zero-area one
+    for k, v in degenerate["objects"].items():
+        degenerate["objects"][k] = v[[1, 1]]
+    degenerate["objects"]["area"] = np.array([5, 0], np.int64)
+    crowd, _ = _example(encoded=True)
+    crowd["objects"] = {k: v[[2]] for k, v in crowd["objects"].items()}
+    empty, _ = _example(encoded=True)
+    empty["objects"] = {k: v[:0] for k, v in empty["objects"].items()}
+    small, _ = _example(h=31, w=80, encoded=True)
+    for i, ex in enumerate([degenerate, crowd, empty, small]):
+        ex["image/id"] = np.int64(i)
+    recs, _ = records_from_source([degenerate, crowd, empty, small], train=True)
+    assert [r["image_id"] for r in recs] == [0, 1]
+    assert recs[0]["boxes"].shape == (0, 4) and recs[0]["ignore_boxes"].shape == (0, 4)
+    assert recs[1]["boxes"].shape == (0, 4) and recs[1]["ignore_boxes"].shape == (1, 4)
+    recs, _ = records_from_source([degenerate, crowd, empty, small], train=False)
+    assert [r["image_id"] for r in recs] == [0, 1, 2, 3]
+    recs, _ = records_from_source([degenerate, crowd, empty, small], train=True, min_size=31)
+    assert [r["image_id"] for r in recs] == [0, 1, 3]
+
+
+def test_records_from_source_bad_image(tmp_path):
+    p = write_coco_fixture(tmp_path)
+    source = [_as_skip_decoded(e) for e in _fixture_as_tfds(p)]
+    source[1]["image"] = b"garbage"
+    with pytest.raises(BadImageError, match="tfds image 3"):
+        records_from_source(source, True)
+    recs, skipped = records_from_source(source, True, on_bad_image="skip")
+    assert skipped == 1 and [r["image_id"] for r in recs] == [11, 25, 4, 5, 7]
+
+
+# --------------------------------------------------------- tensorflow_datasets, mocked
+@pytest.fixture
+def tfds_mock(tmp_path):
+    """`tfds.testing.mock_data` whose `coco/2017` data source holds the COCO fixture, passed
+    through the builder's real features: `serialize_example` then `deserialize_example_np`
+    with the decoders the caller gives (what an ArrayRecord data source does)."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    p = write_coco_fixture(tmp_path)
+    inputs = _fixture_as_tfds(p)
+
+    def as_data_source(builder, split, decoders=None, **kwargs):
+        feats = builder.info.features
+        return [
+            feats.deserialize_example_np(feats.serialize_example(e), decoders=decoders)
+            for e in inputs
+        ]
+
+    tfds_source._SOURCES.clear()
+    with tfds.testing.mock_data(
+        policy=tfds.testing.MockPolicy.USE_CODE, as_data_source_fn=as_data_source
+    ):
+        yield p
+    tfds_source._SOURCES.clear()
+
+
+def test_tfds_mock_data_source(tfds_mock):
+    from fgd_jax.data.pipeline import build_eval_loader, build_train_loader
+
+    p = tfds_mock
     cfg = coco_data()
     cfg.source = "tfds"
-    with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
-        recs = load_tfds_records(cfg, train=False)
-    assert len(recs) == 4
-    for r in recs.records:
-        assert r["boxes"].shape[1] == 4 and (r["labels"] < 80).all()
+    for train in (True, False):
+        recs = tfds_source.load_tfds_records(cfg, train=train)
+        coco = load_coco_records(p["ann_file"], p["image_dir"], filter_empty=train)
+        assert len(recs) == (6 if train else 8) and recs.label_to_cat_id == COCO_CAT_IDS
+        assert recs.num_classes == 80 and len(recs.class_names) == 80
+        _assert_same_records(recs.records, coco.records)
+        for r in recs.records:  # the worker-side decode gives the size read from the header
+            assert tfds_source.load_tfds_image(r).shape == (*r["orig_shape"], 3)
+    # loaders over the tfds records give the COCO loader's batches (same seed)
+    # the fixture's small canvases (as tests/test_data_pipeline.py; that module needs torch)
+    cfg = coco_data(p["root"], img_scale=(133, 80), canvases=((80, 144), (144, 80)), max_boxes=4)
+    cfg.train_ann = cfg.val_ann = "annotations/instances.json"
+    cfg.train_images = cfg.val_images = "images"
+    cfg.max_ignore, cfg.num_workers = 2, 0
+    tf_train = tfds_source.load_tfds_records(cfg, train=True)
+    tf_eval = tfds_source.load_tfds_records(cfg, train=False)
+    pairs = [
+        (
+            build_train_loader(cfg, 2, seed=1, process_index=0, process_count=1, records=tf_train),
+            build_train_loader(cfg, 2, seed=1, process_index=0, process_count=1),
+        ),
+        (
+            build_eval_loader(cfg, 4, process_index=0, process_count=1, records=tf_eval),
+            build_eval_loader(cfg, 4, process_index=0, process_count=1),
+        ),
+    ]
+    for tf_loader, coco_loader in pairs:
+        assert len(tf_loader) == len(coco_loader)
+        for _ in range(len(coco_loader)):
+            a, b = next(tf_loader), next(coco_loader)
+            assert a["valid"].any()
+            for k in b:
+                if k in ("boxes", "ignore_boxes", "scale_factor"):
+                    np.testing.assert_allclose(a[k], b[k], atol=1e-3, err_msg=k)
+                else:
+                    np.testing.assert_array_equal(a[k], b[k], err_msg=k)

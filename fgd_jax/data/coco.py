@@ -9,14 +9,16 @@ A *record* is a plain dict describing one image before any transform:
   ignore_boxes  [m, 4] float32 xyxy, the `iscrowd=1` boxes
 
 Rules (mmdetection 2.11 `CocoDataset.load_annotations / _parse_ann_info / _filter_imgs`):
-  - labels: category ids in `coco.getCatIds()` order (the json's category order, which for
-    COCO 2017 is sorted by id) -> 0, 1, 2, ...; `label_to_cat_id[label]` maps back.
+  - labels: category ids sorted by id -> 0, 1, 2, ...; `label_to_cat_id[label]` maps back.
+    (mmdetection uses `getCatIds()`, the json's order; COCO 2017's json is sorted, so the two
+    agree there, and sorting makes the labels independent of how a json lists categories.)
   - an annotation is dropped if `ignore` is set, it does not overlap the image, its `area` is
     <= 0 or its w or h < 1, or its category is unknown; survivors with `iscrowd` become ignore
     boxes.
   - training (`filter_empty=True`) keeps an image only if it has at least one annotation of a
-    known category (as mmdetection: an image whose annotations are all crowd or degenerate is
-    kept, with no GT) and min(h, w) >= `min_size` (32); evaluation keeps every image.
+    known category (as mmdetection's `filter_empty_gt`: an image whose annotations are all
+    crowd or degenerate is kept, with no GT) and min(h, w) >= `min_size` (32); evaluation keeps
+    every image. `fgd_jax.data.tfds_source` applies the same rules.
 Images are in the json's order (`coco.getImgIds()`).
 """
 
@@ -174,7 +176,7 @@ def load_coco_records(
     coco = read_coco_json(ann_file)
     if not os.path.isdir(image_dir):
         raise FileNotFoundError(f"image folder not found: {image_dir} (for {ann_file})")
-    cat_ids = list(coco.getCatIds())
+    cat_ids = sorted(coco.getCatIds())
     cat2label = {cid: i for i, cid in enumerate(cat_ids)}
     names = [coco.cats[c]["name"] for c in cat_ids]
 

@@ -13,6 +13,9 @@ Design (grain 0.2.18, `grain.MapDataset` API):
     effectively infinite range, step -> (epoch, batch) by division. Random choices (flip,
     multi-scale size) are drawn from `default_rng([seed, epoch, global slot])`, so a batch is a
     pure function of (config, seed, step): independent of `num_workers` and of resuming.
+  - Images skipped as unreadable (`on_bad_image='skip'`) are counted per batch in the extra
+    key `SKIPPED_KEY`, which `DetectionLoader` removes and adds to `num_skipped`: the count
+    reaches the consumer from worker processes too.
   - `.to_iter_dataset().mp_prefetch(num_workers)` decodes in worker processes (grain spawns
     them, forwards their exceptions to the consumer, and checkpoints per-worker positions);
     `num_workers=0` runs in-process. `DetectionLoader.get_state / set_state` expose grain's
@@ -39,7 +42,11 @@ from fgd_jax.data.coco import CocoRecords, load_coco_records
 log = logging.getLogger(__name__)
 
 _INFINITE_STEPS = 1 << 62
-_warned_overflow = False
+SKIPPED_KEY = "_num_skipped"  # per-batch count of skipped images, popped by DetectionLoader
+MULTISCALE_MODES = ("value", "range")
+# kinds of boxes ('gt', 'ignore') whose overflow of max_boxes / max_ignore was already warned
+# about in this process: one flag per kind, so one kind cannot hide the other's warning
+_warned_overflow: set[str] = set()
 
 
 # ------------------------------------------------------------------------------- records
@@ -171,17 +178,19 @@ def eval_schedule(groups: np.ndarray, num_canvases: int, global_batch: int):
 
 
 # ---------------------------------------------------------------------------- one example
-def _pad_boxes(boxes, labels, n, name):
-    """Pad / truncate (keeping the largest) boxes to n: (boxes [n,4], labels [n], valid [n])."""
-    global _warned_overflow
+def _pad_boxes(boxes, labels, n, name, kind="gt"):
+    """Pad / truncate (keeping the largest) boxes to n: (boxes [n,4], labels [n], valid [n]).
+
+    Warns once per process and `kind` ('gt': `max_boxes`, 'ignore': `max_ignore`)."""
     if len(boxes) > n:
-        if not _warned_overflow:
+        if kind not in _warned_overflow:
+            _warned_overflow.add(kind)
+            limit = "max_boxes" if kind == "gt" else "max_ignore"
             warnings.warn(
-                f"{name}: {len(boxes)} boxes exceed max_boxes={n}; keeping the {n} largest "
-                "(warned once)",
+                f"{name}: {len(boxes)} {kind} boxes exceed {limit}={n}; keeping the {n} largest "
+                f"(warned once for {kind} boxes)",
                 stacklevel=2,
             )
-            _warned_overflow = True
         area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
         keep = np.sort(np.argsort(-area, kind="stable")[:n])
         boxes, labels = boxes[keep], labels[keep]
@@ -206,6 +215,20 @@ def load_image(record: dict) -> np.ndarray:
     raise ValueError(f"record of image {record.get('image_id')} has no image source")
 
 
+def sample_short_side(shorts: Sequence[int], mode: str, rng: np.random.Generator) -> int:
+    """Multi-scale training: the short-side limit (px) of one image (mmdetection `Resize`).
+
+    'value' (`multiscale_mode='value'`, mmdetection FCOS `img_scale=[(1333, 640),
+    (1333, 800)]`): one of `shorts`, uniformly. 'range': an integer uniform in
+    [min(shorts), max(shorts)], both ends included.
+    """
+    if mode == "value":
+        return int(shorts[int(rng.integers(len(shorts)))])
+    if mode == "range":
+        return int(rng.integers(min(shorts), max(shorts) + 1))
+    raise ValueError(f"multiscale_mode must be one of {MULTISCALE_MODES}, got {mode!r}")
+
+
 def make_example(
     record: dict,
     canvas_hw: tuple[int, int],
@@ -216,19 +239,21 @@ def make_example(
     flip_prob: float = 0.0,
     rng: np.random.Generator | None = None,
     multiscale_short: Sequence[int] = (),
+    multiscale_mode: str = "value",
 ) -> dict[str, np.ndarray]:
     """One record -> one example with the per-image keys of the batch contract.
 
-    Steps (mmdetection 2.x train pipeline): decode, `Resize(keep_ratio)` at `img_scale` (or
-    short side uniform in `multiscale_short`, mmdet `multiscale_mode='range'`), `RandomFlip`,
-    `Normalize`, pad to `canvas_hw`. Raises `transforms.BadImageError` for unreadable images.
+    Steps (mmdetection 2.x train pipeline): decode, `Resize(keep_ratio)` at `img_scale` (or,
+    with `multiscale_short`, at (max(img_scale), short) with the short side drawn by
+    `sample_short_side`), `RandomFlip`, `Normalize`, pad to `canvas_hw`.
+    Raises `transforms.BadImageError` for unreadable images.
     """
     rng = rng if rng is not None else np.random.default_rng(0)
     img = load_image(record)
     oh, ow = img.shape[:2]
     if multiscale_short:
-        lo, hi = min(multiscale_short), max(multiscale_short)
-        scale = (max(img_scale), int(rng.integers(lo, hi + 1)))
+        short = sample_short_side(multiscale_short, multiscale_mode, rng)
+        scale = (max(img_scale), short)
     else:
         scale = tuple(img_scale)
     nb = len(record["boxes"])
@@ -238,9 +263,9 @@ def make_example(
     h, w = img.shape[:2]
     img = T.normalize_pad(img, canvas_hw, pixel_style)
     name = str(record.get("file_name", record.get("image_id")))
-    boxes, labels, valid = _pad_boxes(all_boxes[:nb], record["labels"], max_boxes, name)
+    boxes, labels, valid = _pad_boxes(all_boxes[:nb], record["labels"], max_boxes, name, "gt")
     ign, _, ign_valid = _pad_boxes(
-        all_boxes[nb:], np.zeros(len(all_boxes) - nb, np.int32), max_ignore, name
+        all_boxes[nb:], np.zeros(len(all_boxes) - nb, np.int32), max_ignore, name, "ignore"
     )
     return dict(
         image=img,
@@ -292,6 +317,7 @@ class _BatchMaker:
     train: bool
     img_scale: tuple
     multiscale_short: tuple
+    multiscale_mode: str
     pixel_style: str
     flip_prob: float
     max_boxes: int
@@ -302,6 +328,8 @@ class _BatchMaker:
     steps_per_epoch: int = 0
 
     def __post_init__(self):
+        # (epoch, batches, canvas) of the last epoch used; read threads share it, so it is
+        # read once into a local and replaced by a single assignment (never mutated)
         self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
         self.num_skipped = 0
 
@@ -310,13 +338,16 @@ class _BatchMaker:
         d["_cache"] = None
         return d
 
-    def _epoch(self, epoch):
-        if self._cache is None or self._cache[0] != epoch:
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """`epoch_schedule` of `epoch`, cached (thread-safe: one read, one atomic swap)."""
+        cache = self._cache
+        if cache is None or cache[0] != epoch:
             b, c = epoch_schedule(
                 self.groups, len(self.canvases), self.global_batch, self.seed, epoch
             )
-            self._cache = (epoch, b, c)
-        return self._cache[1], self._cache[2]
+            cache = (epoch, b, c)
+            self._cache = cache
+        return cache[1], cache[2]
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         step = int(step)
@@ -331,20 +362,25 @@ class _BatchMaker:
             idx = self.eval_batches[step, lo : lo + per_host]
             cid = int(self.eval_canvas[step])
         canvas_hw = tuple(self.canvases[cid])
-        examples = []
+        examples, skipped = [], 0
         for j, i in enumerate(idx):
             slot = step * self.global_batch + lo + j
-            examples.append(self._example(int(i), canvas_hw, epoch, slot))
-        return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+            ex, bad = self._example(int(i), canvas_hw, epoch, slot)
+            examples.append(ex)
+            skipped += bad
+        batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+        batch[SKIPPED_KEY] = np.array(skipped, np.int64)
+        return batch
 
-    def _example(self, i, canvas_hw, epoch, slot):
+    def _example(self, i, canvas_hw, epoch, slot) -> tuple[dict[str, np.ndarray], int]:
+        """(example, number of unreadable images skipped to make it)."""
         if i < 0:
-            return padding_example(canvas_hw, self.max_boxes, self.max_ignore)
+            return padding_example(canvas_hw, self.max_boxes, self.max_ignore), 0
         tries = 0
         while True:
             rng = np.random.default_rng([self.seed, epoch, slot, tries])
             try:
-                return make_example(
+                ex = make_example(
                     self.records[i],
                     canvas_hw,
                     self.img_scale,
@@ -354,7 +390,9 @@ class _BatchMaker:
                     flip_prob=self.flip_prob if self.train else 0.0,
                     rng=rng,
                     multiscale_short=self.multiscale_short if self.train else (),
+                    multiscale_mode=self.multiscale_mode,
                 )
+                return ex, tries
             except T.BadImageError as e:
                 if self.on_bad_image != "skip":
                     raise
@@ -364,7 +402,7 @@ class _BatchMaker:
                     stacklevel=2,
                 )
                 if not self.train:
-                    return padding_example(canvas_hw, self.max_boxes, self.max_ignore)
+                    return padding_example(canvas_hw, self.max_boxes, self.max_ignore), 1
                 tries += 1
                 group = np.flatnonzero(self.groups == self.groups[i])
                 if tries >= min(16, len(group)):
@@ -380,6 +418,10 @@ class DetectionLoader:
       records: the `CocoRecords` of the split (label <-> category id mapping, pycocotools GT).
       steps_per_epoch: global batches per epoch (train) or in total (eval).
       canvases: the (h, w) canvases batches are padded to.
+      num_skipped: unreadable images skipped (`on_bad_image='skip'`) while making the batches
+        this loader has returned so far, counted in every worker process (a training image
+        is replaced by the next of its canvas group, an eval image by a padding example).
+        Not part of `get_state()`. Images missing at load time are in `num_missing`.
     """
 
     def __init__(self, dataset, records: CocoRecords, steps_per_epoch: int, canvases, maker):
@@ -389,16 +431,24 @@ class DetectionLoader:
         self.canvases = canvases
         self._maker = maker
         self._it = iter(dataset)
+        self.num_skipped = 0
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
         try:
-            return next(self._it)
+            batch = next(self._it)
         except StopIteration:
             self.close()  # eval loader exhausted: release the workers now
             raise
+        self.num_skipped += int(batch.pop(SKIPPED_KEY, 0))
+        return batch
+
+    @property
+    def num_missing(self) -> int:
+        """Images dropped at load time because their file is missing (`on_bad_image='skip'`)."""
+        return self.records.num_skipped
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -460,6 +510,9 @@ def _build(data_cfg, global_batch_size, seed, process_index, process_count, trai
     canvases = tuple(tuple(int(v) for v in c) for c in data_cfg.canvases)
     img_scale = tuple(int(v) for v in data_cfg.img_scale)
     ms = tuple(int(v) for v in _cfg_get(data_cfg, "multiscale_short", ())) if train else ()
+    ms_mode = str(_cfg_get(data_cfg, "multiscale_mode", "value"))
+    if ms_mode not in MULTISCALE_MODES:
+        raise ValueError(f"data.multiscale_mode must be one of {MULTISCALE_MODES}, got {ms_mode!r}")
     groups = group_by_canvas(recs.records, img_scale, canvases, ms)
     maker = _BatchMaker(
         records=recs.records,
@@ -472,6 +525,7 @@ def _build(data_cfg, global_batch_size, seed, process_index, process_count, trai
         train=train,
         img_scale=img_scale,
         multiscale_short=ms,
+        multiscale_mode=ms_mode,
         pixel_style=_cfg_get(data_cfg, "pixel_style", "pytorch"),
         flip_prob=float(_cfg_get(data_cfg, "flip_prob", 0.5)),
         max_boxes=int(data_cfg.max_boxes),

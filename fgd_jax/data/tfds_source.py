@@ -2,9 +2,12 @@
 
 tfds stores boxes normalized as (ymin, xmin, ymax, xmax), labels already contiguous 0..79 (in
 COCO's sorted-id order, so `label_to_cat_id` is the sorted COCO ids) and `is_crowd` per object.
-`tfds_example_to_record` is the pure numpy conversion (tested without TensorFlow); records
-reference the example by (split, index) and the image is decoded in the pipeline workers from
-`tfds.data_source` (random access, needs the ArrayRecord build of the dataset).
+`tfds_example_to_record` and `records_from_source` are the pure numpy / PIL conversion (tested
+without TensorFlow); they apply `fgd_jax.data.coco`'s rules, so both sources give the same
+records. The data source is opened with `SkipDecoding` for the image: at startup only the
+encoded header is read (for the size), and the pipeline workers decode the bytes with
+`transforms.decode_image_bytes`, as the COCO source decodes files (EXIF orientation, RGB).
+Random access needs the ArrayRecord build of the dataset (`tfds.data_source`).
 
 tensorflow-datasets is optional: `pip install .[tfds]`.
 """
@@ -13,11 +16,17 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
+from fgd_jax.data import transforms as T
 from fgd_jax.data.coco import CocoRecords
+
+log = logging.getLogger(__name__)
 
 # COCO 2017 category ids of tfds labels 0..79 (COCO's 80 ids in sorted order).
 COCO_CAT_IDS = (
@@ -42,6 +51,27 @@ def _np(x: Any) -> np.ndarray:
     return np.asarray(x.numpy() if hasattr(x, "numpy") else x)
 
 
+def image_size_from_bytes(data: bytes, name: str = "<bytes>") -> tuple[int, int]:
+    """(h, w) in pixels of an encoded image as it decodes (EXIF orientation applied), read
+    from the header only: no pixel is decoded.
+
+    Raises:
+      BadImageError: the bytes are not an image PIL can identify (the message names `name`).
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            exif_bytes = im.info.get("exif")  # JPEG APP1 (parsed at open, with the header)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise T.BadImageError(f"{name}: cannot read image header ({type(e).__name__}: {e})") from e
+    if exif_bytes:
+        exif = Image.Exif()
+        exif.load(exif_bytes)
+        if exif.get(0x0112, 1) in (5, 6, 7, 8):  # transposed / rotated by 90 or 270 degrees
+            h, w = w, h
+    return int(h), int(w)
+
+
 def tfds_example_to_record(
     example: dict[str, Any], image_hw: tuple[int, int] | None = None
 ) -> dict[str, Any]:
@@ -54,8 +84,9 @@ def tfds_example_to_record(
       image_hw: (h, w) when `image` is encoded bytes (read from the header otherwise).
     Returns:
       record with `boxes` / `ignore_boxes` float32 xyxy pixels, `labels` int32, and
-      `image` (array) or `image_bytes` (bytes). mmdetection's rules apply: boxes with w or h
-      < 1 px or no overlap with the image are dropped, crowd boxes become ignore boxes.
+      `image` (array) or `image_bytes` (bytes). The rules of `coco.parse_annotations` apply:
+      boxes with area <= 0, w or h < 1 px (up to float32 rounding of the normalized
+      coordinates) or no overlap with the image are dropped, crowd boxes become ignore boxes.
     """
     for key in ("image", "image/id", "objects"):
         if key not in example:
@@ -67,11 +98,7 @@ def tfds_example_to_record(
         data = bytes(_np(image).item()) if not isinstance(image, bytes) else image
         rec["image_bytes"] = data
         if image_hw is None:
-            from PIL import Image
-
-            with Image.open(io.BytesIO(data)) as im:
-                w, h = im.size
-            image_hw = (h, w)
+            image_hw = image_size_from_bytes(data, f"tfds image {rec['image_id']}")
     else:
         arr = _np(image)
         if arr.ndim != 3:
@@ -89,7 +116,8 @@ def tfds_example_to_record(
     bw, bh = xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]
     inter_w = np.maximum(0, np.minimum(xyxy[:, 2], w) - np.maximum(xyxy[:, 0], 0))
     inter_h = np.maximum(0, np.minimum(xyxy[:, 3], h) - np.maximum(xyxy[:, 1], 0))
-    keep = (bw >= 1) & (bh >= 1) & (inter_w * inter_h > 0)
+    # tfds keeps coordinates as float32 fractions: allow their rounding (~1e-4 px) at w = 1
+    keep = (bw >= 1 - _PX_EPS) & (bh >= 1 - _PX_EPS) & (inter_w * inter_h > 0)
     if "area" in objs:
         keep &= _np(objs["area"]).reshape(-1) > 0
     rec.update(
@@ -101,7 +129,10 @@ def tfds_example_to_record(
     return rec
 
 
-@dataclasses.dataclass
+_PX_EPS = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
 class _TfdsRef:
     name: str
     split: str
@@ -112,43 +143,97 @@ _SOURCES: dict[tuple, Any] = {}
 
 
 def _data_source(ref: _TfdsRef):
-    key = (ref.name, ref.split, ref.data_dir)
-    if key not in _SOURCES:
-        _SOURCES[key] = _import_tfds().data_source(ref.name, split=ref.split, data_dir=ref.data_dir)
-    return _SOURCES[key]
+    """`tfds.data_source` of `ref` with undecoded images (`image` is the encoded bytes)."""
+    if ref not in _SOURCES:
+        tfds = _import_tfds()
+        _SOURCES[ref] = tfds.data_source(
+            ref.name,
+            split=ref.split,
+            data_dir=ref.data_dir,
+            decoders={"image": tfds.decode.SkipDecoding()},
+        )
+    return _SOURCES[ref]
 
 
 def load_tfds_image(record: dict) -> np.ndarray:
-    """Decode the image of a record made by `load_tfds_records` (inside a worker)."""
+    """Decode the image of a record made by `load_tfds_records` (inside a worker):
+    `[H, W, 3] uint8` RGB, as `transforms.decode_image` (EXIF applied).
+
+    Raises:
+      BadImageError: the stored bytes do not decode (the message names split, index, id).
+    """
     ref, index = record["tfds_ref"]
     ex = _data_source(ref)[int(index)]
-    return np.asarray(ex["image"], dtype=np.uint8)
+    data = ex["image"]
+    data = data if isinstance(data, bytes) else bytes(_np(data).item())
+    name = f"tfds {ref.name} {ref.split}[{index}] (image id {record.get('image_id')})"
+    return T.decode_image_bytes(data, name)
+
+
+def records_from_source(
+    source: Sequence[dict[str, Any]],
+    train: bool,
+    min_size: int = 32,
+    on_bad_image: str = "error",
+    ref: Any = None,
+) -> tuple[list[dict[str, Any]], int]:
+    """Records of the examples of a tfds-like data source (`source[i]` -> example dict with
+    the encoded image, see `tfds_example_to_record`), with `coco.load_coco_records`' rules.
+
+    Training (`filter_empty_gt`, mmdetection `_filter_imgs`) keeps an example only if it has
+    at least one object, crowd or degenerate ones included (such images are kept with no GT,
+    as the COCO source does), and min(h, w) >= `min_size`; evaluation keeps every example.
+    Images are not kept: a record holds `tfds_ref = (ref, index)` for `load_tfds_image`.
+
+    Returns:
+      (records, skipped): `skipped` counts examples whose image header is unreadable
+      (`on_bad_image='skip'`; with 'error' they raise `BadImageError`).
+    """
+    if on_bad_image not in ("error", "skip"):
+        raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+    records, skipped = [], 0
+    for i in range(len(source)):
+        ex = source[i]
+        if train and len(_np(ex["objects"]["label"]).reshape(-1)) == 0:
+            continue  # no annotation at all
+        try:
+            rec = tfds_example_to_record(ex)
+        except T.BadImageError:
+            if on_bad_image == "error":
+                raise
+            skipped += 1
+            log.warning("skipping unreadable tfds example %d (%d skipped so far)", i, skipped)
+            continue
+        if train and min(rec["orig_shape"]) < min_size:
+            continue
+        rec.pop("image", None)
+        rec.pop("image_bytes", None)
+        rec["tfds_ref"] = (ref, i)
+        records.append(rec)
+    return records, skipped
 
 
 def load_tfds_records(data_cfg: Any, train: bool) -> CocoRecords:
     """Records of `coco/2017` train / validation from tensorflow-datasets.
 
-    Reads the objects of every example once (images are not kept; the pipeline reads them
-    again by index). Training drops images without objects or smaller than 32 px (mmdetection
-    `_filter_imgs`). `data_cfg.get('tfds_data_dir')` selects the tfds data folder.
+    Reads the objects and the image header of every example once, without decoding images
+    (the pipeline reads them again by index). Filtering as `records_from_source`, with
+    `data_cfg.min_size` (32) and `data_cfg.on_bad_image`; `data_cfg.tfds_data_dir` selects the
+    tfds data folder.
     """
     tfds = _import_tfds()
     name = data_cfg.get("tfds_name", "coco/2017")
     split = "train" if train else "validation"
     data_dir = data_cfg.get("tfds_data_dir", None)
     ref = _TfdsRef(name, split, data_dir)
-    src = tfds.data_source(name, split=split, data_dir=data_dir)
-    records = []
-    for i in range(len(src)):
-        rec = tfds_example_to_record(src[i])
-        rec.pop("image", None)
-        rec.pop("image_bytes", None)
-        rec["tfds_ref"] = (ref, i)
-        empty = len(rec["boxes"]) + len(rec["ignore_boxes"]) == 0
-        if train and (empty or min(rec["orig_shape"]) < 32):
-            continue
-        records.append(rec)
+    records, skipped = records_from_source(
+        _data_source(ref),
+        train,
+        min_size=int(data_cfg.get("min_size", 32)),
+        on_bad_image=data_cfg.get("on_bad_image", "error"),
+        ref=ref,
+    )
     if not records:
-        raise ValueError(f"tfds {name} {split}: no usable images")
+        raise ValueError(f"tfds {name} {split}: no usable images ({skipped} unreadable)")
     names = list(tfds.builder(name, data_dir=data_dir).info.features["objects"]["label"].names)
-    return CocoRecords(records, list(COCO_CAT_IDS), names, None, f"tfds:{name}/{split}")
+    return CocoRecords(records, list(COCO_CAT_IDS), names, None, f"tfds:{name}/{split}", skipped)
