@@ -2,9 +2,10 @@
 (`fcos_center-normbbox-giou_r50_caffe_fpn_gn-head`: centre sampling, regression / stride, GIoU,
 tower conv bias, NMS 0.6), data and 2x schedule, without the teacher, COCO.
 
-Caffe-style ResNet-50 with BGR mean-only input, multi-scale short side 640-800 (uniform here;
-mmdetection's 'value' mode picks 640 or 800), SGD lr 0.01 for 16 images with bias lr x2 and no
-bias decay, linear warm-up from 1/3 over 500 iterations, steps at epochs 16 and 22, no
+Caffe-style ResNet-50 with frozen BN, BGR input minus the mean (103.53, 116.28, 123.675), std 1
+(the student config's `img_norm_cfg`), multi-scale training with the short side 640 or 800
+(`multiscale_mode='value'`, long side <= 1333), SGD lr 0.01 for 16 images with bias lr x2 and
+no bias decay, linear warm-up from 1/3 over 500 iterations, steps at epochs 16 and 22, no
 gradient clipping (the student's mmdetection config sets `grad_clip=None`; the FGD config turns
 clipping at 35 back on).
 
@@ -21,9 +22,11 @@ from fgd_jax import config as C
 
 def get_config() -> C.ConfigDict:
     cfg = C.ConfigDict()
+    # pixel_mean defaults to the student config's (103.53, 116.28, 123.675)
     cfg.model = C.fcos_model(depth=50, tricks=True)
     cfg.data = C.coco_data(pixel_style="caffe")
     cfg.data.multiscale_short = (640, 800)
+    cfg.data.multiscale_mode = "value"  # 640 or 800, mmdetection's multiscale_mode='value'
     cfg.train = C.schedule_2x(batch_size=16, base_lr=0.01)
     cfg.train.warmup = "linear"
     cfg.train.warmup_iters = 500

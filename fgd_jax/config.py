@@ -191,7 +191,11 @@ def coco_data(
             val_ann="annotations/instances_val2017.json",
             val_images="val2017",
             img_scale=tuple(img_scale),
-            multiscale_short=(),  # e.g. (640, 800) for FCOS multi-scale training
+            # multi-scale training: short-side limits, e.g. (640, 800) for FCOS; 'value' picks
+            # one of them per image (mmdetection multiscale_mode='value', FGD's FCOS config),
+            # 'range' an integer uniform in [min, max]
+            multiscale_short=(),
+            multiscale_mode="value",
             canvases=tuple(tuple(c) for c in canvases),
             pixel_style=pixel_style,
             flip_prob=0.5,
@@ -409,13 +413,29 @@ def fcos_model(
     num_groups: int = 32,
     frozen_stages: int = 1,
     style: str = "caffe",
+    pixel_mean: Sequence[float] | None = None,
 ) -> ConfigDict:
     """mmdetection 2.x FCOS, `fcos_r50_caffe_fpn_gn-head` (`tricks=False`: exp regression, IoU
     loss, centerness on the cls tower, NMS 0.5) or the FGD student's
     `fcos_center-normbbox-giou_r50_caffe_fpn_gn-head` (`tricks=True`: centre sampling 1.5,
     regression / stride with ReLU, GIoU loss, bias in the tower convs, NMS 0.6; centerness
     stays on the cls tower, `centerness_on_reg=False` in that config). `depth=101` for the
-    teacher. `fpn_channels`, `feat_channels`, `num_groups` shrink it for tests."""
+    teacher. `fpn_channels`, `feat_channels`, `num_groups` shrink it for tests.
+
+    `pixel_mean` (style 'caffe' only): the BGR mean in 0-255 units (std 1) the weights expect,
+    mmdetection's `img_norm_cfg.mean`. Default by variant, as mmdetection 2.11's configs: plain
+    (102.9801, 115.9465, 122.7717), tricks (103.53, 116.28, 123.675). The data pipeline's
+    'caffe' style subtracts `CAFFE_PIXEL_MEAN` (= the tricks mean); the model adds
+    `data_pixel_mean - pixel_mean` inside each image (see `fgd_jax.models.fcos`)."""
+    if style == "caffe":
+        if pixel_mean is None:
+            pixel_mean = CAFFE_PIXEL_MEAN if tricks else (102.9801, 115.9465, 122.7717)
+        pixel_mean = tuple(float(v) for v in pixel_mean)
+        data_pixel_mean = tuple(CAFFE_PIXEL_MEAN)
+    elif pixel_mean is not None:
+        raise ValueError(f"fcos_model: pixel_mean is for style 'caffe' (std 1), not {style!r}")
+    else:
+        data_pixel_mean = None
     # mmdetection's FCOS: `norm_cfg=dict(type='BN', requires_grad=False)` in the backbone
     backbone = resnet_backbone(
         depth=depth, style=style, frozen_stages=frozen_stages, norm_requires_grad=False
@@ -460,6 +480,8 @@ def fcos_model(
                 loss_bbox_weight=1.0,
                 loss_centerness_weight=1.0,
             ),
+            pixel_mean=pixel_mean,
+            data_pixel_mean=data_pixel_mean,
             train_cfg=dict(size_divisor=32),
             test_cfg=dict(
                 nms_pre=1000,

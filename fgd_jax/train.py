@@ -378,6 +378,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                 busy = max(now - t_last - paused, 1e-9)
                 host["images_per_s"] = global_batch * (step - step_last) / busy
                 host["step_time_s"] = busy / max(step - step_last, 1)
+                skipped = getattr(loader, "num_skipped", 0)
+                if skipped:  # unreadable images replaced (data.on_bad_image='skip')
+                    host["data_skipped_images"] = skipped
                 t_last, step_last, paused = now, step, 0.0
                 logger.log(step, host)
             stopping = at_log and stop.agreed()

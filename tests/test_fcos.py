@@ -13,6 +13,15 @@ References and tolerances:
   IoU 'log' loss and centerness BCE in torch) on random outputs, within 1e-5 relative.
 - The postprocess ('mmdet'): a torch transcription of mmdetection 2.11 `FCOSHead._get_bboxes` +
   `multiclass_nms(score_factors=centerness)` using `torchvision.ops.batched_nms`.
+- mmdetection checkpoint layout: a torch FCOS written here with mmdetection 2.11's parameter
+  names (mmcv `ConvModule` `.conv`/`.gn`, 0-d `Scale.scale`, FPN `lateral_convs`/`fpn_convs`,
+  torchvision's ResNet keys = mmdetection's) and `FCOSHead.forward_single`: strict import,
+  strict `load_state_dict` of our export, head outputs within 1e-4 relative (both variants).
+- Input normalisation: mmdetection's `Normalize` (BGR minus the variant's mean, std 1) then
+  zero padding, written here, vs our pipeline's `normalize_pad` + the model's `input_shift`.
+- Configs: values from mmdetection 2.11 `configs/fcos/` and yzd-v/FGD's FCOS configs.
+- FGD training: the student variant under the SGD recipe, every loss part falls (own first
+  steps as the reference).
 """
 
 from __future__ import annotations
@@ -607,3 +616,407 @@ def test_tiny_fcos_overfits_one_batch():
     last = {k: float(v) for k, v in losses.items()}
     assert last["loss_cls"] + last["loss_bbox"] < 0.2 * (first["loss_cls"] + first["loss_bbox"])
     assert last["loss_centerness"] < first["loss_centerness"]
+
+
+# ------------------------------------------------------------------ input mean (per variant)
+PLAIN_MEAN = (102.9801, 115.9465, 122.7717)  # mmdetection 2.11 fcos_r*_caffe_fpn_gn-head*
+TRICKS_MEAN = (103.53, 116.28, 123.675)  # fcos_center-normbbox-giou_* (the FGD student)
+
+
+def _tiny_caffe_cfg(tricks=False, pixel_mean=None):
+    cfg = C.fcos_model(
+        depth=18,
+        num_classes=3,
+        tricks=tricks,
+        feat_channels=16,
+        fpn_channels=16,
+        stacked_convs=2,
+        num_groups=4,
+        pixel_mean=pixel_mean,
+    )
+    cfg.test_cfg.max_candidates = 300
+    return cfg
+
+
+def test_pixel_mean_defaults_follow_the_variant():
+    assert tuple(C.fcos_model(tricks=False).pixel_mean) == PLAIN_MEAN
+    assert tuple(C.fcos_model(tricks=True).pixel_mean) == TRICKS_MEAN
+    assert tuple(C.fcos_model().data_pixel_mean) == tuple(C.CAFFE_PIXEL_MEAN) == TRICKS_MEAN
+    assert C.fcos_model(style="pytorch").pixel_mean is None
+    with pytest.raises(ValueError, match="pixel_mean"):
+        C.fcos_model(style="pytorch", pixel_mean=PLAIN_MEAN)
+    plain = build_detector(C.fcos_model(tricks=False))
+    np.testing.assert_allclose(plain.input_shift, np.subtract(TRICKS_MEAN, PLAIN_MEAN), atol=1e-9)
+    assert build_detector(C.fcos_model(tricks=True)).input_shift == (0.0, 0.0, 0.0)
+    cfg = C.fcos_model()
+    cfg.data_pixel_mean = None
+    with pytest.raises(ValueError, match="data_pixel_mean"):
+        build_detector(cfg)
+
+
+def test_input_shift_gives_mmdet_normalisation_inside_the_image_only():
+    """Our pipeline ('caffe': BGR - (103.53, ...), zero padding) + the plain model's shift ==
+    mmdetection's plain FCOS input (BGR - (102.9801, ...), then zero padding), written here."""
+    from fgd_jax.data import transforms as T
+
+    rng = np.random.default_rng(0)
+    h, w, canvas = 40, 56, (64, 64)
+    rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    ours_in = T.normalize_pad(rgb, canvas, "caffe")[None]
+    ref_in = np.zeros((1, *canvas, 3), np.float32)
+    ref_in[0, :h, :w] = rgb[:, :, ::-1].astype(np.float32) - np.float32(PLAIN_MEAN)
+    img_shape = np.array([[h, w]], np.int32)
+
+    shifted = np.asarray(fc.shift_input(jnp.asarray(ours_in), (0.5499, 0.3335, 0.9033), img_shape))
+    np.testing.assert_allclose(shifted, ref_in, atol=1e-4)
+    assert not shifted[0, h:].any() and not shifted[0, :, w:].any()  # padding stays 0
+
+    model = build_detector(_tiny_caffe_cfg(tricks=False))  # shift (0.5499, 0.3335, 0.9033)
+    ref_model = build_detector(_tiny_caffe_cfg(tricks=False, pixel_mean=TRICKS_MEAN))  # none
+    assert ref_model.input_shift == (0.0, 0.0, 0.0)
+    variables = jax.jit(model.init)(jax.random.key(0), ours_in)
+    batch = dict(
+        image=ours_in,
+        boxes=np.array([[[4.0, 4.0, 30.0, 36.0]]], np.float32),
+        labels=np.array([[1]], np.int32),
+        valid=np.array([[True]]),
+        img_shape=img_shape,
+    )
+
+    @jax.jit
+    def run(v):
+        _, feats = model.apply(v, batch, method="forward_train")
+        ref = ref_model.apply(v, jnp.asarray(ref_in), method="extract_feat")
+        unbounded = model.apply(v, jnp.asarray(ours_in), method="extract_feat")
+        return feats, ref, unbounded
+
+    feats, ref, unbounded = run(variables)
+    for lvl, (f, r) in enumerate(zip(feats, ref, strict=True)):
+        _rel_close(f, r, 1e-5, f"P{lvl + 3}")
+    # without img_shape the shift also lands on the padding: a different input
+    assert not np.allclose(np.asarray(unbounded[0]), np.asarray(ref[0]), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- configs
+def _load(name):
+    import os
+
+    return C.load_config(os.path.join(os.path.dirname(__file__), "..", "configs", name))
+
+
+def test_fcos_configs_follow_mmdet_and_fgd():
+    """Values verified against mmdetection 2.11 `configs/fcos/` and yzd-v/FGD's
+    `fgd_fcos_r101_distill_fcos_r50_2x_coco.py` + its student config (see the config files)."""
+    teacher, student, fgd = (
+        _load(n) for n in ("fcos_r101_baseline.py", "fcos_r50_baseline.py", "fcos_r101_r50.py")
+    )
+    for cfg in (teacher, student, fgd):
+        assert cfg.data.pixel_style == "caffe"
+        assert tuple(cfg.data.multiscale_short) == (640, 800)
+        assert cfg.data.multiscale_mode == "value"
+        tr = cfg.train
+        assert (tr.batch_size, tr.base_lr, tr.optimizer, tr.momentum) == (16, 0.01, "sgd", 0.9)
+        assert (tr.weight_decay, tr.bias_lr_mult, tr.bias_decay_mult) == (1e-4, 2.0, 0.0)
+        assert (tr.num_epochs, tuple(tr.decay_epochs)) == (24, (16, 22))
+        assert (tr.warmup_iters, tr.warmup_ratio) == (500, 1.0 / 3)
+        assert cfg.model.backbone.style == "caffe" and not cfg.model.backbone.norm_requires_grad
+    # the plain teacher was trained on (102.9801, ...); the student configs use (103.53, ...)
+    assert tuple(teacher.model.pixel_mean) == PLAIN_MEAN
+    assert (teacher.train.warmup, teacher.train.grad_clip_norm) == ("constant", 35.0)
+    assert not teacher.model.head.center_sampling and teacher.model.head.loss_bbox == "iou"
+    assert tuple(student.model.pixel_mean) == TRICKS_MEAN
+    assert (student.train.warmup, student.train.grad_clip_norm) == ("linear", 0.0)
+    # FGD: one image, normalised by the student's pipeline, feeds both networks
+    assert tuple(fgd.model.pixel_mean) == TRICKS_MEAN
+    assert tuple(fgd.teacher.model.pixel_mean) == TRICKS_MEAN
+    assert build_detector(fgd.teacher.model).input_shift == (0.0, 0.0, 0.0)
+    assert fgd.teacher.model.backbone.depth == 101 and fgd.model.backbone.depth == 50
+    assert not fgd.teacher.model.head.norm_on_bbox and fgd.model.head.norm_on_bbox
+    assert fgd.model.head.center_sampling and fgd.model.head.loss_bbox == "giou"
+    assert fgd.model.test_cfg.iou_threshold == 0.6 and not fgd.model.head.centerness_on_reg
+    d = fgd.distill
+    assert (d.temp, d.alpha_fgd, d.beta_fgd, d.gamma_fgd, d.lambda_fgd) == (
+        0.8,
+        0.0016,
+        0.0008,
+        0.0008,
+        0.000008,
+    )
+    assert d.num_levels == 5 and d.init_student and d.box_scale == "img_shape"
+    assert (fgd.train.warmup, fgd.train.grad_clip_norm) == ("linear", 35.0)
+
+
+# ------------------------------------------------------------- mmdetection layout (torch)
+class _ConvModule(torch.nn.Module):
+    """mmcv `ConvModule` as FCOS uses it: `.conv` (+ `.gn` and ReLU when `groups`)."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, bias=True, groups=0):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(cin, cout, k, stride, padding=k // 2, bias=bias)
+        self.gn = torch.nn.GroupNorm(groups, cout) if groups else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        return F.relu(self.gn(x)) if self.gn is not None else x
+
+
+class _Scale(torch.nn.Module):
+    """mmcv `Scale`: a 0-d learnable `scale`."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+class _MMDetFCOSHead(torch.nn.Module):
+    """mmdetection 2.11 `FCOSHead` names and `forward_single` (written for this test)."""
+
+    def __init__(self, cin, num_classes, feat, stacked, groups, tricks, strides=STRIDES):
+        super().__init__()
+        self.cls_convs = torch.nn.ModuleList()
+        self.reg_convs = torch.nn.ModuleList()
+        for i in range(stacked):
+            c = cin if i == 0 else feat
+            self.cls_convs.append(_ConvModule(c, feat, 3, bias=tricks, groups=groups))
+            self.reg_convs.append(_ConvModule(c, feat, 3, bias=tricks, groups=groups))
+        self.conv_cls = torch.nn.Conv2d(feat, num_classes, 3, padding=1)
+        self.conv_reg = torch.nn.Conv2d(feat, 4, 3, padding=1)
+        self.conv_centerness = torch.nn.Conv2d(feat, 1, 3, padding=1)
+        self.scales = torch.nn.ModuleList([_Scale() for _ in strides])
+        self.strides, self.norm_on_bbox = strides, tricks
+
+    def forward(self, feats):
+        out = []
+        for x, scale, stride in zip(feats, self.scales, self.strides, strict=True):
+            c, r = x, x
+            for m in self.cls_convs:
+                c = m(c)
+            for m in self.reg_convs:
+                r = m(r)
+            ctr = self.conv_centerness(c)  # centerness_on_reg=False in both variants
+            reg = scale(self.conv_reg(r)).float()
+            if self.norm_on_bbox:
+                reg = F.relu(reg)
+                if not self.training:
+                    reg = reg * stride
+            else:
+                reg = reg.exp()
+            out.append((self.conv_cls(c), reg, ctr))
+        return out
+
+
+class _MMDetFPN(torch.nn.Module):
+    """mmdetection FPN names, start_level 1, 'on_output' extra convs (parameters only)."""
+
+    def __init__(self, in_channels, out, num_outs=5):
+        super().__init__()
+        self.lateral_convs = torch.nn.ModuleList([_ConvModule(c, out, 1) for c in in_channels])
+        self.fpn_convs = torch.nn.ModuleList(
+            [
+                _ConvModule(out, out, 3, stride=1 if i < len(in_channels) else 2)
+                for i in range(num_outs)
+            ]
+        )
+
+
+class _MMDetFCOS(torch.nn.Module):
+    """`backbone` (mmdetection ResNet names = torchvision's without `fc`), `neck`, `bbox_head`."""
+
+    def __init__(self, tricks: bool):
+        super().__init__()
+        self.backbone = torchvision.models.resnet18(weights=None)
+        del self.backbone.fc
+        self.neck = _MMDetFPN((128, 256, 512), 16)
+        self.bbox_head = _MMDetFCOSHead(16, 3, 16, 2, 4, tricks)
+
+
+@pytest.mark.parametrize("tricks", [False, True])
+def test_mmdet_layout_import_export_and_head_forward(tricks):
+    """An mmdetection-named FCOS (0-d `scales.i.scale`) imports strictly; our export loads
+    back into it with `strict=True` (same tensors); head outputs equal within 1e-4."""
+    from fgd_jax.convert import export_torch_state_dict, import_torch_checkpoint
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    ref = _MMDetFCOS(tricks)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("scale"):
+                p.uniform_(0.5, 1.5, generator=gen)
+            elif ".gn." in name and name.endswith("weight"):
+                p.uniform_(0.5, 1.5, generator=gen)
+            else:
+                p.normal_(0, 0.1, generator=gen)
+    ref.eval()
+    assert ref.state_dict()["bbox_head.scales.0.scale"].shape == ()
+    cfg = _tiny_caffe_cfg(tricks=tricks)
+    variables = import_torch_checkpoint(ref.state_dict(), cfg)  # strict by default
+    assert variables["params"]["bbox_head"]["scales_3"]["scale"].shape == ()
+
+    exported = export_torch_state_dict(variables, cfg)
+    assert exported["bbox_head.scales.0.scale"].shape == ()
+    back = _MMDetFCOS(tricks)
+    back.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in exported.items()})
+    for key, value in ref.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+
+    fgen = torch.Generator().manual_seed(2)
+    sizes = [(8, 12), (4, 6), (2, 3), (1, 2), (1, 1)]
+    feats = [torch.randn(2, 16, h, w, generator=fgen) for h, w in sizes]
+    with torch.no_grad():
+        want = ref.bbox_head(feats)
+    model = build_detector(cfg)
+    got = jax.jit(lambda v, f: model.apply(v, f, method=lambda m, x: m.bbox_head(x)))(
+        variables, [jnp.asarray(f.permute(0, 2, 3, 1).numpy()) for f in feats]
+    )
+    for lvl, (cls, reg, ctr) in enumerate(want):
+        # ours keeps norm_on_bbox distances in stride units; mmdetection's eval multiplies
+        scale = STRIDES[lvl] if tricks else 1.0
+        _rel_close(got[0][lvl], cls.permute(0, 2, 3, 1).numpy(), 1e-4, f"cls {lvl}")
+        _rel_close(got[1][lvl] * scale, reg.permute(0, 2, 3, 1).numpy(), 1e-4, f"reg {lvl}")
+        _rel_close(got[2][lvl], ctr.permute(0, 2, 3, 1).numpy(), 1e-4, f"ctr {lvl}")
+
+
+# ------------------------------------------------------------------ FGD training (tiny)
+def _tiny_fgd_model(tricks: bool, pixel_mean=None):
+    m = C.fcos_model(
+        depth=18,
+        num_classes=6,
+        tricks=tricks,
+        feat_channels=32,
+        stacked_convs=1,
+        fpn_channels=32,
+        num_groups=8,
+        frozen_stages=-1,
+        pixel_mean=pixel_mean,
+    )
+    m.backbone.norm_eval = False  # from scratch: BN statistics must be learned
+    return m
+
+
+@pytest.mark.slow
+def test_fgd_student_variant_trains_with_sgd_and_every_loss_part_falls(tmp_path):
+    """configs/fcos_r101_r50.py at toy scale: the FGD student variant (centre sampling,
+    norm_on_bbox, GIoU, tower conv bias) with caffe BGR input, a plain-FCOS teacher fed the
+    student's image, FGD with the paper's FCOS hyper-parameters on all 5 levels, inheriting,
+    and the SGD recipe (momentum 0.9, bias lr x2 without decay, linear warm-up from 1/3,
+    clipping at 35). It runs the trainer's own `init_train_state` / `make_train_step` (the
+    optimizer, inheriting, FGD losses) for 60 steps on the synthetic shapes, skipping `train`'s
+    checkpoints and final eval to keep the test short, and compares the means of the first
+    and the last 10 steps."""
+    from fgd_jax import train as train_lib
+    from fgd_jax.data import pipeline
+
+    from ._tiny import tiny_config
+
+    steps, n, cycle = 60, 10, 5
+    cfg = tiny_config(str(tmp_path / "data"), "fgd", steps=steps)
+    cfg.model = _tiny_fgd_model(tricks=True)
+    cfg.teacher.model = _tiny_fgd_model(tricks=False, pixel_mean=C.CAFFE_PIXEL_MEAN)
+    cfg.distill = C.fgd_distill(
+        temp=0.8,
+        alpha_fgd=0.0016,
+        beta_fgd=0.0008,
+        gamma_fgd=0.0008,
+        lambda_fgd=0.000008,
+        num_levels=5,
+        student_channels=32,
+        teacher_channels=32,
+        init_student=True,
+        inherit_allow_missing=(r"^bbox_head/(cls|reg)_convs_\d+/conv/bias$",),
+    )
+    cfg.data.pixel_style = "caffe"
+    cfg.data.num_workers = 0
+    tc = cfg.train
+    tc.optimizer, tc.base_lr, tc.momentum, tc.weight_decay = "sgd", 0.004, 0.9, 1e-4
+    tc.bias_lr_mult, tc.bias_decay_mult, tc.grad_clip_norm = 2.0, 0.0, 35.0
+    tc.warmup, tc.warmup_ratio, tc.warmup_iters = "linear", 1.0 / 3, 2
+    tc.decay_steps = (steps,)
+    # `cycle` fixed batches (the 16 images, flips and all), cycled: the first and the last n
+    # steps see the same images twice, so their means differ by training only, not by which
+    # boxes (and how much background) the batches happen to hold
+    loader = pipeline.build_train_loader(cfg.data, global_batch_size=tc.batch_size, seed=0)
+    batches = [next(loader) for _ in range(cycle)]
+    loader.close()
+
+    # A random teacher stands in for a trained one. Its BN statistics must still fit its
+    # inputs (a trained caffe ResNet's do): with the init statistics (mean 0, var 1) the
+    # eval-mode teacher passes the +-128 caffe input unnormalised, its FPN maps come out
+    # ~100x too large and FGD's loss (~1e4) drowns the detector's. So: a few train-mode
+    # forward passes to update the running statistics, as a trained teacher would have them.
+    exp = train_lib.Experiment(cfg)
+    teacher_vars = jax.jit(exp.teacher.init)(jax.random.key(1), batches[0]["image"][:1])
+
+    @jax.jit
+    def calibrate(v, images):
+        _, new = exp.teacher.apply(
+            v, images, train=True, mutable=["batch_stats"], method="extract_feat"
+        )
+        return dict(v, batch_stats=new["batch_stats"])
+
+    for i in range(20):  # momentum 0.1: 1 - 0.9**20 = 88% of the way
+        teacher_vars = calibrate(teacher_vars, batches[i % cycle]["image"])
+
+    state, tx, schedule = train_lib.init_train_state(
+        exp, train_lib.dummy_batch(cfg.data), loader.steps_per_epoch, teacher_vars
+    )
+    step = jax.jit(train_lib.make_train_step(exp, tx, schedule))
+    recs = []
+    for i in range(steps):
+        state, metrics = step(state, teacher_vars, batches[i % cycle])
+        recs.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+    assert all(np.isfinite(v) for r in recs for v in r.values())
+    keys = [k for k in recs[0] if k.startswith("loss")]
+    first = {k: np.mean([r[k] for r in recs[:n]]) for k in keys}
+    last = {k: np.mean([r[k] for r in recs[-n:]]) for k in keys}
+    fgd_levels = [f"loss_fgd_fpn_{i}" for i in range(5)]
+    assert {"loss_cls", "loss_bbox", "loss_centerness", *fgd_levels} <= set(keys)
+    assert {f"loss_fgd_fpn_0/{p}" for p in ("fg", "bg", "mask", "relation")} <= set(keys)
+
+    # The centerness BCE starts at ln 2 (logit 0) and cannot go below the mean entropy of its
+    # soft targets (~0.58 nats here), so only ~0.11 can go in total: it must close 15% of that
+    # gap (measured 23%; a plain 20% drop is out of its reach).
+    shapes = [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]
+    counts = [h * w for h, w in shapes]
+    student = exp.student
+    targets = jax.jit(
+        jax.vmap(
+            lambda bx, lb, ok: fc.fcos_targets(
+                jnp.concatenate(student.points(shapes), 0),
+                fc._per_point(student.strides, counts),
+                fc._per_point(student.regress_ranges, counts),
+                bx,
+                lb,
+                ok,
+                6,
+                True,
+                1.5,
+            )
+        )
+    )
+    ent = []
+    for b in batches:
+        labels, boxes = (np.asarray(a) for a in targets(b["boxes"], b["labels"], b["valid"]))
+        t = np.clip(
+            np.asarray(fc.centerness_target(jnp.asarray(boxes[labels < 6]))), 1e-7, 1 - 1e-7
+        )
+        ent.append(np.mean(-(t * np.log(t) + (1 - t) * np.log1p(-t))))
+    floor = float(np.mean(ent))
+    ctr_first, ctr_last = first.pop("loss_centerness"), last.pop("loss_centerness")
+    assert 0.4 < floor < ctr_last < ctr_first
+    assert ctr_first - ctr_last > 0.15 * (ctr_first - floor), (ctr_first, ctr_last, floor)
+
+    # bg on P5-P7: at 64 px every cell of those levels lies inside some GT box of these
+    # batches, so there is no background and the part is exactly 0 throughout: exempt.
+    zero = {k for k in first if max(r[k] for r in recs) < 1e-6}
+    assert zero == {f"loss_fgd_fpn_{i}/bg" for i in (2, 3, 4)}, zero
+    # Every other part (detector, each FGD level, its fg / bg / mask / relation) must fall by
+    # at least 20%. Measured over 3 data seeds: cls x0.32-0.34, bbox x0.53-0.54, FGD levels
+    # x0.21-0.63, their parts x0.18-0.70 (mask the slowest). Not fewer steps: in the first
+    # ~40 the clipped SGD (grad norm 50-100 > 35) still thrashes, and P4's fg part can rise.
+    ratios = {k: last[k] / first[k] for k in first if k not in zero and k != "loss"}
+    slow = {k: round(float(r), 3) for k, r in ratios.items() if r > 0.8}
+    assert not slow, slow

@@ -286,7 +286,7 @@ def export_state_dict(variables: Mapping, prefix: str = "") -> dict[str, np.ndar
     """mmdetection-named flat state dict from Flax variables (inverse of `convert_state_dict`
     without renames): HWIO -> OIHW, [in, out] -> [out, in], norm `scale` -> `weight`,
     `mean`/`var` -> `running_mean`/`running_var`. A `scale` leaf without a `bias` sibling
-    (FCOS `Scale`) keeps its name."""
+    (FCOS `Scale`) keeps its name and its shape `()`."""
     flat = _flatten(variables)
     out: dict[str, np.ndarray] = {}
     for path, leaf in flat.items():
@@ -310,5 +310,7 @@ def export_state_dict(variables: Mapping, prefix: str = "") -> dict[str, np.ndar
         key = prefix + ".".join(filter(None, [torch_module_name(mod), name]))
         if key in out:
             raise ValueError(f"export: two variables map to the torch key {key!r}")
-        out[key] = np.ascontiguousarray(value)
+        # np.asarray, not np.ascontiguousarray: the latter turns 0-d leaves (mmcv `Scale`) into
+        # shape (1,), which a strict torch load of the exported dict rejects
+        out[key] = np.asarray(value, order="C")
     return out

@@ -25,6 +25,18 @@ scale and `exp` (plain) or `relu` (`norm_on_bbox`, then in units of the level's 
 postprocess multiplies by the stride, as mmdetection does at test time), so they do not depend
 on `train`.
 
+Input mean (`input_shift`): our 'caffe' data pipeline subtracts one BGR mean,
+`config.CAFFE_PIXEL_MEAN` = (103.53, 116.28, 123.675) (mmdetection's FCOS-with-tricks configs),
+but the plain mmdetection FCOS configs (R50/R101 `fcos_r*_caffe_fpn_gn-head*`) normalise with
+(102.9801, 115.9465, 122.7717). A model config with `pixel_mean` (the mean its weights expect)
+and `data_pixel_mean` (the mean the pipeline subtracted) adds `data_pixel_mean - pixel_mean`
+to the image inside each image's `img_shape` region; the canvas padding stays 0, as
+mmdetection pads after `Normalize`. The input then equals mmdetection's (up to float
+rounding). `extract_feat` without `img_shape` shifts the whole canvas; the FGD distiller calls
+the teacher that way, and FGD feeds the teacher the student's image unchanged (the original),
+so a distillation teacher's config sets `pixel_mean` to the student's (zero shift), as
+configs/fcos_r101_r50.py does.
+
 Loss normalisation across devices: mmdetection 2.11 divides by `max(reduce_mean(num_pos), 1)`
 and `max(reduce_mean(sum centerness targets), 1e-6)` and DDP averages gradients, which equals
 normalising the global batch by its global counts (what `fcos_loss` does); only the floor
@@ -477,6 +489,23 @@ def _nms(
 
 
 # -------------------------------------------------------------------------------- detector
+def shift_input(images: Array, shift: Sequence[float], img_shape: Array | None = None) -> Array:
+    """`images [B, H, W, 3]` + `shift [3]` (pixel units, per channel) on rows `< h` and
+    columns `< w` of each image (`img_shape [B, 2]` = (h, w)); the rest of the canvas is left
+    as it is. `img_shape=None`: every pixel. A zero shift returns `images` unchanged."""
+    if not any(float(v) for v in shift):
+        return images
+    delta = jnp.asarray(shift, images.dtype)
+    if img_shape is None:
+        return images + delta
+    img_shape = jnp.asarray(img_shape)
+    _, h, w, _ = images.shape
+    inside = (jnp.arange(h)[None, :, None] < img_shape[:, 0, None, None]) & (
+        jnp.arange(w)[None, None, :] < img_shape[:, 1, None, None]
+    )
+    return images + jnp.where(inside[..., None], delta, jnp.zeros((), images.dtype))
+
+
 class FCOS(nn.Module):
     """mmdetection 2.x `FCOS` implementing the detector API of docs/contracts.md.
 
@@ -506,6 +535,7 @@ class FCOS(nn.Module):
     max_per_img: int = 100
     max_candidates: int = 4000
     score_style: str = "mmdet"
+    input_shift: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     @classmethod
     def from_config(cls, model_cfg: ml_collections.ConfigDict, dtype: Any = None) -> FCOS:
@@ -542,6 +572,19 @@ class FCOS(nn.Module):
                 f"fcos model config: test_cfg.score_style {score_style!r} not in {SCORE_STYLES}"
             )
         norm_on_bbox = bool(head.get("norm_on_bbox", False))
+        pixel_mean, data_mean = model_cfg.get("pixel_mean"), model_cfg.get("data_pixel_mean")
+        if (pixel_mean is None) != (data_mean is None):
+            raise ValueError(
+                "fcos model config: set both pixel_mean and data_pixel_mean (or neither), got "
+                f"{pixel_mean!r} and {data_mean!r}"
+            )
+        shift = (0.0, 0.0, 0.0)
+        if pixel_mean is not None:
+            if len(pixel_mean) != 3 or len(data_mean) != 3:
+                raise ValueError(
+                    "fcos model config: pixel_mean and data_pixel_mean need 3 values (BGR)"
+                )
+            shift = tuple(float(d) - float(p) for d, p in zip(data_mean, pixel_mean, strict=True))
         bbox_head = FCOSHead(
             num_classes=model_cfg.num_classes,
             feat_channels=head.get("feat_channels", 256),
@@ -578,16 +621,24 @@ class FCOS(nn.Module):
             max_per_img=int(test_cfg.get("max_per_img", 100)),
             max_candidates=int(test_cfg.get("max_candidates", 4000)),
             score_style=score_style,
+            input_shift=shift,
         )
 
-    def extract_feat(self, images: Array, train: bool = False) -> tuple[Array, ...]:
-        """`[B, H, W, 3]` -> FPN maps P3..P7, NHWC, finest first."""
+    def extract_feat(
+        self, images: Array, train: bool = False, img_shape: Array | None = None
+    ) -> tuple[Array, ...]:
+        """`[B, H, W, 3]` -> FPN maps P3..P7, NHWC, finest first. `img_shape [B, 2]` (h, w)
+        bounds the `input_shift` (None: the whole canvas)."""
+        images = shift_input(images, self.input_shift, img_shape)
         return tuple(self.neck(self.backbone(images, train=train)))
 
-    def __call__(self, images: Array, train: bool = False) -> dict[str, Any]:
+    def __call__(
+        self, images: Array, train: bool = False, img_shape: Array | None = None
+    ) -> dict[str, Any]:
         """`[B, H, W, 3]` -> dict(features, cls_scores, bbox_preds, centernesses) per level
-        (`[B, H_l, W_l, C]`, `[B, H_l, W_l, 4]`, `[B, H_l, W_l, 1]`, see `FCOSHead`)."""
-        feats = self.extract_feat(images, train=train)
+        (`[B, H_l, W_l, C]`, `[B, H_l, W_l, 4]`, `[B, H_l, W_l, 1]`, see `FCOSHead`).
+        `img_shape`: see `extract_feat`."""
+        feats = self.extract_feat(images, train=train, img_shape=img_shape)
         cls_scores, bbox_preds, centernesses = self.bbox_head(feats)
         return dict(
             features=feats,
@@ -639,13 +690,13 @@ class FCOS(nn.Module):
         for key in ("image", "boxes", "labels", "valid", "img_shape"):
             if key not in batch:
                 raise KeyError(f"FCOS.forward_train: batch has no {key!r} (see contracts)")
-        outs = self(batch["image"], train=train)
+        outs = self(batch["image"], train=train, img_shape=batch["img_shape"])
         return self.loss(outs, batch), outs["features"]
 
     def predict(self, images: Array, img_shape: Array, scale_factor: Array) -> dict[str, Array]:
         """Detections in ORIGINAL image pixels: dict(boxes [B,K,4], scores [B,K],
         labels [B,K] int32, valid [B,K] bool), K = max_per_img."""
-        outs = self(images, train=False)
+        outs = self(images, train=False, img_shape=img_shape)
         return self.postprocess(outs, img_shape, scale_factor)
 
     def postprocess(
