@@ -86,7 +86,9 @@ def test_resnet50_matches_torchvision():
 @pytest.mark.parametrize(
     "name, make, flax_model",
     [
+        ("resnet34", lambda: torchvision.models.resnet34(), ResNet(depth=34)),
         ("resnet101", lambda: torchvision.models.resnet101(), ResNet(depth=101)),
+        ("resnet152", lambda: torchvision.models.resnet152(), ResNet(depth=152)),
         (
             "resnext101_64x4d",
             lambda: torchvision.models.resnext101_64x4d(),
