@@ -75,7 +75,7 @@ def test_nan_guard_names_the_loss(tmp_path):
     assert not ck.exists() or not [p for p in os.listdir(ck) if p.isdigit()]
 
 
-def _cli(workdir, arg, wait=True):
+def _cli(workdir, arg, *extra, wait=True):
     cmd = [
         sys.executable,
         "-m",
@@ -83,6 +83,7 @@ def _cli(workdir, arg, wait=True):
         f"--config=tests/tiny_config.py:{arg}",
         f"--workdir={workdir}",
         "--config.train.ckpt_every=2",
+        *extra,
     ]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     if wait:
@@ -183,6 +184,7 @@ def test_sigusr1_saves_a_checkpoint_and_stops_then_resumes(tmp_path):
         [
             sys.executable, "-m", "fgd_jax.train", f"--config=tests/tiny_config.py:{arg}",
             f"--workdir={work}", "--config.train.ckpt_every=100",
+            "--config.train.num_steps=40",  # room to be signalled before the end
         ],
         cwd=REPO,
         env=dict(os.environ, JAX_PLATFORMS="cpu"),
@@ -200,12 +202,12 @@ def test_sigusr1_saves_a_checkpoint_and_stops_then_resumes(tmp_path):
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     stopped = int(re.search(r"stopped at step (\d+)", out).group(1))
-    assert 1 <= stopped < 6 and "run the same command to resume" in out
+    assert 1 <= stopped < 40 and "run the same command to resume" in out
     assert (work / "checkpoints" / str(stopped)).is_dir()
-    r = _cli(str(work), arg)
+    r = _cli(str(work), arg, "--config.train.num_steps=40")
     assert f"resumed from step {stopped}" in r.stdout
     steps = [rec["step"] for rec in read_metrics(work) if "loss" in rec]
-    assert steps == sorted(set(steps)) and steps[-1] == 6  # each step logged once
+    assert steps == sorted(set(steps)) and steps[-1] == 40  # each step logged once
 
 
 def test_backbone_init_loads_imagenet_weights_into_the_student(tmp_path):

@@ -1,0 +1,81 @@
+"""benchmarks.run_all's parsers on real outputs of the scripts (lines copied from
+`.cache/benchmark_logs/*.log` of `python -m benchmarks.run_all --quick --threads 1`,
+2026-11-26, and `benchmarks.train_step`), so a change of a script's printout that the runner
+no longer understands fails here instead of silently dropping a row of the summary."""
+
+import pytest
+
+from benchmarks import run_all as R
+
+LOGS = {
+    "backbone": """\
+ResNet-50 fwd+bwd, batch 2, 256x256, 2 steps; variant default: fgd_jax ResNet (Flax, NHWC, 1x1 as matmul); XLA_FLAGS=''
+flax : build + jit compile  20.2 s
+flax :  1.786 img/s  median    1120 ms/step  peak RSS +  329 MiB  [cpu, 0.10.2]
+torch:  2.227 img/s  median     898 ms/step  peak RSS +  356 MiB  [torch 1 threads, channels_last]
+flax / torch throughput: 0.80x
+""",
+    "retinanet": """\
+| workload | fgd-jax img/s | torchvision img/s | ratio (jax/torch) |
+|---|---|---|---|
+| train step, batch 2, 512x512 | 0.166 | 0.241 | 0.69 |
+| inference, batch 1, 800x1344 | 0.207 | 0.206 | 1.01 |
+""",
+    "fgd_loss": """\
+batch 2, C 256, levels [(100, 168), (50, 84), (25, 42), (13, 21), (7, 11)], 10 boxes/image in 100 slots
+JAX jit fwd+bwd:     109.70 ms/step (min 107.36)
+PyTorch reference:  1761.67 ms/step (min 1652.24)
+""",
+    "data": """\
+workers=0: 35.5 images/s wall, 18.0 images per CPU-second (this process + workers), 223x the train step, first batch after 0.3 s
+""",
+    "fcos": """\
+FCOS R50-FPN, batch 1, 256x256, 80 classes, 1 CPU threads, jax 0.10.2 (cpu), torch 2.14.1+cu130
+infer   jax               6.31     0.403     2.48
+infer   torch             0.32     0.288     3.48
+train   jax              16.18     1.055     0.95
+train   torch             1.14     0.953     1.05
+""",
+    "train_step": """\
+SUMMARY train_step | distill step, batch 2, 512x512 | img/s | 0.159 | 0.263 | 0.61
+SUMMARY train_step | distill step, batch 2, 800x1344 | img/s | 0.029 | 0.049 | 0.59
+""",
+}  # fmt: skip
+
+EXPECTED = {
+    "backbone": [("ResNet-50 fwd+bwd, batch 2, 256x256", 1.786, 2.227)],
+    "retinanet": [
+        ("train step, batch 2, 512x512", 0.166, 0.241),
+        ("inference, batch 1, 800x1344", 0.207, 0.206),
+    ],
+    "fgd_loss": [("FGD loss 5 levels fwd+bwd, 800x1344 canvas, batch 2, C 256", 109.70, 1761.67)],
+    "data": [("input pipeline, 0 workers", 35.5, None)],
+    "fcos": [
+        ("FCOS train, batch 1, 256x256", 0.95, 1.05),
+        ("FCOS infer, batch 1, 256x256", 2.48, 3.48),
+    ],
+    "train_step": [
+        ("FGD R101->R50 distill step, batch 2, 512x512", 0.159, 0.263),
+        ("FGD R101->R50 distill step, batch 2, 800x1344", 0.029, 0.049),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOGS))
+def test_parsers_read_the_scripts_real_output(name):
+    bench = next(b for b in R.BENCHES if b.name == name)
+    rows = bench.parse(LOGS[name])
+    assert [(r.workload, r.jax, r.torch) for r in rows] == EXPECTED[name]
+    for r in rows:
+        if r.torch is None:
+            assert r.speedup is None
+        elif r.unit == "ms/step":  # time: torch / jax
+            assert r.speedup == pytest.approx(r.torch / r.jax)
+        else:  # throughput: jax / torch
+            assert r.speedup == pytest.approx(r.jax / r.torch)
+
+
+def test_every_benchmark_has_a_parser_test_and_threads_flag():
+    assert {b.name for b in R.BENCHES} == set(LOGS) | {"faster_rcnn"}  # same table as retinanet
+    assert R.BENCHES[[b.name for b in R.BENCHES].index("faster_rcnn")].parse is R.parse_md_table
+    assert [b.name for b in R.BENCHES if not b.threads] == ["data"]
