@@ -510,7 +510,7 @@ def test_torchvision_fcos_head_outputs_and_detections(torchvision_pair):
 
 
 # -------------------------------------------------------------------------- tiny model
-def _tiny_cfg(tricks=True):
+def _tiny_cfg(tricks=True, style="pytorch", pixel_mean=None):
     cfg = C.fcos_model(
         depth=18,
         num_classes=3,
@@ -519,7 +519,8 @@ def _tiny_cfg(tricks=True):
         fpn_channels=16,
         stacked_convs=2,
         num_groups=4,
-        style="pytorch",
+        style=style,
+        **({"pixel_mean": pixel_mean} if style == "caffe" else {}),
     )
     cfg.test_cfg.max_candidates = 300
     return cfg
@@ -624,18 +625,7 @@ TRICKS_MEAN = (103.53, 116.28, 123.675)  # fcos_center-normbbox-giou_* (the FGD 
 
 
 def _tiny_caffe_cfg(tricks=False, pixel_mean=None):
-    cfg = C.fcos_model(
-        depth=18,
-        num_classes=3,
-        tricks=tricks,
-        feat_channels=16,
-        fpn_channels=16,
-        stacked_convs=2,
-        num_groups=4,
-        pixel_mean=pixel_mean,
-    )
-    cfg.test_cfg.max_candidates = 300
-    return cfg
+    return _tiny_cfg(tricks, "caffe", pixel_mean)
 
 
 def test_pixel_mean_defaults_follow_the_variant():
@@ -916,18 +906,9 @@ def test_fgd_student_variant_trains_with_sgd_and_every_loss_part_falls(tmp_path)
     cfg = tiny_config(str(tmp_path / "data"), "fgd", steps=steps)
     cfg.model = _tiny_fgd_model(tricks=True)
     cfg.teacher.model = _tiny_fgd_model(tricks=False, pixel_mean=C.CAFFE_PIXEL_MEAN)
-    cfg.distill = C.fgd_distill(
-        temp=0.8,
-        alpha_fgd=0.0016,
-        beta_fgd=0.0008,
-        gamma_fgd=0.0008,
-        lambda_fgd=0.000008,
-        num_levels=5,
-        student_channels=32,
-        teacher_channels=32,
-        init_student=True,
-        inherit_allow_missing=(r"^bbox_head/(cls|reg)_convs_\d+/conv/bias$",),
-    )
+    # the FGD hyper-parameters of the real config (temp 0.8, alpha 1.6e-3, ...), tiny widths
+    cfg.distill = _load("fcos_r101_r50.py").distill
+    cfg.distill.student_channels = cfg.distill.teacher_channels = 32
     cfg.data.pixel_style = "caffe"
     cfg.data.num_workers = 0
     tc = cfg.train
