@@ -13,7 +13,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -406,15 +408,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                 logger.log(step, {k: v for k, v in m.items() if _is_num(v)}, prefix="eval/")
                 logger.write(f"step {step}: bbox AP {100 * m['AP']:.1f}")
                 paused += time.time() - t0
+    except BaseException:
+        logger.close()
+        raise
     finally:
         # Let pending async checkpoint writes finish whatever ended the loop (a NaN error
-        # included: the last good checkpoint must be complete on disk).
+        # included: the last good checkpoint must be complete on disk). The final eval below
+        # builds its own loader.
         stop.restore()
         manager.close()
-        if step < total_steps:
-            loader.close()
-            logger.close()
-    loader.close()
+        loader.close()
     final = eval_lib.evaluate_variables(
         exp.student,
         exp.student_variables(state.params, state.model_state),
@@ -457,9 +460,6 @@ class _StopRequest:
     SIGNALS = ("SIGUSR1", "SIGTERM")
 
     def __init__(self) -> None:
-        import signal
-        import threading
-
         self.signal_name = ""
         self._old = {}
         if threading.current_thread() is not threading.main_thread():
@@ -470,8 +470,6 @@ class _StopRequest:
                 self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        import signal
-
         self.signal_name = signal.Signals(signum).name
 
     def agreed(self) -> bool:
@@ -485,8 +483,6 @@ class _StopRequest:
         return bool(flag.any())
 
     def restore(self) -> None:
-        import signal
-
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old = {}

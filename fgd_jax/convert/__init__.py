@@ -183,13 +183,12 @@ def import_backbone_weights(
     where = path_or_state_dict if is_path else "state dict"
     missing = [k for k in report.missing if k.split("/")[1:2] == ["backbone"]]
     if missing:
-        shown = "\n  ".join(missing[:12]) + (
-            f"\n  ... and {len(missing) - 12} more" if len(missing) > 12 else ""
-        )
+        listed = ConversionReport(missing=missing).problems(strict=True)  # capped per kind
         raise ValueError(
             f"{os.fspath(where)}: backbone weights not found for {len(missing)} of the "
             f"backbone's leaves ({len(report.loaded)} keys loaded; is it a ResNet of the config's "
-            f"depth/groups, in the torchvision, mmdetection or classification layout?):\n  " + shown
+            f"depth/groups, in the torchvision, mmdetection or classification layout?):\n"
+            + "\n".join(listed)
         )
     return out
 
