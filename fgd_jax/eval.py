@@ -32,6 +32,16 @@ def val_annotation_file(data_cfg: ml_collections.ConfigDict) -> str:
     return os.path.join(data_cfg.root, data_cfg.val_ann)
 
 
+def val_ground_truth(data_cfg: ml_collections.ConfigDict):
+    """What `evaluation.coco_evaluate` compares with: the val json path, or for the tfds
+    source a pycocotools `COCO` object built from the val examples (no json needed)."""
+    if data_cfg.get("source", "coco") == "tfds":
+        from fgd_jax.data.tfds_source import load_tfds_records
+
+        return load_tfds_records(data_cfg, train=False).coco
+    return val_annotation_file(data_cfg)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _predict(module, variables, images, img_shape, scale_factor):
     """Jitted `predict`, compiled once per (module, shapes): the periodic evaluations of a
@@ -87,7 +97,7 @@ def evaluate_variables(
 ) -> dict:
     """COCO bbox metrics of `module` with `variables` on `cfg.data`'s val set."""
     results, image_ids = predict_dataset(module, variables, cfg, mesh)
-    metrics = evaluation.coco_evaluate(val_annotation_file(cfg.data), results, image_ids)
+    metrics = evaluation.coco_evaluate(val_ground_truth(cfg.data), results, image_ids)
     if out_dir and jax.process_index() == 0:
         evaluation.write_json(os.path.join(out_dir, "detections.json"), results)
         write_metrics(out_dir, metrics)

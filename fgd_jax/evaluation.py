@@ -12,6 +12,7 @@ import io
 import json
 import os
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -55,12 +56,15 @@ def detections_to_coco(
 
 
 def coco_evaluate(
-    ann_file: str | os.PathLike,
+    ann_file: Any,
     results: list[dict],
     image_ids: Iterable[int] | None = None,
     verbose: bool = False,
 ) -> dict:
     """Run COCOeval (bbox) and return the 12 standard metrics and per-class AP.
+
+    `ann_file`: the ground truth, a COCO json path or a pycocotools `COCO` object (the tfds
+    source builds one from its examples).
 
     Returns a dict with `AP, AP50, AP75, APs, APm, APl` (fractions in [0, 1]), `AR1, AR10,
     AR100, ARs, ARm, ARl`, `per_class_AP` ({category name: AP}) and `summary` (COCOeval's
@@ -70,11 +74,15 @@ def coco_evaluate(
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    ann_file = os.fspath(ann_file)
-    if not os.path.isfile(ann_file):
-        raise FileNotFoundError(f"annotation file not found: {ann_file}")
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(ann_file)
+    if isinstance(ann_file, COCO):
+        gt = ann_file
+        ann_file = "ground truth"
+    else:
+        ann_file = os.fspath(ann_file)
+        if not os.path.isfile(ann_file):
+            raise FileNotFoundError(f"annotation file not found: {ann_file}")
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt = COCO(ann_file)
     if not gt.getAnnIds():
         raise ValueError(f"{ann_file}: the evaluation set has no annotations")
     cats = {c["id"]: c["name"] for c in gt.loadCats(gt.getCatIds())}

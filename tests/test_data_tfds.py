@@ -236,6 +236,54 @@ def test_records_from_source_bad_image(tmp_path):
     assert skipped == 1 and [r["image_id"] for r in recs] == [11, 25, 4, 5, 7]
 
 
+def test_ground_truth_from_examples_evaluates_as_the_json(tmp_path):
+    """The val ground truth rebuilt from tfds examples (no json) gives COCOeval the same
+    metrics as the fixture's json, for the same detections (reference: pycocotools on the
+    json)."""
+    from fgd_jax.evaluation import METRIC_NAMES, coco_evaluate
+
+    p = write_coco_fixture(tmp_path)
+    with open(p["ann_file"]) as f:
+        data = json.load(f)
+    # tfds stores boxes clipped to the image (the fixture has boxes reaching outside): the
+    # reference json gets the same clipping (real COCO boxes lie inside their images)
+    size = {i["id"]: (i["width"], i["height"]) for i in data["images"]}
+    for a in data["annotations"]:
+        w, h = size[a["image_id"]]
+        x, y, bw, bh = a["bbox"]
+        x0, y0 = min(max(x, 0), w), min(max(y, 0), h)
+        a["bbox"] = [x0, y0, min(max(x + bw, 0), w) - x0, min(max(y + bh, 0), h) - y0]
+    clipped = tmp_path / "clipped.json"
+    clipped.write_text(json.dumps(data))
+    cats = sorted(data["categories"], key=lambda c: c["id"])
+    cat_ids = [c["id"] for c in cats]
+    gt: dict = {}
+    recs, _ = records_from_source(
+        [_as_skip_decoded(e) for e in _fixture_as_tfds(p)], train=False, ground_truth=gt
+    )
+    assert len(gt["images"]) == len(recs) == len(data["images"])
+    names = [c["name"] for c in cats] + [f"unused{i}" for i in range(80 - len(cats))]
+    coco = tfds_source.coco_from_entries(gt, names)
+    # detections near every annotated box (crowd and tiny ones included), plus misses
+    rng = np.random.default_rng(0)
+    dets_json, dets_tfds = [], []
+    known = [a for a in data["annotations"] if a["category_id"] in cat_ids]
+    assert len(known) < len(data["annotations"])  # the fixture's unknown category is left out
+    for a in known * 2:
+        box = (np.asarray(a["bbox"], float) + rng.normal(0, 1.5, 4)).round(2)
+        det = dict(image_id=a["image_id"], bbox=box.tolist(), score=float(rng.uniform()))
+        label = cat_ids.index(a["category_id"])
+        dets_json.append(det | {"category_id": a["category_id"]})
+        dets_tfds.append(det | {"category_id": COCO_CAT_IDS[label]})
+    ref = coco_evaluate(clipped, dets_json)
+    got = coco_evaluate(coco, dets_tfds)
+    assert ref["AP"] > 0.05 and ref["APs"] >= 0  # not vacuous
+    for k in (*METRIC_NAMES, "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"):
+        assert got[k] == pytest.approx(ref[k], abs=1e-6), k
+    for c in cats:
+        assert got["per_class_AP"][c["name"]] == pytest.approx(ref["per_class_AP"][c["name"]])
+
+
 # --------------------------------------------------------- tensorflow_datasets, mocked
 @pytest.fixture
 def tfds_mock(tmp_path):
@@ -254,11 +302,13 @@ def tfds_mock(tmp_path):
         ]
 
     tfds_source._SOURCES.clear()
+    tfds_source._RECORDS.clear()
     with tfds.testing.mock_data(
         policy=tfds.testing.MockPolicy.USE_CODE, as_data_source_fn=as_data_source
     ):
         yield p
     tfds_source._SOURCES.clear()
+    tfds_source._RECORDS.clear()
 
 
 def test_tfds_mock_data_source(tfds_mock):
@@ -275,6 +325,13 @@ def test_tfds_mock_data_source(tfds_mock):
         _assert_same_records(recs.records, coco.records)
         for r in recs.records:  # the worker-side decode gives the size read from the header
             assert tfds_source.load_tfds_image(r).shape == (*r["orig_shape"], 3)
+        if not train:  # the val ground truth comes with the records (eval needs no json)
+            from fgd_jax.eval import val_ground_truth
+
+            gt = val_ground_truth(cfg)
+            assert gt is recs.coco and sorted(gt.getImgIds()) == sorted(coco.coco.getImgIds())
+            known = [a for a in coco.coco.anns.values() if a["category_id"] in coco.label_to_cat_id]
+            assert len(gt.anns) == len(known) > 0
     # loaders over the tfds records give the COCO loader's batches (same seed)
     # the fixture's small canvases (as tests/test_data_pipeline.py; that module needs torch)
     cfg = coco_data(p["root"], img_scale=(133, 80), canvases=((80, 144), (144, 80)), max_boxes=4)

@@ -176,6 +176,7 @@ def records_from_source(
     min_size: int = 32,
     on_bad_image: str = "error",
     ref: Any = None,
+    ground_truth: dict[str, list] | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
     """Records of the examples of a tfds-like data source (`source[i]` -> example dict with
     the encoded image, see `tfds_example_to_record`), with `coco.load_coco_records`' rules.
@@ -184,6 +185,10 @@ def records_from_source(
     at least one object, crowd or degenerate ones included (such images are kept with no GT,
     as the COCO source does), and min(h, w) >= `min_size`; evaluation keeps every example.
     Images are not kept: a record holds `tfds_ref = (ref, index)` for `load_tfds_image`.
+
+    `ground_truth`: when given (a dict), its `images` and `annotations` lists are filled with
+    the COCO json entries of every kept example (`coco_entries`), all objects included, as
+    the COCO json pycocotools evaluates against.
 
     Returns:
       (records, skipped): `skipped` counts examples whose image header is unreadable
@@ -206,6 +211,10 @@ def records_from_source(
             continue
         if train and min(rec["orig_shape"]) < min_size:
             continue
+        if ground_truth is not None:
+            image, anns = coco_entries(ex, rec["orig_shape"])
+            ground_truth.setdefault("images", []).append(image)
+            ground_truth.setdefault("annotations", []).extend(anns)
         rec.pop("image", None)
         rec.pop("image_bytes", None)
         rec["tfds_ref"] = (ref, i)
@@ -213,11 +222,75 @@ def records_from_source(
     return records, skipped
 
 
+def coco_entries(
+    example: dict[str, Any], image_hw: tuple[int, int]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The COCO json `image` entry and `annotations` of a tfds `coco/2017` example.
+
+    Boxes back to COCO xywh pixels (from tfds's normalized (ymin, xmin, ymax, xmax): exact up
+    to float32 rounding, ~1e-4 px), category ids through `COCO_CAT_IDS`, `iscrowd` from
+    `is_crowd`, `area` from the example (the segmentation area pycocotools uses for the
+    small/medium/large ranges; the box area when absent) and ids from `objects/id` (else
+    `image_id * 1000 + k`). No object is dropped: COCOeval's own rules apply to them.
+    """
+    image_id = int(_np(example["image/id"]))
+    h, w = int(image_hw[0]), int(image_hw[1])
+    fname = example.get("image/filename", b"")
+    fname = fname.decode() if isinstance(fname, bytes) else str(_np(fname).item() or "")
+    objs = example["objects"]
+    bbox = _np(objs["bbox"]).astype(np.float64).reshape(-1, 4)
+    labels = _np(objs["label"]).astype(np.int64).reshape(-1)
+    crowd = _np(objs.get("is_crowd", np.zeros(len(labels), bool))).astype(bool).reshape(-1)
+    x0, y0 = bbox[:, 1] * w, bbox[:, 0] * h
+    bw, bh = bbox[:, 3] * w - x0, bbox[:, 2] * h - y0
+    area = _np(objs["area"]).astype(np.float64).reshape(-1) if "area" in objs else bw * bh
+    ids = (
+        _np(objs["id"]).astype(np.int64).reshape(-1)
+        if "id" in objs
+        else image_id * 1000 + np.arange(len(labels))
+    )
+    anns = [
+        dict(
+            id=int(ids[k]),
+            image_id=image_id,
+            category_id=int(COCO_CAT_IDS[int(labels[k])]),
+            bbox=[float(x0[k]), float(y0[k]), float(bw[k]), float(bh[k])],
+            area=float(area[k]),
+            iscrowd=int(crowd[k]),
+        )
+        for k in range(len(labels))
+    ]
+    return dict(id=image_id, height=h, width=w, file_name=fname), anns
+
+
+def coco_from_entries(ground_truth: dict[str, list], names: Sequence[str]):
+    """A pycocotools `COCO` object from `coco_entries` lists and the 80 class names (no json
+    file written)."""
+    import contextlib
+
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = dict(
+        images=list(ground_truth.get("images", [])),
+        annotations=list(ground_truth.get("annotations", [])),
+        categories=[
+            dict(id=int(c), name=str(n), supercategory="")
+            for c, n in zip(COCO_CAT_IDS, names, strict=True)
+        ],
+    )
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
 def load_tfds_records(data_cfg: Any, train: bool) -> CocoRecords:
     """Records of `coco/2017` train / validation from tensorflow-datasets.
 
-    Reads the objects and the image header of every example once, without decoding images
-    (the pipeline reads them again by index). Filtering as `records_from_source`, with
+    Reads the objects and the image header of every example once per process, without
+    decoding images (the pipeline reads them again by index). The validation records carry
+    the ground truth as a pycocotools `COCO` object (`.coco`, built from the examples), so
+    evaluation needs no annotation json. Filtering as `records_from_source`, with
     `data_cfg.min_size` (32) and `data_cfg.on_bad_image`; `data_cfg.tfds_data_dir` selects the
     tfds data folder.
     """
@@ -226,14 +299,24 @@ def load_tfds_records(data_cfg: Any, train: bool) -> CocoRecords:
     split = "train" if train else "validation"
     data_dir = data_cfg.get("tfds_data_dir", None)
     ref = _TfdsRef(name, split, data_dir)
+    min_size = int(data_cfg.get("min_size", 32))
+    on_bad = data_cfg.get("on_bad_image", "error")
+    key = (ref, train, min_size, on_bad)
+    if key in _RECORDS:
+        return _RECORDS[key]
+    gt: dict[str, list] | None = None if train else {}
     records, skipped = records_from_source(
-        _data_source(ref),
-        train,
-        min_size=int(data_cfg.get("min_size", 32)),
-        on_bad_image=data_cfg.get("on_bad_image", "error"),
-        ref=ref,
+        _data_source(ref), train, min_size=min_size, on_bad_image=on_bad, ref=ref, ground_truth=gt
     )
     if not records:
         raise ValueError(f"tfds {name} {split}: no usable images ({skipped} unreadable)")
     names = list(tfds.builder(name, data_dir=data_dir).info.features["objects"]["label"].names)
-    return CocoRecords(records, list(COCO_CAT_IDS), names, None, f"tfds:{name}/{split}", skipped)
+    coco = coco_from_entries(gt, names) if gt is not None else None
+    out = CocoRecords(records, list(COCO_CAT_IDS), names, coco, f"tfds:{name}/{split}", skipped)
+    _RECORDS[key] = out
+    return out
+
+
+# Records per (source, split, filtering), read once per process: evaluation asks for the
+# val records twice (the loader, then the ground truth) and a training run evaluates often.
+_RECORDS: dict[tuple, CocoRecords] = {}
