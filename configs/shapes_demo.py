@@ -12,6 +12,7 @@ BatchNorm trains (norm_eval=False).
 """
 
 from fgd_jax import config as C
+from fgd_jax.data.shapes import CLASS_NAMES
 
 TEACHER_CKPT = "workdirs/demo/teacher/export"
 
@@ -19,7 +20,7 @@ TEACHER_CKPT = "workdirs/demo/teacher/export"
 def _model(depth: int) -> C.ConfigDict:
     model = C.retinanet_model(
         depth=depth,
-        num_classes=6,
+        num_classes=len(CLASS_NAMES),
         fpn_channels=64,
         feat_channels=64,
         stacked_convs=2,

@@ -233,7 +233,11 @@ def shapes_data(
     cfg.num_val = num_val
     cfg.image_size = image_size
     cfg.max_ignore = 4
-    cfg.num_classes = 6
+    from fgd_jax.data.shapes import CLASS_NAMES, MIN_SIZE_PX
+
+    cfg.num_classes = len(CLASS_NAMES)
+    cfg.shapes_seed = 0
+    cfg.shapes_min_size = MIN_SIZE_PX  # smallest shape extent, px
     return cfg
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -59,7 +60,8 @@ def run(args) -> dict:
         num_train=data_cfg.num_train,
         num_val=data_cfg.num_val,
         image_size=data_cfg.image_size,
-        seed=0,
+        seed=data_cfg.get("shapes_seed", 0),
+        min_size=data_cfg.get("shapes_min_size", shapes.MIN_SIZE_PX),
     )
     rows: dict[str, dict] = {}
 
@@ -71,15 +73,22 @@ def run(args) -> dict:
     f_name = f"{s_name} + FGD"
     t_dir = os.path.join(workdir, "teacher")
     t_export = os.path.join(t_dir, "export")
-    if os.path.isdir(os.path.join(t_export, "variables")):
+    key_file = os.path.join(t_dir, "demo_key.json")
+    key = _teacher_key(t_cfg)
+    if os.path.isdir(os.path.join(t_export, "variables")) and _read_json(key_file) == key:
         print(f"[demo] reusing the teacher in {t_export}")
         variables, _ = ckpt_lib.load_variables(t_export)
         rows[t_name] = _evaluate(t_cfg, variables)
     else:
+        if os.path.isdir(t_dir):
+            # made by another config, dataset version or an interrupted run: start over
+            print(f"[demo] {t_dir} does not match this teacher config: training it again")
+            shutil.rmtree(t_dir)
         print(f"[demo] training the teacher for {t_cfg.train.num_steps} steps -> {t_dir}")
         rows[t_name] = train(t_cfg, t_dir)
         variables, standalone = load_model(t_dir)
         ckpt_lib.save_variables(t_export, variables, standalone, overwrite=True)
+        evaluation.write_json(key_file, key)
 
     # 3. the student, alone and with FGD, same steps and seed
     steps = b_cfg.train.num_steps
@@ -118,6 +127,25 @@ def run(args) -> dict:
     evaluation.write_json(os.path.join(workdir, "results.json"), out)
     print(f"results written to {os.path.join(workdir, 'results.json')}")
     return rows
+
+
+def _teacher_key(cfg: ConfigDict) -> dict:
+    """What a cached demo teacher must have been trained with: model, data, schedule, seed
+    and the synthetic dataset's generator version (a new version changes the images)."""
+    from fgd_jax.data import shapes
+
+    key = json.loads(cfg.to_json_best_effort())
+    return {k: key.get(k) for k in ("model", "data", "train", "seed")} | {
+        "shapes_version": shapes._VERSION
+    }
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def inherit_only(cfg: ConfigDict) -> ConfigDict:

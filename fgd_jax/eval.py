@@ -63,6 +63,11 @@ def predict_dataset(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
+    try:
+        pipeline.check_num_classes(loader.records, module.num_classes)
+    except ValueError:
+        loader.close()
+        raise
     cat_ids = loader.label_to_cat_id
 
     results: list[dict] = []

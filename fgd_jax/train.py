@@ -320,6 +320,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
+    try:
+        pipeline.check_num_classes(loader.records, cfg.model.num_classes)
+    except ValueError:
+        loader.close()
+        raise
     steps_per_epoch = loader.steps_per_epoch
     total_steps = tc.num_steps if tc.num_steps > 0 else tc.num_epochs * steps_per_epoch
 

@@ -91,9 +91,23 @@ def test_scale_range_and_occlusion_statistics(tmp_path):
     assert max(per_img) >= 5 and min(per_img) >= 1
 
 
+def test_min_size_shifts_small_to_medium_objects(tmp_path):
+    kw = dict(num_train=40, num_val=1, image_size=96, seed=0)
+    small = COCO(make_shapes_dataset(tmp_path / "s", **kw)["train_ann"])
+    big = COCO(make_shapes_dataset(tmp_path / "m", min_size=24, **kw)["train_ann"])
+    extent = [np.array([max(a["bbox"][2:]) for a in c.anns.values()]) for c in (small, big)]
+    # visible boxes of occluded shapes may be smaller than the drawn extent, most are not
+    assert np.median(extent[1]) > np.median(extent[0]) + 5
+    assert np.mean(extent[1] >= 20) > 0.9 and extent[0].min() <= 10
+
+
 def test_too_small_image_size(tmp_path):
     with pytest.raises(ValueError, match="too small"):
         make_shapes_dataset(tmp_path / "e", 2, 2, image_size=8)
+    with pytest.raises(ValueError, match="too small"):
+        make_shapes_dataset(tmp_path / "e", 2, 2, image_size=40, min_size=24)
+    with pytest.raises(ValueError, match="at least 2 px"):
+        make_shapes_dataset(tmp_path / "e", 2, 2, image_size=40, min_size=1)
 
 
 @pytest.mark.parametrize("cls", range(6))

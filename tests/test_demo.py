@@ -46,5 +46,43 @@ def test_demo_end_to_end(tmp_path):
     results = json.loads((work / "results.json").read_text())
     assert set(results) == rows
     assert all(0.0 <= m["AP"] <= 1.0 for m in results.values())
-    # the teacher is cached: a second run reuses it
+    # the teacher is cached with what it was trained on: a second run with the same
+    # settings reuses it, one with other teacher settings trains it again
     assert (work / "teacher" / "export" / "variables").is_dir()
+    assert "reusing the teacher" not in out
+    again = subprocess.run(
+        [*cmd, "--no-ablation"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "reusing the teacher" in again.stdout
+    rerun = json.loads((work / "results.json").read_text())
+    assert rerun["teacher (R18)"]["AP"] == results["teacher (R18)"]["AP"]
+
+
+def test_demo_teacher_key_tracks_what_the_teacher_was_trained_with():
+    from fgd_jax.config import load_config
+    from fgd_jax.demo import _teacher_key
+
+    cfg = load_config(os.path.join(REPO, "configs", "shapes_demo.py") + ":teacher")
+    key = _teacher_key(cfg)
+    json.dumps(key)  # stored as json
+    for path, value in (
+        ("data.num_train", 7),
+        ("data.image_size", 64),
+        ("model.backbone.depth", 18),
+        ("train.num_steps", 3),
+        ("seed", 5),
+    ):
+        other = cfg.copy_and_resolve_references()
+        node = other
+        *parents, last = path.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+        assert _teacher_key(other) != key, path
+    assert _teacher_key(cfg.copy_and_resolve_references()) == key

@@ -137,6 +137,17 @@ def test_check_variables_refuses_a_smaller_model_than_the_checkpoint():
         export_lib.check_variables(build_detector(big), v_small, "small")
 
 
+def test_eval_refuses_a_model_with_other_classes_than_the_val_json(tmp_path):
+    from fgd_jax.eval import predict_dataset
+    from tests._tiny import tiny_config
+
+    cfg = tiny_config(str(tmp_path / "data"))
+    cfg.model.num_classes = 12
+    module = build_detector(cfg.model)
+    with pytest.raises(ValueError, match=r"instances_val.json: 6 categories .*num_classes=12"):
+        predict_dataset(module, {}, cfg, progress=False)
+
+
 def test_two_line_load_after_import_fgd_jax():
     import fgd_jax
 

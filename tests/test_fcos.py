@@ -38,6 +38,7 @@ import torchvision
 from torchvision.models.detection.image_list import ImageList
 
 from fgd_jax import config as C
+from fgd_jax.data import SHAPES_CLASS_NAMES
 from fgd_jax.models import build_detector
 from fgd_jax.models import fcos as fc
 
@@ -874,7 +875,7 @@ def test_mmdet_layout_import_export_and_head_forward(tricks):
 def _tiny_fgd_model(tricks: bool, pixel_mean=None):
     m = C.fcos_model(
         depth=18,
-        num_classes=6,
+        num_classes=len(SHAPES_CLASS_NAMES),
         tricks=tricks,
         feat_channels=32,
         stacked_convs=1,

@@ -75,6 +75,20 @@ def test_nan_guard_names_the_loss(tmp_path):
     assert not ck.exists() or not [p for p in os.listdir(ck) if p.isdigit()]
 
 
+def test_model_with_fewer_classes_than_the_data_is_refused(tmp_path):
+    # labels beyond the model's outputs would train as background (one-hot of an
+    # out-of-range label is all zeros): refused before any step, naming the json
+    cfg = tiny_config(str(tmp_path / "data"), steps=2)
+    cfg.model.num_classes = 10
+    with pytest.raises(
+        ValueError, match=r"instances_train.json: 6 categories .* model.num_classes=10"
+    ):
+        train(cfg, str(tmp_path / "work"))
+    assert not (tmp_path / "work" / "checkpoints").exists() or not os.listdir(
+        tmp_path / "work" / "checkpoints"
+    )
+
+
 def _cli(workdir, arg, *extra, wait=True):
     cmd = [
         sys.executable,

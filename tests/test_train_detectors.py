@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from fgd_jax import config as C
+from fgd_jax.data import SHAPES_CLASS_NAMES
 from fgd_jax.logging_utils import read_metrics
 from fgd_jax.train import train
 
@@ -20,7 +21,7 @@ def _tiny_model():
     under test are the trainer, FGD on each level and inheriting, not the capacity gap."""
     m = C.faster_rcnn_model(
         depth=18,
-        num_classes=6,
+        num_classes=len(SHAPES_CLASS_NAMES),
         fpn_channels=32,
         rpn_feat_channels=32,
         fc_out_channels=64,

@@ -67,6 +67,7 @@ def load_split(data_cfg: Any, train: bool) -> CocoRecords:
     on_bad = _cfg_get(data_cfg, "on_bad_image", "error")
     root = os.fspath(data_cfg.root)
     if source == "shapes":
+        from fgd_jax.data import shapes
         from fgd_jax.data.shapes import make_shapes_dataset
 
         image_size = _cfg_get(data_cfg, "image_size", 128)
@@ -78,6 +79,7 @@ def load_split(data_cfg: Any, train: bool) -> CocoRecords:
             num_val=int(_cfg_get(data_cfg, "num_val", 128)),
             image_size=image_size,
             seed=int(_cfg_get(data_cfg, "shapes_seed", 0)),
+            min_size=int(_cfg_get(data_cfg, "shapes_min_size", shapes.MIN_SIZE_PX)),
         )
     elif source == "tfds":
         from fgd_jax.data.tfds_source import load_tfds_records
@@ -94,6 +96,22 @@ def load_split(data_cfg: Any, train: bool) -> CocoRecords:
         min_size=int(_cfg_get(data_cfg, "min_size", 32)),
         on_bad_image=on_bad,
     )
+
+
+def check_num_classes(records: CocoRecords, num_classes: int) -> None:
+    """Raise ValueError when the split's category count differs from the model's classes.
+
+    A model with fewer classes than the data would see labels beyond its outputs as
+    background (one-hot of an out-of-range label is all zeros): silently wrong training.
+    """
+    if records.num_classes != int(num_classes):
+        raise ValueError(
+            f"{records.ann_file}: {records.num_classes} categories "
+            f"({', '.join(records.class_names[:12])}"
+            f"{', ...' if records.num_classes > 12 else ''}) but model.num_classes="
+            f"{int(num_classes)}; set --config.model.num_classes={records.num_classes} or use "
+            "the matching annotation file"
+        )
 
 
 # ------------------------------------------------------------------------------- grouping

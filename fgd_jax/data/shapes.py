@@ -119,11 +119,16 @@ def _shape_mask(cls: int, cx: float, cy: float, size: float, h: int, w: int, rng
 
 
 def render_image(
-    rng: np.random.Generator, h: int, w: int, top_class: int | None = None
+    rng: np.random.Generator,
+    h: int,
+    w: int,
+    top_class: int | None = None,
+    min_size: float = MIN_SIZE_PX,
 ) -> tuple[np.ndarray, list[tuple[int, list[float], int]]]:
     """One image `[h, w, 3] uint8` and its objects `(class, [x, y, bw, bh], area)`.
 
-    `top_class` forces the class of the last (never occluded) shape.
+    `top_class` forces the class of the last (never occluded) shape; shape extents are
+    log-uniform in [`min_size`, 60% of the short side] px.
     """
     img = _background(rng, h, w)
     canvas = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
@@ -132,13 +137,13 @@ def render_image(
     inst = np.full((h, w), -1, dtype=np.int32)
     n = int(rng.integers(1, 10))
     short = min(h, w)
-    max_size = max(MIN_SIZE_PX + 1, MAX_SIZE_FRAC * short)
+    max_size = max(min_size + 1, MAX_SIZE_FRAC * short)
     shapes = []
     for k in range(n):
         cls = int(rng.integers(0, len(CLASS_NAMES)))
         if k == n - 1 and top_class is not None:
             cls = int(top_class)
-        size = float(np.exp(rng.uniform(np.log(MIN_SIZE_PX), np.log(max_size))))
+        size = float(np.exp(rng.uniform(np.log(min_size), np.log(max_size))))
         cx = rng.uniform(size / 4, w - size / 4)
         cy = rng.uniform(size / 4, h - size / 4)
         mask = _shape_mask(cls, cx, cy, size, h, w, rng)
@@ -164,9 +169,14 @@ def render_image(
     return out, objects
 
 
-def _manifest(num_train: int, num_val: int, hw: tuple[int, int], seed: int) -> dict:
+def _manifest(num_train: int, num_val: int, hw: tuple[int, int], seed: int, min_size: int) -> dict:
     return dict(
-        version=_VERSION, num_train=num_train, num_val=num_val, image_size=list(hw), seed=seed
+        version=_VERSION,
+        num_train=num_train,
+        num_val=num_val,
+        image_size=list(hw),
+        seed=seed,
+        min_size=min_size,
     )
 
 
@@ -199,7 +209,9 @@ def _is_complete(root: str, manifest: dict) -> bool:
     return True
 
 
-def _write_split(root: str, split: str, num: int, hw: tuple[int, int], seed: int) -> None:
+def _write_split(
+    root: str, split: str, num: int, hw: tuple[int, int], seed: int, min_size: int
+) -> None:
     h, w = hw
     img_dir = os.path.join(root, split)
     os.makedirs(img_dir, exist_ok=True)
@@ -208,7 +220,7 @@ def _write_split(root: str, split: str, num: int, hw: tuple[int, int], seed: int
     first_id = 1 if split == "train" else 1_000_001
     for i in range(num):
         rng = np.random.default_rng([seed, split_key, i])
-        img, objects = render_image(rng, h, w, top_class=i % len(CLASS_NAMES))
+        img, objects = render_image(rng, h, w, top_class=i % len(CLASS_NAMES), min_size=min_size)
         img_id = first_id + i
         name = f"{img_id:07d}.png"
         Image.fromarray(img).save(os.path.join(img_dir, name), compress_level=1)
@@ -243,6 +255,7 @@ def make_shapes_dataset(
     num_val: int = 128,
     image_size: int | Sequence[int] = 128,
     seed: int = 0,
+    min_size: int = MIN_SIZE_PX,
 ) -> dict[str, str]:
     """Generate (or reuse) the synthetic shapes dataset under `root`.
 
@@ -250,23 +263,28 @@ def make_shapes_dataset(
       root: output folder.
       num_train, num_val: images per split (every class appears once `num >= 6`).
       image_size: int (square) or (h, w), pixels.
-      seed: the dataset is a pure function of (num_*, image_size, seed).
+      seed: the dataset is a pure function of (num_*, image_size, seed, min_size).
+      min_size: smallest shape extent, px (8); larger values shift the mix from small to
+        medium objects (COCO's 32 px boundary).
     Returns:
       `shapes_paths(root)`: root, train_ann, train_images, val_ann, val_images, manifest.
     """
     hw = _size_hw(image_size)
-    if min(hw) < 2 * MIN_SIZE_PX:
-        raise ValueError(f"image_size {hw} too small (min side {2 * MIN_SIZE_PX} px)")
+    min_size = int(min_size)
+    if min_size < 2:
+        raise ValueError(f"min_size={min_size}: shapes need at least 2 px")
+    if min(hw) < 2 * min_size:
+        raise ValueError(f"image_size {hw} too small (min side {2 * min_size} px)")
     root = os.path.abspath(os.fspath(root))
-    manifest = _manifest(int(num_train), int(num_val), hw, int(seed))
+    manifest = _manifest(int(num_train), int(num_val), hw, int(seed), min_size)
     if _is_complete(root, manifest):
         return shapes_paths(root)
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(root)}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        _write_split(tmp, "train", int(num_train), hw, int(seed))
-        _write_split(tmp, "val", int(num_val), hw, int(seed))
+        _write_split(tmp, "train", int(num_train), hw, int(seed), min_size)
+        _write_split(tmp, "val", int(num_val), hw, int(seed), min_size)
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f)
         if os.path.exists(root):
