@@ -12,6 +12,19 @@ from ._tiny import REPO
 pytestmark = pytest.mark.slow
 
 
+def _run(cmd: list[str]) -> str:
+    r = subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
 def test_demo_end_to_end(tmp_path):
     work = tmp_path / "demo"
     cmd = [
@@ -29,16 +42,7 @@ def test_demo_end_to_end(tmp_path):
         "--teacher-steps",
         "4",
     ]  # the ablation row (inheriting only) is on by default
-    r = subprocess.run(
-        cmd,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = r.stdout
+    out = _run(cmd)
     rows = {"teacher (R18)", "student (R18)", "student (R18) + FGD"}
     rows.add("student (R18) + inheriting only")
     for row in (*rows, "AP50", "FGD changed", "inheriting alone"):
@@ -47,19 +51,10 @@ def test_demo_end_to_end(tmp_path):
     assert set(results) == rows
     assert all(0.0 <= m["AP"] <= 1.0 for m in results.values())
     # the teacher is cached with what it was trained on: a second run with the same
-    # settings reuses it, one with other teacher settings trains it again
+    # settings reuses it (other settings change the key: the test below)
     assert (work / "teacher" / "export" / "variables").is_dir()
     assert "reusing the teacher" not in out
-    again = subprocess.run(
-        [*cmd, "--no-ablation"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
-    )
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "reusing the teacher" in again.stdout
+    assert "reusing the teacher" in _run([*cmd, "--no-ablation"])
     rerun = json.loads((work / "results.json").read_text())
     assert rerun["teacher (R18)"]["AP"] == results["teacher (R18)"]["AP"]
 
