@@ -73,35 +73,33 @@ def run(args) -> dict:
     f_name = f"{s_name} + FGD"
     t_dir = os.path.join(workdir, "teacher")
     t_export = os.path.join(t_dir, "export")
-    key_file = os.path.join(t_dir, "demo_key.json")
-    key = _teacher_key(t_cfg)
-    if os.path.isdir(os.path.join(t_export, "variables")) and _read_json(key_file) == key:
+    t_key = run_key(t_cfg)
+    prepare_workdir(t_dir, t_key)
+    if os.path.isdir(os.path.join(t_export, "variables")):
         print(f"[demo] reusing the teacher in {t_export}")
         variables, _ = ckpt_lib.load_variables(t_export)
         rows[t_name] = _evaluate(t_cfg, variables)
     else:
-        if os.path.isdir(t_dir):
-            # made by another config, dataset version or an interrupted run: start over
-            print(f"[demo] {t_dir} does not match this teacher config: training it again")
-            shutil.rmtree(t_dir)
         print(f"[demo] training the teacher for {t_cfg.train.num_steps} steps -> {t_dir}")
         rows[t_name] = train(t_cfg, t_dir)
         variables, standalone = load_model(t_dir)
         ckpt_lib.save_variables(t_export, variables, standalone, overwrite=True)
-        evaluation.write_json(key_file, key)
 
-    # 3. the student, alone and with FGD, same steps and seed
+    # 3. the student, alone and with FGD, same steps and seed; each run resumes an
+    # interrupted one with the same settings (the FGD ones also need the same teacher run)
     steps = b_cfg.train.num_steps
     print(f"[demo] training the student baseline for {steps} steps")
-    rows[s_name] = train(b_cfg, os.path.join(workdir, "student_baseline"))
+    rows[s_name] = _train_in(b_cfg, os.path.join(workdir, "student_baseline"), run_key(b_cfg))
     f_cfg = _cfg("fgd", args, workdir)
     print(f"[demo] training the student with FGD for {f_cfg.train.num_steps} steps")
-    rows[f_name] = train(f_cfg, os.path.join(workdir, "student_fgd"))
+    f_key = run_key(f_cfg) | {"teacher_run": t_key}
+    rows[f_name] = _train_in(f_cfg, os.path.join(workdir, "student_fgd"), f_key)
     i_name = f"{s_name} + inheriting only"
     if args.ablation:
         i_cfg = inherit_only(f_cfg)  # a copy: f_cfg is not changed
         print(f"[demo] training the student with the inheriting init only for {steps} steps")
-        rows[i_name] = train(i_cfg, os.path.join(workdir, "student_inherit"))
+        i_key = run_key(i_cfg) | {"teacher_run": t_key}
+        rows[i_name] = _train_in(i_cfg, os.path.join(workdir, "student_inherit"), i_key)
 
     # 4. the table
     table = evaluation.format_table(rows)
@@ -129,15 +127,34 @@ def run(args) -> dict:
     return rows
 
 
-def _teacher_key(cfg: ConfigDict) -> dict:
-    """What a cached demo teacher must have been trained with: model, data, schedule, seed
-    and the synthetic dataset's generator version (a new version changes the images)."""
+KEY_FILE = "demo_key.json"
+
+
+def run_key(cfg: ConfigDict) -> dict:
+    """What a demo run's workdir must have been made with to be resumed or reused: the
+    config's model, data, schedule, seed, teacher and distillation settings, and the
+    synthetic dataset's generator version (a new version changes the images)."""
     from fgd_jax.data import shapes
 
-    key = json.loads(cfg.to_json_best_effort())
-    return {k: key.get(k) for k in ("model", "data", "train", "seed")} | {
-        "shapes_version": shapes._VERSION
-    }
+    cfg_json = json.loads(cfg.to_json_best_effort())
+    keys = ("model", "data", "train", "seed", "teacher", "distill")
+    return {k: cfg_json.get(k) for k in keys} | {"shapes_version": shapes._VERSION}
+
+
+def prepare_workdir(path: str, key: dict) -> None:
+    """Keep `path` when it was made for `key` (the run resumes or is reused), else empty it;
+    then record `key` in it before any training, so an interrupted run resumes."""
+    if os.path.isdir(path) and _read_json(os.path.join(path, KEY_FILE)) != key:
+        print(f"[demo] {path} was made with other settings: starting it over")
+        shutil.rmtree(path)
+    evaluation.write_json(os.path.join(path, KEY_FILE), key)
+
+
+def _train_in(cfg: ConfigDict, path: str, key: dict) -> dict:
+    from fgd_jax.train import train
+
+    prepare_workdir(path, key)
+    return train(cfg, path)
 
 
 def _read_json(path: str):

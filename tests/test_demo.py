@@ -51,20 +51,23 @@ def test_demo_end_to_end(tmp_path):
     assert set(results) == rows
     assert all(0.0 <= m["AP"] <= 1.0 for m in results.values())
     # the teacher is cached with what it was trained on: a second run with the same
-    # settings reuses it (other settings change the key: the test below)
+    # settings reuses it and finds the students' runs complete (other settings change the
+    # key: the test below)
     assert (work / "teacher" / "export" / "variables").is_dir()
     assert "reusing the teacher" not in out
-    assert "reusing the teacher" in _run([*cmd, "--no-ablation"])
+    again = _run([*cmd, "--no-ablation"])
+    assert "reusing the teacher" in again and "starting it over" not in again
+    assert again.count("resumed from step 3") == 2  # baseline and FGD: nothing left to train
     rerun = json.loads((work / "results.json").read_text())
     assert rerun["teacher (R18)"]["AP"] == results["teacher (R18)"]["AP"]
 
 
-def test_demo_teacher_key_tracks_what_the_teacher_was_trained_with():
+def test_demo_run_key_tracks_what_a_run_was_made_with(tmp_path):
     from fgd_jax.config import load_config
-    from fgd_jax.demo import _teacher_key
+    from fgd_jax.demo import KEY_FILE, prepare_workdir, run_key
 
     cfg = load_config(os.path.join(REPO, "configs", "shapes_demo.py") + ":teacher")
-    key = _teacher_key(cfg)
+    key = run_key(cfg)
     json.dumps(key)  # stored as json
     for path, value in (
         ("data.num_train", 7),
@@ -79,5 +82,19 @@ def test_demo_teacher_key_tracks_what_the_teacher_was_trained_with():
         for p in parents:
             node = node[p]
         node[last] = value
-        assert _teacher_key(other) != key, path
-    assert _teacher_key(cfg.copy_and_resolve_references()) == key
+        assert run_key(other) != key, path
+    assert run_key(cfg.copy_and_resolve_references()) == key
+    # a workdir made with the same key is kept (an interrupted run resumes from its
+    # checkpoints), one made with another key or without a key is emptied
+    run = tmp_path / "run"
+    prepare_workdir(str(run), key)
+    (run / "checkpoints").mkdir()
+    prepare_workdir(str(run), key)
+    assert (run / "checkpoints").is_dir()
+    prepare_workdir(str(run), run_key(other))
+    assert not (run / "checkpoints").exists()
+    assert json.loads((run / KEY_FILE).read_text()) == json.loads(json.dumps(run_key(other)))
+    (run / KEY_FILE).unlink()
+    (run / "checkpoints").mkdir()
+    prepare_workdir(str(run), key)
+    assert not (run / "checkpoints").exists()
