@@ -62,12 +62,8 @@ def predict_dataset(
         batch_size=cfg.eval.batch_size,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        num_classes=module.num_classes,
     )
-    try:
-        pipeline.check_num_classes(loader.records, module.num_classes)
-    except ValueError:
-        loader.close()
-        raise
     cat_ids = loader.label_to_cat_id
 
     results: list[dict] = []

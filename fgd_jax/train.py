@@ -319,12 +319,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         seed=cfg.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        num_classes=cfg.model.num_classes,
     )
-    try:
-        pipeline.check_num_classes(loader.records, cfg.model.num_classes)
-    except ValueError:
-        loader.close()
-        raise
     steps_per_epoch = loader.steps_per_epoch
     total_steps = tc.num_steps if tc.num_steps > 0 else tc.num_epochs * steps_per_epoch
 
@@ -385,7 +381,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                 busy = max(now - t_last - paused, 1e-9)
                 host["images_per_s"] = global_batch * (step - step_last) / busy
                 host["step_time_s"] = busy / max(step - step_last, 1)
-                skipped = getattr(loader, "num_skipped", 0)
+                skipped = loader.num_skipped
                 if skipped:  # unreadable images replaced (data.on_bad_image='skip')
                     host["data_skipped_images"] = skipped
                 t_last, step_last, paused = now, step, 0.0

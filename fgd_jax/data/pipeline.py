@@ -518,13 +518,17 @@ def _resolve_hosts(process_index, process_count):
     return int(process_index), int(process_count)
 
 
-def _build(data_cfg, global_batch_size, seed, process_index, process_count, train, records):
+def _build(
+    data_cfg, global_batch_size, seed, process_index, process_count, train, records, num_classes
+):
     process_index, process_count = _resolve_hosts(process_index, process_count)
     if global_batch_size % process_count:
         raise ValueError(
             f"global batch size {global_batch_size} is not divisible by {process_count} hosts"
         )
     recs = records if records is not None else load_split(data_cfg, train)
+    if num_classes is not None:  # before any worker process starts
+        check_num_classes(recs, num_classes)
     canvases = tuple(tuple(int(v) for v in c) for c in data_cfg.canvases)
     img_scale = tuple(int(v) for v in data_cfg.img_scale)
     ms = tuple(int(v) for v in _cfg_get(data_cfg, "multiscale_short", ())) if train else ()
@@ -579,6 +583,7 @@ def build_train_loader(
     process_index: int | None = None,
     process_count: int | None = None,
     records: CocoRecords | None = None,
+    num_classes: int | None = None,
 ) -> DetectionLoader:
     """Infinite iterator of this host's training batches (global batch / process_count each).
 
@@ -588,8 +593,12 @@ def build_train_loader(
       seed: shuffling / flip / multi-scale seed; epoch e uses `default_rng([seed, e])`.
       process_index, process_count: default `jax.process_index()` / `jax.process_count()`.
       records: already loaded records (skips reading the json again).
+      num_classes: the model's class count; a split with another number of categories is
+        refused (`check_num_classes`).
     """
-    return _build(data_cfg, global_batch_size, seed, process_index, process_count, True, records)
+    return _build(
+        data_cfg, global_batch_size, seed, process_index, process_count, True, records, num_classes
+    )
 
 
 def build_eval_loader(
@@ -598,10 +607,14 @@ def build_eval_loader(
     process_index: int | None = None,
     process_count: int | None = None,
     records: CocoRecords | None = None,
+    num_classes: int | None = None,
 ) -> DetectionLoader:
     """One pass over every val image (global `batch_size` per step, this host's slice).
 
     Images are grouped by canvas and kept in json order within a group; each group's last
     batch is padded with `image_id = -1` examples. No flip, single scale `img_scale`.
+    `num_classes`: as in `build_train_loader`.
     """
-    return _build(data_cfg, batch_size, 0, process_index, process_count, False, records)
+    return _build(
+        data_cfg, batch_size, 0, process_index, process_count, False, records, num_classes
+    )
