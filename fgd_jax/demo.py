@@ -48,21 +48,13 @@ def _cfg(variant: str, args, workdir: str) -> ConfigDict:
 
 def run(args) -> dict:
     from fgd_jax import checkpoint as ckpt_lib
-    from fgd_jax.data import shapes
+    from fgd_jax.data import pipeline
     from fgd_jax.export import load_model
     from fgd_jax.train import train
 
     workdir = args.workdir
     t_start = time.time()
-    data_cfg = _cfg("baseline", args, workdir).data
-    shapes.make_shapes_dataset(
-        data_cfg.root,
-        num_train=data_cfg.num_train,
-        num_val=data_cfg.num_val,
-        image_size=data_cfg.image_size,
-        seed=data_cfg.get("shapes_seed", 0),
-        min_size=data_cfg.get("shapes_min_size", shapes.MIN_SIZE_PX),
-    )
+    pipeline.ensure_shapes_dataset(_cfg("baseline", args, workdir).data)
     rows: dict[str, dict] = {}
 
     # 2. the teacher, cached

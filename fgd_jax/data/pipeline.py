@@ -67,20 +67,7 @@ def load_split(data_cfg: Any, train: bool) -> CocoRecords:
     on_bad = _cfg_get(data_cfg, "on_bad_image", "error")
     root = os.fspath(data_cfg.root)
     if source == "shapes":
-        from fgd_jax.data import shapes
-        from fgd_jax.data.shapes import make_shapes_dataset
-
-        image_size = _cfg_get(data_cfg, "image_size", 128)
-        if isinstance(image_size, list | tuple):
-            image_size = tuple(image_size)
-        make_shapes_dataset(
-            root,
-            num_train=int(_cfg_get(data_cfg, "num_train", 512)),
-            num_val=int(_cfg_get(data_cfg, "num_val", 128)),
-            image_size=image_size,
-            seed=int(_cfg_get(data_cfg, "shapes_seed", 0)),
-            min_size=int(_cfg_get(data_cfg, "shapes_min_size", shapes.MIN_SIZE_PX)),
-        )
+        ensure_shapes_dataset(data_cfg)
     elif source == "tfds":
         from fgd_jax.data.tfds_source import load_tfds_records
 
@@ -95,6 +82,24 @@ def load_split(data_cfg: Any, train: bool) -> CocoRecords:
         filter_empty=train,
         min_size=int(_cfg_get(data_cfg, "min_size", 32)),
         on_bad_image=on_bad,
+    )
+
+
+def ensure_shapes_dataset(data_cfg: Any) -> dict[str, str]:
+    """Generate (or reuse) the synthetic set a `shapes_data` config names, under
+    `data_cfg.root`: sizes, seed and smallest shape from the config. Returns its paths."""
+    from fgd_jax.data import shapes
+
+    image_size = _cfg_get(data_cfg, "image_size", 128)
+    if isinstance(image_size, list | tuple):
+        image_size = tuple(image_size)
+    return shapes.make_shapes_dataset(
+        os.fspath(data_cfg.root),
+        num_train=int(_cfg_get(data_cfg, "num_train", 512)),
+        num_val=int(_cfg_get(data_cfg, "num_val", 128)),
+        image_size=image_size,
+        seed=int(_cfg_get(data_cfg, "shapes_seed", 0)),
+        min_size=int(_cfg_get(data_cfg, "shapes_min_size", shapes.MIN_SIZE_PX)),
     )
 
 
