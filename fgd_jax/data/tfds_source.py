@@ -107,12 +107,7 @@ def tfds_example_to_record(
         image_hw = arr.shape[:2]
     h, w = int(image_hw[0]), int(image_hw[1])
     objs = example["objects"]
-    bbox = _np(objs["bbox"]).astype(np.float64).reshape(-1, 4)
-    labels = _np(objs["label"]).astype(np.int64).reshape(-1)
-    crowd = _np(objs.get("is_crowd", np.zeros(len(labels), bool))).astype(bool).reshape(-1)
-    if not (len(bbox) == len(labels) == len(crowd)):
-        raise ValueError(f"tfds image {rec['image_id']}: objects have mismatched lengths")
-    xyxy = np.stack([bbox[:, 1] * w, bbox[:, 0] * h, bbox[:, 3] * w, bbox[:, 2] * h], axis=1)
+    xyxy, labels, crowd = _objects_in_pixels(objs, h, w, rec["image_id"])
     bw, bh = xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]
     inter_w = np.maximum(0, np.minimum(xyxy[:, 2], w) - np.maximum(xyxy[:, 0], 0))
     inter_h = np.maximum(0, np.minimum(xyxy[:, 3], h) - np.maximum(xyxy[:, 1], 0))
@@ -127,6 +122,21 @@ def tfds_example_to_record(
         ignore_boxes=xyxy[keep & crowd].astype(np.float32).reshape(-1, 4),
     )
     return rec
+
+
+def _objects_in_pixels(
+    objs: dict[str, Any], h: int, w: int, image_id: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """tfds `objects` -> (boxes `[n, 4]` float64 xyxy pixels of an h x w image, labels `[n]`
+    int64 (tfds's contiguous 0..79), crowd flags `[n]` bool). Raises ValueError when the
+    object fields have different lengths."""
+    bbox = _np(objs["bbox"]).astype(np.float64).reshape(-1, 4)
+    labels = _np(objs["label"]).astype(np.int64).reshape(-1)
+    crowd = _np(objs.get("is_crowd", np.zeros(len(labels), bool))).astype(bool).reshape(-1)
+    if not (len(bbox) == len(labels) == len(crowd)):
+        raise ValueError(f"tfds image {image_id}: objects have mismatched lengths")
+    xyxy = np.stack([bbox[:, 1] * w, bbox[:, 0] * h, bbox[:, 3] * w, bbox[:, 2] * h], axis=1)
+    return xyxy, labels, crowd
 
 
 _PX_EPS = 1e-3
@@ -238,11 +248,9 @@ def coco_entries(
     fname = example.get("image/filename", b"")
     fname = fname.decode() if isinstance(fname, bytes) else str(_np(fname).item() or "")
     objs = example["objects"]
-    bbox = _np(objs["bbox"]).astype(np.float64).reshape(-1, 4)
-    labels = _np(objs["label"]).astype(np.int64).reshape(-1)
-    crowd = _np(objs.get("is_crowd", np.zeros(len(labels), bool))).astype(bool).reshape(-1)
-    x0, y0 = bbox[:, 1] * w, bbox[:, 0] * h
-    bw, bh = bbox[:, 3] * w - x0, bbox[:, 2] * h - y0
+    xyxy, labels, crowd = _objects_in_pixels(objs, h, w, image_id)
+    x0, y0 = xyxy[:, 0], xyxy[:, 1]
+    bw, bh = xyxy[:, 2] - x0, xyxy[:, 3] - y0
     area = _np(objs["area"]).astype(np.float64).reshape(-1) if "area" in objs else bw * bh
     ids = (
         _np(objs["id"]).astype(np.int64).reshape(-1)
