@@ -12,7 +12,10 @@ import io
 import json
 import os
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pycocotools.coco import COCO
 
 import numpy as np
 
@@ -56,7 +59,7 @@ def detections_to_coco(
 
 
 def coco_evaluate(
-    ann_file: Any,
+    ann_file: str | os.PathLike | COCO,
     results: list[dict],
     image_ids: Iterable[int] | None = None,
     verbose: bool = False,
