@@ -215,8 +215,14 @@ def shapes_data(
     image_size: int = 128,
     pixel_style: str = "pytorch",
     max_boxes: int = 16,
+    variant: str = "basic",
+    min_size: int | None = None,
 ) -> ConfigDict:
-    """The embedded synthetic dataset (`fgd_jax.data.shapes`), generated on first use."""
+    """The embedded synthetic dataset (`fgd_jax.data.shapes`), generated on first use.
+
+    `variant`: 'basic' (6 classes) or 'lookalike' (10); `min_size`: smallest shape extent,
+    px (None: the variant's default). `num_classes` follows the variant; a model config must
+    use the same (train and eval refuse a mismatch)."""
     cfg = coco_data(
         root=root,
         img_scale=(image_size, image_size),
@@ -233,11 +239,12 @@ def shapes_data(
     cfg.num_val = num_val
     cfg.image_size = image_size
     cfg.max_ignore = 4
-    from fgd_jax.data.shapes import CLASS_NAMES, MIN_SIZE_PX
+    from fgd_jax.data import shapes
 
-    cfg.num_classes = len(CLASS_NAMES)
+    cfg.shapes_variant = variant
+    cfg.num_classes = len(shapes.class_names(variant))
     cfg.shapes_seed = 0
-    cfg.shapes_min_size = MIN_SIZE_PX  # smallest shape extent, px
+    cfg.shapes_min_size = shapes.default_min_size(variant) if min_size is None else min_size
     return cfg
 
 

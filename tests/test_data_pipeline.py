@@ -398,3 +398,15 @@ def test_config_errors(tmp_path, shapes_cfg):
     cfg = _fixture_cfg(tmp_path / "nothing")
     with pytest.raises(FileNotFoundError, match="instances.json"):
         build_train_loader(cfg, 2, seed=0, process_index=0, process_count=1)
+
+
+def test_shapes_variant_config_sets_classes_and_loader_checks_them(tmp_path):
+    cfg = shapes_data(
+        root=str(tmp_path / "look"), num_train=12, num_val=2, image_size=48, variant="lookalike"
+    )
+    cfg.num_workers = 0
+    assert cfg.num_classes == 10 and cfg.shapes_min_size == 10
+    loader = build_train_loader(cfg, 2, seed=0, num_classes=cfg.num_classes)
+    assert int(next(loader)["labels"].max()) < 10
+    with pytest.raises(ValueError, match=r"instances_train.json: 10 categories .*num_classes=6"):
+        build_train_loader(cfg, 2, seed=0, num_classes=6)

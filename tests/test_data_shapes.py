@@ -10,7 +10,13 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from fgd_jax.data.shapes import CLASS_NAMES, make_shapes_dataset, render_image
+from fgd_jax.data.shapes import (
+    CLASS_NAMES,
+    VARIANTS,
+    _lookalike_mask,
+    make_shapes_dataset,
+    render_image,
+)
 
 
 def _digest(paths):
@@ -141,3 +147,97 @@ def test_shape_masks_match_analytic_shapes(cls):
     else:  # triangle inscribed in the circle of radius r: inside the inner circle r/2
         inside, outside = d < r / 2 - 1, d > r + 1
     assert m[inside].all() and not m[outside].any()
+
+
+# ---------------------------------------------------------------------- lookalike variant
+LOOKALIKE = VARIANTS["lookalike"]
+
+
+def test_lookalike_dataset_classes_ids_and_counts(tmp_path):
+    p = make_shapes_dataset(tmp_path / "l", 20, 2, image_size=64, seed=1, variant="lookalike")
+    coco = COCO(p["train_ann"])
+    cats = coco.loadCats(coco.getCatIds())
+    assert [c["name"] for c in cats] == list(LOOKALIKE)
+    assert [c["id"] for c in cats] == [1, 2, 3, 5, 7, 9, 10, 11, 13, 15]  # non-contiguous
+    assert {a["category_id"] for a in coco.anns.values()} == set(coco.getCatIds())
+    # 2-10 shapes drawn per image (occluded ones dropped), extents from 10 px
+    per_img = [len(coco.getAnnIds(imgIds=[i])) for i in coco.getImgIds()]
+    assert max(per_img) >= 6 and min(per_img) >= 1
+    manifest = json.load(open(p["manifest"]))
+    assert manifest["variant"] == "lookalike" and manifest["min_size"] == 10
+    # the variant is part of the dataset's identity: same arguments, basic -> regenerated
+    b = make_shapes_dataset(tmp_path / "l", 20, 2, image_size=64, seed=1)
+    assert len(COCO(b["train_ann"]).getCatIds()) == len(CLASS_NAMES)
+    with pytest.raises(ValueError, match="shapes variant 'hard'"):
+        make_shapes_dataset(tmp_path / "x", 2, 2, image_size=64, variant="hard")
+
+
+@pytest.mark.parametrize("cls", range(len(LOOKALIKE)))
+def test_lookalike_masks_match_analytic_shapes(cls):
+    # Canonical pose (no rotation or aspect jitter) against the analytic region of each class
+    # on pixel centres; PIL may differ on boundary pixels only. Class parameters drawn at
+    # random (hole size, arm thickness, star depth) are covered over their whole range.
+    h = w = 64
+    cx, cy, size = 31.5, 30.5, 40.0
+    r = size / 2
+    m = _lookalike_mask(cls, cx, cy, size, h, w, np.random.default_rng(cls), jitter=False)
+    yy, xx = np.mgrid[0:h, 0:w] + 0.5
+    dx, dy = xx - cx, yy - cy
+    d = np.hypot(dx, dy)
+    cheb = np.maximum(np.abs(dx), np.abs(dy))
+    circ_in = r * np.cos(np.pi / 48) - 1  # the 48-gon's apothem
+
+    def plus(a, b):  # arms reach r, thickness 45-70% of r
+        arm = lambda p, q: (np.abs(p) < r - 1) & (np.abs(q) < 0.225 * r - 1)  # noqa: E731
+        far = np.maximum(np.abs(a), np.abs(b)) > r + 1
+        return arm(a, b) | arm(b, a), far | (
+            (np.abs(a) > 0.35 * r + 1) & (np.abs(b) > 0.35 * r + 1)
+        )
+
+    name = LOOKALIKE[cls]
+    if name == "circle":
+        inside, outside = d < circ_in, d > r + 1
+    elif name == "square":  # half side 0.85 r
+        inside, outside = cheb < 0.85 * r - 1, cheb > 0.85 * r + 1
+    elif name == "triangle":  # inscribed in the circle of radius r: holds the inner circle
+        inside, outside = d < r / 2 - 1, d > r + 1
+    elif name == "ring":  # hole radius 35-55% of r
+        inside = (d < circ_in) & (d > 0.55 * r + 1)
+        outside = (d > r + 1) | (d < 0.35 * r * np.cos(np.pi / 32) - 1)
+    elif name == "cross":
+        inside, outside = plus(dx, dy)
+    elif name == "diamond":  # |x| + |y| < 0.85 sqrt(2) r
+        l1, rd = np.abs(dx) + np.abs(dy), 0.85 * np.sqrt(2) * r
+        inside, outside = l1 < rd - 1.5, l1 > rd + 1.5
+    elif name == "hexagon":  # between the inscribed and circumscribed circles
+        inside, outside = d < r * np.cos(np.pi / 6) - 1, d > r + 1
+    elif name == "star":  # the inner pentagon (notches at >= 0.45 r) is filled
+        inside, outside = d < 0.45 * r * np.cos(np.pi / 5) - 1, d > r + 1
+    elif name == "frame":  # outer half side 0.85 r, hole 45-65% of it
+        inside = (cheb < 0.85 * r - 1) & (cheb > 0.65 * 0.85 * r + 1)
+        outside = (cheb > 0.85 * r + 1) | (cheb < 0.45 * 0.85 * r - 1)
+    else:  # x: the cross turned 45 degrees
+        inside, outside = plus((dx + dy) / np.sqrt(2), (dy - dx) / np.sqrt(2))
+    assert inside.sum() > 20 and outside.sum() > 20
+    assert m[inside].all() and not m[outside].any()
+
+
+def test_lookalike_pose_jitter_keeps_the_defining_orientation():
+    # square vs diamond and cross vs x differ by 45 degrees; the random pose (rotation +-12
+    # degrees, aspect 0.8-1.25) keeps them apart: the extent along the axes vs along the
+    # diagonals separates the two in every draw (square: corners on the diagonals, < 1;
+    # cross: arm tips on the axes, > 1; diamond and x the other way round).
+    h = w = 96
+    yy, xx = np.mgrid[0:h, 0:w] + 0.5
+    idx = {n: i for i, n in enumerate(LOOKALIKE)}
+    for seed in range(20):
+        for axis_name, diag_name in (("square", "diamond"), ("cross", "x")):
+            ratios = []
+            for name in (axis_name, diag_name):
+                rng = np.random.default_rng(seed)
+                m = _lookalike_mask(idx[name], 47.5, 47.5, 60.0, h, w, rng)
+                dx, dy = xx[m] - 47.5, yy[m] - 47.5
+                along_axes = np.maximum(np.abs(dx), np.abs(dy)).max()
+                along_diag = (np.maximum(np.abs(dx + dy), np.abs(dx - dy)) / np.sqrt(2)).max()
+                ratios.append(along_axes / along_diag)
+            assert (ratios[0] - 1) * (ratios[1] - 1) < 0, (seed, axis_name, ratios)

@@ -87,7 +87,8 @@ def load_split(data_cfg: Any, train: bool) -> CocoRecords:
 
 def ensure_shapes_dataset(data_cfg: Any) -> dict[str, str]:
     """Generate (or reuse) the synthetic set a `shapes_data` config names, under
-    `data_cfg.root`: sizes, seed and smallest shape from the config. Returns its paths."""
+    `data_cfg.root`: variant, sizes, seed and smallest shape from the config. Returns its
+    paths."""
     from fgd_jax.data import shapes
 
     image_size = _cfg_get(data_cfg, "image_size", 128)
@@ -99,7 +100,8 @@ def ensure_shapes_dataset(data_cfg: Any) -> dict[str, str]:
         num_val=int(_cfg_get(data_cfg, "num_val", 128)),
         image_size=image_size,
         seed=int(_cfg_get(data_cfg, "shapes_seed", 0)),
-        min_size=int(_cfg_get(data_cfg, "shapes_min_size", shapes.MIN_SIZE_PX)),
+        min_size=_cfg_get(data_cfg, "shapes_min_size", None),
+        variant=str(_cfg_get(data_cfg, "shapes_variant", "basic")),
     )
 
 

@@ -1,13 +1,22 @@
 """A deterministic synthetic detection dataset written as real COCO json + PNG images.
 
-Six classes of filled shapes: circle, square, triangle, ring, cross, diamond. Pairs are chosen
-to look alike at small scale (ring vs circle: a small hole; square vs diamond: a 45 degree
-turn; cross vs square: thick arms), which is what lets a bigger detector beat a smaller one
-after brief training. Each image has a textured, noisy background (gradient + coarse blotches
-+ stripes + pixel noise), distractor clutter that is no class (lines, polylines, thin ellipse
-outlines, dots), and 1-9 shapes of random colour and a wide scale range (8 px up to 60% of the
-short side). Later shapes occlude earlier ones; a shape more than 60% covered is dropped and
-the box of a visible one is the tight box of its visible pixels (COCO convention).
+Two variants share the rendering (background, clutter, colours, occlusion, boxes):
+
+- `basic` (the default; the demo's): six classes of filled shapes, circle, square,
+  triangle, ring, cross, diamond, axis-aligned except the triangle, 1-9 per image, extents
+  log-uniform from `min_size` (8 px) to 60% of the short side. Pairs look alike at small
+  scale (ring vs circle: a small hole; square vs diamond: a 45 degree turn).
+- `lookalike`: ten classes in five look-alike pairs, circle / hexagon, ring / frame
+  (round vs square hole), square / diamond, cross / x, triangle / star, each with a random
+  pose within its class (rotation, aspect 0.8-1.25) and random class parameters (hole size,
+  arm thickness, star depth), 2-10 per image, `min_size` 10 px. With `min_size=32` (mostly
+  medium objects) this is the variant where a deeper detector beats a shallower one trained
+  the same way (benchmarks/results/shapes_capacity_cpu.md).
+
+Each image has a textured, noisy background (gradient + coarse blotches + stripes + pixel
+noise) and distractor clutter that is no class (lines, polylines, thin ellipse outlines,
+dots). Later shapes occlude earlier ones; a shape more than 60% covered is dropped and the box
+of a visible one is the tight box of its visible pixels (COCO convention).
 
 `make_shapes_dataset(root, ...)` writes
   root/annotations/instances_{train,val}.json, root/{train,val}/{id:06d}.png, root/manifest.json
@@ -27,13 +36,38 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-CLASS_NAMES = ("circle", "square", "triangle", "ring", "cross", "diamond")
+_BASIC = ("circle", "square", "triangle", "ring", "cross", "diamond")
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "basic": _BASIC,
+    "lookalike": _BASIC + ("hexagon", "star", "frame", "x"),
+}
 # Non-contiguous COCO category ids, so the label mapping is exercised as on real COCO.
-CATEGORY_IDS = (1, 2, 3, 5, 7, 9)
+_CATEGORY_IDS = (1, 2, 3, 5, 7, 9, 10, 11, 13, 15)
+# Smallest shape extent (px) by default, and shapes per image [lo, hi], per variant.
+_DEFAULT_MIN_SIZE = {"basic": 8, "lookalike": 10}
+_SHAPES_PER_IMAGE = {"basic": (1, 9), "lookalike": (2, 10)}
+CLASS_NAMES = VARIANTS["basic"]
+CATEGORY_IDS = _CATEGORY_IDS[: len(CLASS_NAMES)]
 MAX_COVERED = 0.6
-MIN_SIZE_PX = 8
+MIN_SIZE_PX = _DEFAULT_MIN_SIZE["basic"]
 MAX_SIZE_FRAC = 0.6
 _VERSION = 1
+
+
+def _check_variant(variant: str) -> str:
+    if variant not in VARIANTS:
+        raise ValueError(f"shapes variant {variant!r}: expected one of {sorted(VARIANTS)}")
+    return variant
+
+
+def class_names(variant: str = "basic") -> tuple[str, ...]:
+    """Class names of a variant, in label order."""
+    return VARIANTS[_check_variant(variant)]
+
+
+def default_min_size(variant: str = "basic") -> int:
+    """Smallest shape extent (px) a variant uses unless told otherwise."""
+    return _DEFAULT_MIN_SIZE[_check_variant(variant)]
 
 
 def _size_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
@@ -91,7 +125,8 @@ def _draw_clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, h: int, w
 
 
 def _shape_mask(cls: int, cx: float, cy: float, size: float, h: int, w: int, rng) -> np.ndarray:
-    """Boolean `[h, w]` mask of one shape of class `cls` with extent `size` px centred at c."""
+    """`basic` variant: boolean `[h, w]` mask of one shape of class `cls` with extent `size`
+    px centred at c."""
     m = Image.new("L", (w, h), 0)
     d = ImageDraw.Draw(m)
     r = size / 2.0
@@ -118,35 +153,129 @@ def _shape_mask(cls: int, cx: float, cy: float, size: float, h: int, w: int, rng
     return np.asarray(m) > 127
 
 
+def _polygon(k: int, radius: float = 1.0, phase: float = 0.0) -> np.ndarray:
+    """Regular k-gon `[k, 2]` in unit coordinates (y down), first vertex at angle `phase`."""
+    a = phase + np.arange(k) * (2 * np.pi / k)
+    return radius * np.stack([np.cos(a), np.sin(a)], axis=-1)
+
+
+def _rect(half: float) -> np.ndarray:
+    """Axis-aligned square `[4, 2]` of half side `half` (unit coordinates)."""
+    return np.array([[-half, -half], [half, -half], [half, half], [-half, half]], np.float64)
+
+
+def _plus(t: float) -> np.ndarray:
+    """Plus sign `[12, 2]` with arms reaching 1 and arm thickness `t` (unit coordinates)."""
+    a, b = t / 2, 1.0
+    return np.array(
+        [[-a, -b], [a, -b], [a, -a], [b, -a], [b, a], [a, a],
+         [a, b], [-a, b], [-a, a], [-b, a], [-b, -a], [-a, -a]],
+        np.float64,
+    )  # fmt: skip
+
+
+def _star(inner: float) -> np.ndarray:
+    """Five-pointed star `[10, 2]`, tips at radius 1 (one pointing up), notches at `inner`."""
+    a = -np.pi / 2 + np.arange(10) * (np.pi / 5)
+    r = np.where(np.arange(10) % 2 == 0, 1.0, inner)
+    return np.stack([r * np.cos(a), r * np.sin(a)], axis=-1)
+
+
+# Rotation jitter (radians) of the classes whose orientation defines them (square vs diamond,
+# plus vs x): small enough that the 45 degree difference stays visible.
+_ORIENT_JITTER = np.deg2rad(12.0)
+
+
+def _lookalike_polygons(
+    cls: int, rng: np.random.Generator, jitter: bool
+) -> tuple[list[tuple[np.ndarray, int]], float]:
+    """`lookalike` class `cls` as polygons `[(points [k, 2] in unit coordinates, fill 255 or
+    0)]` in drawing order (0 cuts a hole) and the rotation to apply (radians); extent ~1."""
+    j = rng.uniform(-_ORIENT_JITTER, _ORIENT_JITTER) if jitter else 0.0
+    free = rng.uniform(0, 2 * np.pi) if jitter else 0.0  # classes without a defining pose
+    name = VARIANTS["lookalike"][cls]
+    if name == "circle":
+        return [(_polygon(48), 255)], 0.0
+    if name == "square":  # axis aligned (+- jitter)
+        return [(_rect(0.85), 255)], j
+    if name == "triangle":
+        return [(_polygon(3), 255)], free
+    if name == "ring":  # hole 35-55% of the radius
+        return [(_polygon(48), 255), (_polygon(32, rng.uniform(0.35, 0.55)), 0)], 0.0
+    if name == "cross":  # plus with thick arms (45-70% of the radius)
+        return [(_plus(rng.uniform(0.45, 0.7)), 255)], j
+    if name == "diamond":  # the square turned 45 degrees
+        return [(_rect(0.85), 255)], np.pi / 4 + j
+    if name == "hexagon":  # close to a circle when small
+        return [(_polygon(6), 255)], free
+    if name == "star":  # inner radius 45-60%
+        return [(_star(rng.uniform(0.45, 0.6)), 255)], free
+    if name == "frame":  # square outline, hole 45-65% of the side
+        return [(_rect(0.85), 255), (_rect(0.85 * rng.uniform(0.45, 0.65)), 0)], j
+    return [(_plus(rng.uniform(0.45, 0.7)), 255)], np.pi / 4 + j  # x: the cross turned 45
+
+
+def _lookalike_mask(
+    cls: int,
+    cx: float,
+    cy: float,
+    size: float,
+    h: int,
+    w: int,
+    rng: np.random.Generator,
+    jitter: bool = True,
+) -> np.ndarray:
+    """`lookalike` variant: boolean `[h, w]` mask of one shape of class `cls`, extent about
+    `size` px, centred at (cx, cy) px. `jitter`: random rotation (within the class's
+    definition) and aspect ratio 0.8-1.25; off gives the canonical pose (tests use it)."""
+    polys, angle = _lookalike_polygons(cls, rng, jitter)
+    aspect = float(np.exp(rng.uniform(np.log(0.8), np.log(1.25)))) if jitter else 1.0
+    r = size / 2.0
+    scale = np.array([r * math.sqrt(aspect), r / math.sqrt(aspect)])
+    c, s = math.cos(angle), math.sin(angle)
+    rot = np.array([[c, -s], [s, c]])
+    m = Image.new("L", (w, h), 0)
+    d = ImageDraw.Draw(m)
+    for pts, fill in polys:
+        xy = (pts * scale) @ rot.T + np.array([cx, cy])
+        d.polygon([(float(x), float(y)) for x, y in xy], fill=fill)
+    return np.asarray(m) > 127
+
+
 def render_image(
     rng: np.random.Generator,
     h: int,
     w: int,
     top_class: int | None = None,
     min_size: float = MIN_SIZE_PX,
+    variant: str = "basic",
 ) -> tuple[np.ndarray, list[tuple[int, list[float], int]]]:
-    """One image `[h, w, 3] uint8` and its objects `(class, [x, y, bw, bh], area)`.
+    """One image `[h, w, 3] uint8` of `variant` and its objects `(class, [x, y, bw, bh],
+    area)`.
 
     `top_class` forces the class of the last (never occluded) shape; shape extents are
     log-uniform in [`min_size`, 60% of the short side] px.
     """
+    names = class_names(variant)
+    shape_mask = _shape_mask if variant == "basic" else _lookalike_mask
+    lo, hi = _SHAPES_PER_IMAGE[variant]
     img = _background(rng, h, w)
     canvas = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     _draw_clutter(ImageDraw.Draw(canvas), rng, h, w)
     img = np.asarray(canvas).astype(np.float32)
     inst = np.full((h, w), -1, dtype=np.int32)
-    n = int(rng.integers(1, 10))
+    n = int(rng.integers(lo, hi + 1))
     short = min(h, w)
     max_size = max(min_size + 1, MAX_SIZE_FRAC * short)
     shapes = []
     for k in range(n):
-        cls = int(rng.integers(0, len(CLASS_NAMES)))
+        cls = int(rng.integers(0, len(names)))
         if k == n - 1 and top_class is not None:
             cls = int(top_class)
         size = float(np.exp(rng.uniform(np.log(min_size), np.log(max_size))))
         cx = rng.uniform(size / 4, w - size / 4)
         cy = rng.uniform(size / 4, h - size / 4)
-        mask = _shape_mask(cls, cx, cy, size, h, w, rng)
+        mask = shape_mask(cls, cx, cy, size, h, w, rng)
         if not mask.any():
             continue
         col = np.array(_random_colour(rng), np.float32)
@@ -169,9 +298,12 @@ def render_image(
     return out, objects
 
 
-def _manifest(num_train: int, num_val: int, hw: tuple[int, int], seed: int, min_size: int) -> dict:
+def _manifest(
+    num_train: int, num_val: int, hw: tuple[int, int], seed: int, min_size: int, variant: str
+) -> dict:
     return dict(
         version=_VERSION,
+        variant=variant,
         num_train=num_train,
         num_val=num_val,
         image_size=list(hw),
@@ -210,9 +342,10 @@ def _is_complete(root: str, manifest: dict) -> bool:
 
 
 def _write_split(
-    root: str, split: str, num: int, hw: tuple[int, int], seed: int, min_size: int
+    root: str, split: str, num: int, hw: tuple[int, int], seed: int, min_size: int, variant: str
 ) -> None:
     h, w = hw
+    names = class_names(variant)
     img_dir = os.path.join(root, split)
     os.makedirs(img_dir, exist_ok=True)
     images, anns = [], []
@@ -220,7 +353,9 @@ def _write_split(
     first_id = 1 if split == "train" else 1_000_001
     for i in range(num):
         rng = np.random.default_rng([seed, split_key, i])
-        img, objects = render_image(rng, h, w, top_class=i % len(CLASS_NAMES), min_size=min_size)
+        img, objects = render_image(
+            rng, h, w, top_class=i % len(names), min_size=min_size, variant=variant
+        )
         img_id = first_id + i
         name = f"{img_id:07d}.png"
         Image.fromarray(img).save(os.path.join(img_dir, name), compress_level=1)
@@ -230,16 +365,16 @@ def _write_split(
                 dict(
                     id=len(anns) + 1 + split_key * 10_000_000,
                     image_id=img_id,
-                    category_id=CATEGORY_IDS[cls],
+                    category_id=_CATEGORY_IDS[cls],
                     bbox=bbox,
                     area=float(area),
                     iscrowd=0,
                 )
             )
-    pairs = zip(CATEGORY_IDS, CLASS_NAMES, strict=True)
+    pairs = zip(_CATEGORY_IDS[: len(names)], names, strict=True)
     cats = [dict(id=c, name=n, supercategory="shape") for c, n in pairs]
     data = dict(
-        info=dict(description="fgd_jax synthetic shapes", version=str(_VERSION)),
+        info=dict(description=f"fgd_jax synthetic shapes ({variant})", version=str(_VERSION)),
         images=images,
         annotations=anns,
         categories=cats,
@@ -255,36 +390,40 @@ def make_shapes_dataset(
     num_val: int = 128,
     image_size: int | Sequence[int] = 128,
     seed: int = 0,
-    min_size: int = MIN_SIZE_PX,
+    min_size: int | None = None,
+    variant: str = "basic",
 ) -> dict[str, str]:
     """Generate (or reuse) the synthetic shapes dataset under `root`.
 
     Args:
       root: output folder.
-      num_train, num_val: images per split (every class appears once `num >= 6`).
+      num_train, num_val: images per split (every class appears once `num` >= the number of
+        classes).
       image_size: int (square) or (h, w), pixels.
-      seed: the dataset is a pure function of (num_*, image_size, seed, min_size).
-      min_size: smallest shape extent, px (8); larger values shift the mix from small to
-        medium objects (COCO's 32 px boundary).
+      seed: the dataset is a pure function of (num_*, image_size, seed, min_size, variant).
+      min_size: smallest shape extent, px (None: the variant's default, 8 or 10); larger
+        values shift the mix from small to medium objects (COCO's 32 px boundary).
+      variant: 'basic' (6 classes) or 'lookalike' (10 classes in look-alike pairs, posed).
     Returns:
       `shapes_paths(root)`: root, train_ann, train_images, val_ann, val_images, manifest.
     """
     hw = _size_hw(image_size)
-    min_size = int(min_size)
+    variant = _check_variant(variant)
+    min_size = default_min_size(variant) if min_size is None else int(min_size)
     if min_size < 2:
         raise ValueError(f"min_size={min_size}: shapes need at least 2 px")
     if min(hw) < 2 * min_size:
         raise ValueError(f"image_size {hw} too small (min side {2 * min_size} px)")
     root = os.path.abspath(os.fspath(root))
-    manifest = _manifest(int(num_train), int(num_val), hw, int(seed), min_size)
+    manifest = _manifest(int(num_train), int(num_val), hw, int(seed), min_size, variant)
     if _is_complete(root, manifest):
         return shapes_paths(root)
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(root)}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        _write_split(tmp, "train", int(num_train), hw, int(seed), min_size)
-        _write_split(tmp, "val", int(num_val), hw, int(seed), min_size)
+        _write_split(tmp, "train", int(num_train), hw, int(seed), min_size, variant)
+        _write_split(tmp, "val", int(num_val), hw, int(seed), min_size, variant)
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f)
         if os.path.exists(root):
