@@ -1,4 +1,4 @@
-"""FGD on the embedded synthetic dataset: RetinaNet ResNet-34 teacher -> ResNet-18 student.
+"""FGD on the embedded synthetic dataset: RetinaNet ResNet-18 teacher -> ResNet-10 student.
 
 Run:    python -m fgd_jax.demo                      (teacher, student baseline, student + FGD, table)
    or:  python -m fgd_jax.train --config configs/shapes_demo.py --workdir workdirs/demo/fgd
@@ -6,21 +6,25 @@ Run:    python -m fgd_jax.demo                      (teacher, student baseline, 
 Should reach: the demo prints an honest table; the README quotes a real run.
 
 The pair mirrors the paper's R101 -> R50 setting at toy scale: the teacher is deeper with the
-same stage widths, so the inheriting strategy (copy neck and heads) applies as in the paper.
-Models are trained from scratch (no ImageNet weights offline), so no stage is frozen and
-BatchNorm trains (norm_eval=False).
+same stage widths, so the inheriting strategy (copy neck and heads) applies as in the paper,
+and on this data the teacher's backbone is the better one trained the same way (R18 beats R10
+by 4-13 AP at 800 steps and 7-10 AP at 2400: configs/shapes_capacity.py). The data is the
+`lookalike` variant (ten classes in five look-alike pairs, random poses) with shapes of 32 px
+to 60% of the 96 px side. Models are trained from scratch (no ImageNet weights offline), so no
+stage is frozen and BatchNorm trains (norm_eval=False).
 """
 
 from fgd_jax import config as C
-from fgd_jax.data.shapes import CLASS_NAMES
 
 TEACHER_CKPT = "workdirs/demo/teacher/export"
+TEACHER_DEPTH, STUDENT_DEPTH = 18, 10
 
 
-def _model(depth: int) -> C.ConfigDict:
+def _model(depth: int, num_classes: int) -> C.ConfigDict:
+    """RetinaNet R`depth` at toy width (64-channel FPN and heads, 2 stacked convs)."""
     model = C.retinanet_model(
         depth=depth,
-        num_classes=len(CLASS_NAMES),
+        num_classes=num_classes,
         fpn_channels=64,
         feat_channels=64,
         stacked_convs=2,
@@ -36,9 +40,19 @@ def get_config(arg: str | None = None) -> C.ConfigDict:
     """`arg`: 'fgd' (default), 'baseline' (student alone) or 'teacher' (teacher alone)."""
     arg = arg or "fgd"
     cfg = C.ConfigDict()
-    cfg.model = _model(34 if arg == "teacher" else 18)
+    cfg.data = C.shapes_data(
+        root=".cache/shapes96_lookalike",
+        num_train=512,
+        num_val=128,
+        image_size=96,
+        variant="lookalike",
+        min_size=32,
+    )
+    cfg.data.num_workers = 0
+    num_classes = cfg.data.num_classes
+    cfg.model = _model(TEACHER_DEPTH if arg == "teacher" else STUDENT_DEPTH, num_classes)
     if arg == "fgd":
-        cfg.teacher = C.teacher(_model(34), ckpt=TEACHER_CKPT)
+        cfg.teacher = C.teacher(_model(TEACHER_DEPTH, num_classes), ckpt=TEACHER_CKPT)
         cfg.distill = C.fgd_distill(
             temp=0.5,
             alpha_fgd=0.001,
@@ -54,8 +68,6 @@ def get_config(arg: str | None = None) -> C.ConfigDict:
             teacher_channels=64,
             init_student=True,
         )
-    cfg.data = C.shapes_data(root=".cache/shapes96", num_train=512, num_val=128, image_size=96)
-    cfg.data.num_workers = 0
     # From scratch on 512 images: AdamW converges in hundreds of steps where mmdetection's
     # SGD recipe (made for ImageNet-initialized backbones) needs thousands. Same optimizer for
     # the teacher, the baseline and the FGD student.

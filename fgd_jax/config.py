@@ -26,8 +26,6 @@ PYTORCH_PIXEL_STD = (58.395, 57.12, 57.375)
 CAFFE_PIXEL_MEAN = (103.530, 116.280, 123.675)  # BGR
 CAFFE_PIXEL_STD = (1.0, 1.0, 1.0)
 
-_RESNET_STAGE_CHANNELS = {18: (64, 128, 256, 512), 34: (64, 128, 256, 512)}
-
 
 # ----------------------------------------------------------------------------------- models
 def resnet_backbone(
@@ -61,9 +59,15 @@ def resnet_backbone(
 
 
 def backbone_out_channels(backbone: ConfigDict) -> tuple[int, ...]:
-    """Channels of C2..C5 for a backbone config."""
-    chans = _RESNET_STAGE_CHANNELS.get(backbone.depth, (256, 512, 1024, 2048))
-    return tuple(chans[i] for i in backbone.out_indices)
+    """Channels of C2..C5 (those in `out_indices`) for a backbone config (the model's own
+    table: BasicBlock depths 64..512, bottleneck ones 256..2048)."""
+    from fgd_jax.models.resnet import ARCH_SETTINGS, stage_out_channels
+
+    if backbone.depth not in ARCH_SETTINGS:
+        raise ValueError(
+            f"backbone.depth={backbone.depth!r}: expected one of {sorted(ARCH_SETTINGS)}"
+        )
+    return stage_out_channels(backbone.depth, backbone.out_indices)
 
 
 def fpn_neck(

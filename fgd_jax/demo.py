@@ -4,8 +4,8 @@
                            [--no-ablation]
 
 1. writes the synthetic COCO-format dataset (`fgd_jax.data.shapes`) if it is not there;
-2. trains the teacher (RetinaNet R34) or reuses it from `WORKDIR/teacher` when complete;
-3. trains the student (RetinaNet R18) alone, and the student with FGD, for the same steps;
+2. trains the teacher (RetinaNet R18) or reuses it from `WORKDIR/teacher` when complete;
+3. trains the student (RetinaNet R10) alone, and the student with FGD, for the same steps;
    unless `--no-ablation`, also the student with the inheriting init only (the FGD run with
    every FGD weight set to 0: same teacher, init, data order and steps; only the loss
    differs), which splits FGD's gain into what inheriting gives and what the loss adds;
@@ -34,7 +34,8 @@ CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "sh
 def _cfg(variant: str, args, workdir: str) -> ConfigDict:
     path = args.config if os.path.isfile(args.config) else CONFIG
     cfg = load_config(f"{path}:{variant}")
-    cfg.data.root = args.data_root
+    if args.data_root:
+        cfg.data.root = args.data_root
     steps = args.teacher_steps if variant == "teacher" else args.steps
     cfg.train.num_steps = steps
     cfg.train.decay_steps = (int(steps * 0.8),)
@@ -180,7 +181,7 @@ def _evaluate(cfg: ConfigDict, variables) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fgd_jax.demo", description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default="workdirs/demo")
-    p.add_argument("--data-root", default=".cache/shapes96")
+    p.add_argument("--data-root", default=None, help="synthetic data folder (default: config's)")
     p.add_argument("--config", default=CONFIG, help="demo config (default configs/shapes_demo.py)")
     p.add_argument("--steps", type=int, default=400, help="student training steps")
     p.add_argument("--teacher-steps", type=int, default=800, help="teacher training steps")

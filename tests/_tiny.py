@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fgd_jax import checkpoint as ckpt_lib
-from fgd_jax.config import ConfigDict, load_config
+from fgd_jax.config import ConfigDict, load_config, shapes_data
 from fgd_jax.models import build_detector
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,7 +20,11 @@ def tiny_config(
     data_root: str, variant: str = "baseline", steps: int = 6, **overrides
 ) -> ConfigDict:
     cfg = load_config(f"{DEMO}:{variant}")
+    # the default ('basic', 6 classes, 8 px and up) variant: small shapes fit 64 px images
+    cfg.data = shapes_data(root=data_root, num_train=16, num_val=8, image_size=64, max_boxes=8)
+    cfg.data.num_workers = 0
     for model in [cfg.model] + ([cfg.teacher.model] if variant == "fgd" else []):
+        model.num_classes = cfg.data.num_classes
         model.backbone.depth = 18
         model.neck.out_channels = 32
         model.head.in_channels = 32
@@ -31,13 +35,6 @@ def tiny_config(
         cfg.distill.teacher_channels = 32
         # every FPN level, as the paper's configs (the demo distills P3-P5 only at 96 px)
         cfg.distill.num_levels = 5
-    cfg.data.root = data_root
-    cfg.data.num_train = 16
-    cfg.data.num_val = 8
-    cfg.data.image_size = 64
-    cfg.data.img_scale = (64, 64)
-    cfg.data.canvases = ((64, 64),)
-    cfg.data.max_boxes = 8
     cfg.train.batch_size = 4
     cfg.train.reference_batch_size = 4
     cfg.train.optimizer = "sgd"  # the paper recipe (the demo itself uses AdamW)

@@ -87,6 +87,11 @@ def test_backbone_channels():
         2048,
     )
     assert C.backbone_out_channels(C.resnet_backbone(depth=18)) == (64, 128, 256, 512)
+    # every BasicBlock depth (10 included) feeds the FPN 64..512; an unknown depth is refused
+    # instead of defaulting to the bottleneck widths
+    assert C.retinanet_model(depth=10).neck.in_channels == (64, 128, 256, 512)
+    with pytest.raises(ValueError, match="backbone.depth=26"):
+        C.backbone_out_channels(C.resnet_backbone(depth=26))
 
 
 def test_demo_inherit_only_zeroes_the_fgd_weights_and_copies():

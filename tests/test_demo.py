@@ -72,7 +72,8 @@ def test_demo_run_key_tracks_what_a_run_was_made_with(tmp_path):
     for path, value in (
         ("data.num_train", 7),
         ("data.image_size", 64),
-        ("model.backbone.depth", 18),
+        ("data.shapes_variant", "basic"),
+        ("model.backbone.depth", 34),
         ("train.num_steps", 3),
         ("seed", 5),
     ):
@@ -98,3 +99,27 @@ def test_demo_run_key_tracks_what_a_run_was_made_with(tmp_path):
     (run / "checkpoints").mkdir()
     prepare_workdir(str(run), key)
     assert not (run / "checkpoints").exists()
+
+
+def test_capacity_configs_differ_only_in_backbone_depth():
+    # configs/shapes_capacity.py: the study behind "a bigger model beats a smaller one"; the
+    # runs train the demo's models the same way on the demo's data, only the depth differs.
+    from fgd_jax.config import load_config
+
+    path = os.path.join(REPO, "configs", "shapes_capacity.py")
+    demo = json.loads(load_config(os.path.join(REPO, "configs", "shapes_demo.py")).to_json())
+    runs = {d: json.loads(load_config(f"{path}:{d}").to_json()) for d in (10, 18, 34)}
+    for depth, cfg in runs.items():
+        assert cfg["data"]["shapes_variant"] == demo["data"]["shapes_variant"] == "lookalike"
+        assert cfg["data"]["shapes_min_size"] == demo["data"]["shapes_min_size"] == 32
+        assert cfg["model"]["num_classes"] == cfg["data"]["num_classes"] == 10
+        assert cfg["data"]["num_train"] == 4096 and cfg["train"]["num_steps"] == 2400
+        assert cfg["model"]["backbone"].pop("depth") == depth
+    assert runs[10] == runs[18] == runs[34]
+    # the demo's teacher and student are two of them
+    assert (demo["teacher"]["model"]["backbone"]["depth"], demo["model"]["backbone"]["depth"]) == (
+        18,
+        10,
+    )
+    with pytest.raises(ValueError, match="depth 10, 18 or 34"):
+        load_config(f"{path}:50")

@@ -77,6 +77,15 @@ def test_resnet18_matches_torchvision():
     check_against_torch(torchvision.models.resnet18(), ResNet(depth=18), size=48)
 
 
+def test_resnet10_matches_torchvision_basicblock_resnet():
+    # one BasicBlock per stage: torchvision's generic ResNet class with layers (1, 1, 1, 1)
+    from torchvision.models.resnet import BasicBlock
+    from torchvision.models.resnet import ResNet as TorchResNet
+
+    torch.manual_seed(0)
+    check_against_torch(TorchResNet(BasicBlock, [1, 1, 1, 1]), ResNet(depth=10), size=48)
+
+
 def test_resnet50_matches_torchvision():
     torch.manual_seed(0)
     check_against_torch(torchvision.models.resnet50(), ResNet(depth=50), size=64)

@@ -27,8 +27,11 @@ from fgd_jax.models.layers import max_pool_torch, torch_batch_norm, torch_conv
 
 Array = jax.Array
 
-# depth -> (block type, blocks per stage)
+# depth -> (block type, blocks per stage). 10 (one BasicBlock per stage, the usual ResNet-10
+# body) is not in mmdetection: it is the small end of the family for the synthetic set, where
+# it trails R18 clearly (benchmarks/results/shapes_capacity_cpu.md).
 ARCH_SETTINGS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
+    10: ("basic", (1, 1, 1, 1)),
     18: ("basic", (2, 2, 2, 2)),
     34: ("basic", (3, 4, 6, 3)),
     50: ("bottleneck", (3, 4, 6, 3)),
@@ -123,7 +126,7 @@ class ResNet(nn.Module):
     """mmdetection `ResNet` / `ResNeXt` (groups > 1). NHWC in, tuple of NHWC C2..C5 out.
 
     Args (attributes):
-      depth: 18, 34, 50, 101 or 152.
+      depth: 10, 18, 34, 50, 101 or 152.
       groups, base_width: ResNeXt cardinality and width per group (1, 64 for ResNet).
       style: 'pytorch' or 'caffe'.
       out_indices: which of C2..C5 (0..3) to return, in increasing order.
