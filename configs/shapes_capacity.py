@@ -3,7 +3,7 @@
 Run:    python -m fgd_jax.train --config configs/shapes_capacity.py:DEPTH --workdir W
         (DEPTH 10, 18 or 34; --config.seed=1 for a second seed)
 Should reach (2-core CPU VM, one core per run, 8 / 15 / 25 min; 512 val images), after 2400
-steps, seeds 0 / 1: R10 49.8 / 54.4, R18 56.9 / 59.7, R34 60.1 / 60.7 AP
+steps, seeds 0 / 1 / 2: R10 49.8 / 54.4 / 52.4, R18 56.9 / 59.7 / 60.0, R34 60.1 / 60.7 AP
 (benchmarks/results/shapes_capacity_cpu.md).
 
 The demo's data and models (configs/shapes_demo.py: the `lookalike` variant with shapes of 32
