@@ -2,7 +2,7 @@
 
 Two variants share the rendering (background, clutter, colours, occlusion, boxes):
 
-- `basic` (the default; the demo's): six classes of filled shapes, circle, square,
+- `basic` (the default; the tests' tiny runs): six classes of filled shapes, circle, square,
   triangle, ring, cross, diamond, axis-aligned except the triangle, 1-9 per image, extents
   log-uniform from `min_size` (8 px) to 60% of the short side. Pairs look alike at small
   scale (ring vs circle: a small hole; square vs diamond: a 45 degree turn).
@@ -10,8 +10,8 @@ Two variants share the rendering (background, clutter, colours, occlusion, boxes
   (round vs square hole), square / diamond, cross / x, triangle / star, each with a random
   pose within its class (rotation, aspect 0.8-1.25) and random class parameters (hole size,
   arm thickness, star depth), 2-10 per image, `min_size` 10 px. With `min_size=32` (mostly
-  medium objects) this is the variant where a deeper detector beats a shallower one trained
-  the same way (benchmarks/results/shapes_capacity_cpu.md).
+  medium objects) it is the demo's data, where a deeper detector beats a shallower one
+  trained the same way (R10 < R18 < R34: benchmarks/results/shapes_capacity_cpu.md).
 
 Each image has a textured, noisy background (gradient + coarse blotches + stripes + pixel
 noise) and distractor clutter that is no class (lines, polylines, thin ellipse outlines,
@@ -247,16 +247,17 @@ def render_image(
     h: int,
     w: int,
     top_class: int | None = None,
-    min_size: float = MIN_SIZE_PX,
+    min_size: float | None = None,
     variant: str = "basic",
 ) -> tuple[np.ndarray, list[tuple[int, list[float], int]]]:
     """One image `[h, w, 3] uint8` of `variant` and its objects `(class, [x, y, bw, bh],
     area)`.
 
     `top_class` forces the class of the last (never occluded) shape; shape extents are
-    log-uniform in [`min_size`, 60% of the short side] px.
+    log-uniform in [`min_size` (None: the variant's default), 60% of the short side] px.
     """
     names = class_names(variant)
+    min_size = default_min_size(variant) if min_size is None else min_size
     shape_mask = _shape_mask if variant == "basic" else _lookalike_mask
     lo, hi = _SHAPES_PER_IMAGE[variant]
     img = _background(rng, h, w)
