@@ -12,8 +12,8 @@ from pycocotools.coco import COCO
 
 from fgd_jax.data.shapes import (
     CLASS_NAMES,
-    VARIANTS,
     _lookalike_mask,
+    class_names,
     make_shapes_dataset,
     render_image,
 )
@@ -116,6 +116,17 @@ def test_too_small_image_size(tmp_path):
         make_shapes_dataset(tmp_path / "e", 2, 2, image_size=40, min_size=1)
 
 
+def _plus_regions(a, b, r):
+    """Pixels surely inside / outside a plus sign on axes (a, b) whose arms reach r, with
+    the arm thickness drawn in 45-70% of r (boundary pixels, <= 1 px, are in neither)."""
+
+    def arm(p, q):
+        return (np.abs(p) < r - 1) & (np.abs(q) < 0.225 * r - 1)
+
+    far = np.maximum(np.abs(a), np.abs(b)) > r + 1
+    return arm(a, b) | arm(b, a), far | ((np.abs(a) > 0.35 * r + 1) & (np.abs(b) > 0.35 * r + 1))
+
+
 @pytest.mark.parametrize("cls", range(6))
 def test_shape_masks_match_analytic_shapes(cls):
     # Reference: the analytic region of each class on pixel centres; PIL rasterisation may
@@ -138,19 +149,15 @@ def test_shape_masks_match_analytic_shapes(cls):
         inside, outside = (d < r - 1) & (d > 0.55 * r + 1), (d > r + 1) | (d < 0.35 * r - 1)
     elif cls == 5:
         inside, outside = np.abs(dx) + np.abs(dy) < r - 1.5, np.abs(dx) + np.abs(dy) > r + 1.5
-    elif cls == 4:  # plus: arms reach r, thickness 45-70% of r
-        arm = lambda a, b: (np.abs(a) < r - 1) & (np.abs(b) < 0.225 * r - 1)  # noqa: E731
-        inside = arm(dx, dy) | arm(dy, dx)
-        outside = (np.maximum(np.abs(dx), np.abs(dy)) > r + 1) | (
-            (np.abs(dx) > 0.35 * r + 1) & (np.abs(dy) > 0.35 * r + 1)
-        )
+    elif cls == 4:
+        inside, outside = _plus_regions(dx, dy, r)
     else:  # triangle inscribed in the circle of radius r: inside the inner circle r/2
         inside, outside = d < r / 2 - 1, d > r + 1
     assert m[inside].all() and not m[outside].any()
 
 
 # ---------------------------------------------------------------------- lookalike variant
-LOOKALIKE = VARIANTS["lookalike"]
+LOOKALIKE = class_names("lookalike")
 
 
 def test_lookalike_dataset_classes_ids_and_counts(tmp_path):
@@ -187,13 +194,6 @@ def test_lookalike_masks_match_analytic_shapes(cls):
     cheb = np.maximum(np.abs(dx), np.abs(dy))
     circ_in = r * np.cos(np.pi / 48) - 1  # the 48-gon's apothem
 
-    def plus(a, b):  # arms reach r, thickness 45-70% of r
-        arm = lambda p, q: (np.abs(p) < r - 1) & (np.abs(q) < 0.225 * r - 1)  # noqa: E731
-        far = np.maximum(np.abs(a), np.abs(b)) > r + 1
-        return arm(a, b) | arm(b, a), far | (
-            (np.abs(a) > 0.35 * r + 1) & (np.abs(b) > 0.35 * r + 1)
-        )
-
     name = LOOKALIKE[cls]
     if name == "circle":
         inside, outside = d < circ_in, d > r + 1
@@ -205,7 +205,7 @@ def test_lookalike_masks_match_analytic_shapes(cls):
         inside = (d < circ_in) & (d > 0.55 * r + 1)
         outside = (d > r + 1) | (d < 0.35 * r * np.cos(np.pi / 32) - 1)
     elif name == "cross":
-        inside, outside = plus(dx, dy)
+        inside, outside = _plus_regions(dx, dy, r)
     elif name == "diamond":  # |x| + |y| < 0.85 sqrt(2) r
         l1, rd = np.abs(dx) + np.abs(dy), 0.85 * np.sqrt(2) * r
         inside, outside = l1 < rd - 1.5, l1 > rd + 1.5
@@ -217,7 +217,7 @@ def test_lookalike_masks_match_analytic_shapes(cls):
         inside = (cheb < 0.85 * r - 1) & (cheb > 0.65 * 0.85 * r + 1)
         outside = (cheb > 0.85 * r + 1) | (cheb < 0.45 * 0.85 * r - 1)
     else:  # x: the cross turned 45 degrees
-        inside, outside = plus((dx + dy) / np.sqrt(2), (dy - dx) / np.sqrt(2))
+        inside, outside = _plus_regions((dx + dy) / np.sqrt(2), (dy - dx) / np.sqrt(2), r)
     assert inside.sum() > 20 and outside.sum() > 20
     assert m[inside].all() and not m[outside].any()
 

@@ -26,48 +26,25 @@ is reused; anything else is regenerated (built in a temporary folder, then moved
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 _BASIC = ("circle", "square", "triangle", "ring", "cross", "diamond")
-VARIANTS: dict[str, tuple[str, ...]] = {
-    "basic": _BASIC,
-    "lookalike": _BASIC + ("hexagon", "star", "frame", "x"),
-}
+_LOOKALIKE = _BASIC + ("hexagon", "star", "frame", "x")
+CLASS_NAMES = _BASIC  # the default variant's
 # Non-contiguous COCO category ids, so the label mapping is exercised as on real COCO.
 _CATEGORY_IDS = (1, 2, 3, 5, 7, 9, 10, 11, 13, 15)
-# Smallest shape extent (px) by default, and shapes per image [lo, hi], per variant.
-_DEFAULT_MIN_SIZE = {"basic": 8, "lookalike": 10}
-_SHAPES_PER_IMAGE = {"basic": (1, 9), "lookalike": (2, 10)}
-CLASS_NAMES = VARIANTS["basic"]
-CATEGORY_IDS = _CATEGORY_IDS[: len(CLASS_NAMES)]
 MAX_COVERED = 0.6
-MIN_SIZE_PX = _DEFAULT_MIN_SIZE["basic"]
 MAX_SIZE_FRAC = 0.6
 _VERSION = 1
-
-
-def _check_variant(variant: str) -> str:
-    if variant not in VARIANTS:
-        raise ValueError(f"shapes variant {variant!r}: expected one of {sorted(VARIANTS)}")
-    return variant
-
-
-def class_names(variant: str = "basic") -> tuple[str, ...]:
-    """Class names of a variant, in label order."""
-    return VARIANTS[_check_variant(variant)]
-
-
-def default_min_size(variant: str = "basic") -> int:
-    """Smallest shape extent (px) a variant uses unless told otherwise."""
-    return _DEFAULT_MIN_SIZE[_check_variant(variant)]
 
 
 def _size_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
@@ -193,7 +170,7 @@ def _lookalike_polygons(
     0)]` in drawing order (0 cuts a hole) and the rotation to apply (radians); extent ~1."""
     j = rng.uniform(-_ORIENT_JITTER, _ORIENT_JITTER) if jitter else 0.0
     free = rng.uniform(0, 2 * np.pi) if jitter else 0.0  # classes without a defining pose
-    name = VARIANTS["lookalike"][cls]
+    name = _LOOKALIKE[cls]
     if name == "circle":
         return [(_polygon(48), 255)], 0.0
     if name == "square":  # axis aligned (+- jitter)
@@ -242,6 +219,36 @@ def _lookalike_mask(
     return np.asarray(m) > 127
 
 
+@dataclasses.dataclass(frozen=True)
+class _Variant:
+    names: tuple[str, ...]  # class names in label order
+    min_size: int  # default smallest shape extent, px
+    per_image: tuple[int, int]  # shapes drawn per image, [lo, hi]
+    mask: Callable[..., np.ndarray]  # (cls, cx, cy, size, h, w, rng) -> [h, w] bool
+
+
+VARIANTS: dict[str, _Variant] = {
+    "basic": _Variant(_BASIC, 8, (1, 9), _shape_mask),
+    "lookalike": _Variant(_LOOKALIKE, 10, (2, 10), _lookalike_mask),
+}
+
+
+def _variant(variant: str) -> _Variant:
+    if variant not in VARIANTS:
+        raise ValueError(f"shapes variant {variant!r}: expected one of {sorted(VARIANTS)}")
+    return VARIANTS[variant]
+
+
+def class_names(variant: str = "basic") -> tuple[str, ...]:
+    """Class names of a variant, in label order."""
+    return _variant(variant).names
+
+
+def default_min_size(variant: str = "basic") -> int:
+    """Smallest shape extent (px) a variant uses unless told otherwise."""
+    return _variant(variant).min_size
+
+
 def render_image(
     rng: np.random.Generator,
     h: int,
@@ -256,10 +263,9 @@ def render_image(
     `top_class` forces the class of the last (never occluded) shape; shape extents are
     log-uniform in [`min_size` (None: the variant's default), 60% of the short side] px.
     """
-    names = class_names(variant)
-    min_size = default_min_size(variant) if min_size is None else min_size
-    shape_mask = _shape_mask if variant == "basic" else _lookalike_mask
-    lo, hi = _SHAPES_PER_IMAGE[variant]
+    spec = _variant(variant)
+    min_size = spec.min_size if min_size is None else min_size
+    lo, hi = spec.per_image
     img = _background(rng, h, w)
     canvas = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     _draw_clutter(ImageDraw.Draw(canvas), rng, h, w)
@@ -270,13 +276,13 @@ def render_image(
     max_size = max(min_size + 1, MAX_SIZE_FRAC * short)
     shapes = []
     for k in range(n):
-        cls = int(rng.integers(0, len(names)))
+        cls = int(rng.integers(0, len(spec.names)))
         if k == n - 1 and top_class is not None:
             cls = int(top_class)
         size = float(np.exp(rng.uniform(np.log(min_size), np.log(max_size))))
         cx = rng.uniform(size / 4, w - size / 4)
         cy = rng.uniform(size / 4, h - size / 4)
-        mask = shape_mask(cls, cx, cy, size, h, w, rng)
+        mask = spec.mask(cls, cx, cy, size, h, w, rng)
         if not mask.any():
             continue
         col = np.array(_random_colour(rng), np.float32)
@@ -409,8 +415,8 @@ def make_shapes_dataset(
       `shapes_paths(root)`: root, train_ann, train_images, val_ann, val_images, manifest.
     """
     hw = _size_hw(image_size)
-    variant = _check_variant(variant)
-    min_size = default_min_size(variant) if min_size is None else int(min_size)
+    spec = _variant(variant)  # an unknown variant is refused before anything is written
+    min_size = spec.min_size if min_size is None else int(min_size)
     if min_size < 2:
         raise ValueError(f"min_size={min_size}: shapes need at least 2 px")
     if min(hw) < 2 * min_size:
