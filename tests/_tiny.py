@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fgd_jax import checkpoint as ckpt_lib
-from fgd_jax.config import ConfigDict, load_config, shapes_data
+from fgd_jax.config import ConfigDict, fgd_distill, load_config, shapes_data
 from fgd_jax.models import build_detector
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,6 +35,10 @@ def tiny_config(
         cfg.distill.teacher_channels = 32
         # every FPN level, as the paper's configs (the demo distills P3-P5 only at 96 px)
         cfg.distill.num_levels = 5
+        # and the paper's RetinaNet loss weights (the demo scales the focal ones for 96 px)
+        paper = fgd_distill()
+        for key in ("temp", "alpha_fgd", "beta_fgd", "gamma_fgd", "lambda_fgd"):
+            cfg.distill[key] = paper[key]
     cfg.train.batch_size = 4
     cfg.train.reference_batch_size = 4
     cfg.train.optimizer = "sgd"  # the paper recipe (the demo itself uses AdamW)
