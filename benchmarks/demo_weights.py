@@ -23,26 +23,35 @@ import os
 import statistics
 import time
 
-# (alpha_fgd, beta_fgd, gamma_fgd, lambda_fgd); the paper's RetinaNet values first.
-PAPER = (1e-3, 5e-4, 5e-4, 5e-6)
+from fgd_jax.config import fgd_distill
+
+WEIGHT_KEYS = ("alpha_fgd", "beta_fgd", "gamma_fgd", "lambda_fgd")
+# (alpha, beta, gamma, lambda): the paper's RetinaNet values (fgd_distill's defaults) first,
+# then the focal feature terms (alpha, beta) scaled down, then parts switched off.
+PAPER = tuple(fgd_distill()[k] for k in WEIGHT_KEYS)
+_A, _B, _G, _L = PAPER
 SETTINGS: dict[str, tuple[float, float, float, float]] = {
     "paper": PAPER,
-    "focal x0.1": (1e-4, 5e-5, 5e-4, 5e-6),
-    "focal x0.01": (1e-5, 5e-6, 5e-4, 5e-6),
-    "focal 0 (attention + global)": (0.0, 0.0, 5e-4, 5e-6),
-    "global only": (0.0, 0.0, 0.0, 5e-6),
+    "focal x0.1": (_A * 0.1, _B * 0.1, _G, _L),
+    "focal x0.01": (_A * 0.01, _B * 0.01, _G, _L),
+    "focal 0 (attention + global)": (0.0, 0.0, _G, _L),
+    "global only": (0.0, 0.0, 0.0, _L),
 }
 
 
 def _student_cfg(base, weights):
     cfg = base.copy_and_resolve_references()
-    for key, w in zip(("alpha_fgd", "beta_fgd", "gamma_fgd", "lambda_fgd"), weights, strict=True):
+    for key, w in zip(WEIGHT_KEYS, weights, strict=True):
         cfg.distill[key] = float(w)
     return cfg
 
 
 def run_seed(seed: int, workdir: str, data_root: str | None, settings: dict) -> dict[str, float]:
-    """AP (percent) of every run of one seed: teacher, baseline, inheriting only, settings."""
+    """AP (percent) of every run of one seed: teacher, baseline, inheriting only, settings.
+    Each run has its own folder under `workdir/seed{seed}` holding `ap.json` with the AP and
+    the run's settings (`fgd_jax.demo.run_key`, plus the teacher's for the students): a rerun
+    reuses a finished run only when those are equal, resumes an interrupted one with the same
+    settings, and starts over a folder made with others (a changed weight, steps or seed)."""
     from fgd_jax import checkpoint as ckpt_lib
     from fgd_jax import demo
     from fgd_jax.export import load_model
@@ -50,32 +59,37 @@ def run_seed(seed: int, workdir: str, data_root: str | None, settings: dict) -> 
 
     args = argparse.Namespace(config=demo.CONFIG, data_root=data_root, steps=400, teacher_steps=800)
     root = os.path.join(workdir, f"seed{seed}")
-    results_file = os.path.join(root, "ap.json")
-    done = demo._read_json(results_file) or {}
+    done: dict[str, float] = {}
 
-    def one(name: str, cfg, path: str) -> None:
-        if name in done:
-            return
+    def one(name: str, cfg, path: str, extra_key: dict | None = None) -> dict:
         cfg.seed = seed
-        metrics = train(cfg, path)
-        done[name] = round(100 * metrics["AP"], 1)
-        os.makedirs(root, exist_ok=True)
-        with open(results_file, "w") as f:
-            json.dump(done, f, indent=1)
+        key = demo.run_key(cfg) | (extra_key or {})
+        key = json.loads(json.dumps(key))  # as it reads back from the file
+        result_file = os.path.join(path, "ap.json")
+        cached = demo._read_json(result_file)
+        if cached is not None and cached.get("key") == key:
+            done[name] = cached["AP"]
+            return key
+        demo.prepare_workdir(path, key)
+        done[name] = round(100 * train(cfg, path)["AP"], 1)
+        with open(result_file, "w") as f:
+            json.dump({"AP": done[name], "key": key}, f)
         print(f"[demo_weights] seed {seed} {name}: {done[name]} AP", flush=True)
+        return key
 
     t_cfg = demo._cfg("teacher", args, root)
     t_dir = os.path.join(root, "teacher")
-    one("teacher", t_cfg, t_dir)
+    t_key = one("teacher", t_cfg, t_dir)
     t_export = os.path.join(t_dir, "export")
     if not os.path.isdir(os.path.join(t_export, "variables")):
         variables, standalone = load_model(t_dir)
         ckpt_lib.save_variables(t_export, variables, standalone, overwrite=True)
     one("baseline", demo._cfg("baseline", args, root), os.path.join(root, "baseline"))
     f_cfg = demo._cfg("fgd", args, root)  # teacher.ckpt = root/teacher/export
-    one("inheriting only", demo.inherit_only(f_cfg), os.path.join(root, "inherit"))
+    teacher_run = {"teacher_run": t_key}
+    one("inheriting only", demo.inherit_only(f_cfg), os.path.join(root, "inherit"), teacher_run)
     for i, (name, weights) in enumerate(settings.items()):
-        one(name, _student_cfg(f_cfg, weights), os.path.join(root, f"fgd{i}"))
+        one(name, _student_cfg(f_cfg, weights), os.path.join(root, f"fgd{i}"), teacher_run)
     return done
 
 
