@@ -23,12 +23,11 @@ import os
 import statistics
 import time
 
-from fgd_jax.config import fgd_distill
+from fgd_jax.config import FGD_WEIGHT_KEYS, fgd_distill
 
-WEIGHT_KEYS = ("alpha_fgd", "beta_fgd", "gamma_fgd", "lambda_fgd")
 # (alpha, beta, gamma, lambda): the paper's RetinaNet values (fgd_distill's defaults) first,
 # then the focal feature terms (alpha, beta) scaled down, then parts switched off.
-PAPER = tuple(fgd_distill()[k] for k in WEIGHT_KEYS)
+PAPER = tuple(fgd_distill()[k] for k in FGD_WEIGHT_KEYS)
 _A, _B, _G, _L = PAPER
 SETTINGS: dict[str, tuple[float, float, float, float]] = {
     "paper": PAPER,
@@ -39,23 +38,13 @@ SETTINGS: dict[str, tuple[float, float, float, float]] = {
 }
 
 
-def _student_cfg(base, weights):
-    cfg = base.copy_and_resolve_references()
-    for key, w in zip(WEIGHT_KEYS, weights, strict=True):
-        cfg.distill[key] = float(w)
-    return cfg
-
-
 def run_seed(seed: int, workdir: str, data_root: str | None, settings: dict) -> dict[str, float]:
     """AP (percent) of every run of one seed: teacher, baseline, inheriting only, settings.
     Each run has its own folder under `workdir/seed{seed}` holding `ap.json` with the AP and
     the run's settings (`fgd_jax.demo.run_key`, plus the teacher's for the students): a rerun
     reuses a finished run only when those are equal, resumes an interrupted one with the same
     settings, and starts over a folder made with others (a changed weight, steps or seed)."""
-    from fgd_jax import checkpoint as ckpt_lib
     from fgd_jax import demo
-    from fgd_jax.export import load_model
-    from fgd_jax.train import train
 
     args = argparse.Namespace(config=demo.CONFIG, data_root=data_root, steps=400, teacher_steps=800)
     root = os.path.join(workdir, f"seed{seed}")
@@ -70,8 +59,7 @@ def run_seed(seed: int, workdir: str, data_root: str | None, settings: dict) -> 
         if cached is not None and cached.get("key") == key:
             done[name] = cached["AP"]
             return key
-        demo.prepare_workdir(path, key)
-        done[name] = round(100 * train(cfg, path)["AP"], 1)
+        done[name] = round(100 * demo._train_in(cfg, path, key)["AP"], 1)
         with open(result_file, "w") as f:
             json.dump({"AP": done[name], "key": key}, f)
         print(f"[demo_weights] seed {seed} {name}: {done[name]} AP", flush=True)
@@ -80,16 +68,14 @@ def run_seed(seed: int, workdir: str, data_root: str | None, settings: dict) -> 
     t_cfg = demo._cfg("teacher", args, root)
     t_dir = os.path.join(root, "teacher")
     t_key = one("teacher", t_cfg, t_dir)
-    t_export = os.path.join(t_dir, "export")
-    if not os.path.isdir(os.path.join(t_export, "variables")):
-        variables, standalone = load_model(t_dir)
-        ckpt_lib.save_variables(t_export, variables, standalone, overwrite=True)
+    if not os.path.isdir(os.path.join(t_dir, "export", "variables")):
+        demo.export_teacher(t_dir)
     one("baseline", demo._cfg("baseline", args, root), os.path.join(root, "baseline"))
     f_cfg = demo._cfg("fgd", args, root)  # teacher.ckpt = root/teacher/export
     teacher_run = {"teacher_run": t_key}
     one("inheriting only", demo.inherit_only(f_cfg), os.path.join(root, "inherit"), teacher_run)
     for i, (name, weights) in enumerate(settings.items()):
-        one(name, _student_cfg(f_cfg, weights), os.path.join(root, f"fgd{i}"), teacher_run)
+        one(name, demo.with_fgd_weights(f_cfg, weights), os.path.join(root, f"fgd{i}"), teacher_run)
     return done
 
 

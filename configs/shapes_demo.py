@@ -10,8 +10,9 @@ same stage widths, so the inheriting strategy (copy neck and heads) applies as i
 and on this data the teacher's backbone is the better one trained the same way (R18 beats R10
 in every seed pairing, by 10.5 AP on average at 800 steps and 6.7 at 2400:
 configs/shapes_capacity.py). The data is the `lookalike` variant (ten classes in five
-look-alike pairs, random poses) with shapes of 32 px to 60% of the 96 px side. Models are trained from scratch (no ImageNet weights offline), so no
-stage is frozen and BatchNorm trains (norm_eval=False).
+look-alike pairs, random poses) with shapes of 32 px to 60% of the 96 px side. Models are
+trained from scratch (no ImageNet weights offline), so no stage is frozen and BatchNorm
+trains (norm_eval=False).
 """
 
 from fgd_jax import config as C

@@ -143,6 +143,10 @@ def retinanet_model(
 
 
 # ----------------------------------------------------------------------------- distillation
+# The four FGD loss weights of `fgd_distill` (focal fg, focal bg, attention, relation).
+FGD_WEIGHT_KEYS = ("alpha_fgd", "beta_fgd", "gamma_fgd", "lambda_fgd")
+
+
 def fgd_distill(
     temp: float = 0.5,
     alpha_fgd: float = 0.001,

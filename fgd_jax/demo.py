@@ -22,11 +22,12 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 
 import jax
 
 from fgd_jax import evaluation
-from fgd_jax.config import ConfigDict, load_config
+from fgd_jax.config import FGD_WEIGHT_KEYS, ConfigDict, load_config
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "shapes_demo.py")
 
@@ -50,7 +51,6 @@ def _cfg(variant: str, args, workdir: str) -> ConfigDict:
 def run(args) -> dict:
     from fgd_jax import checkpoint as ckpt_lib
     from fgd_jax.data import pipeline
-    from fgd_jax.export import load_model
     from fgd_jax.train import train
 
     workdir = args.workdir
@@ -75,8 +75,7 @@ def run(args) -> dict:
     else:
         print(f"[demo] training the teacher for {t_cfg.train.num_steps} steps -> {t_dir}")
         rows[t_name] = train(t_cfg, t_dir)
-        variables, standalone = load_model(t_dir)
-        ckpt_lib.save_variables(t_export, variables, standalone, overwrite=True)
+        export_teacher(t_dir)
 
     # 3. the student, alone and with FGD, same steps and seed; each run resumes an
     # interrupted one with the same settings (the FGD ones also need the same teacher run)
@@ -143,6 +142,18 @@ def prepare_workdir(path: str, key: dict) -> None:
     evaluation.write_json(os.path.join(path, KEY_FILE), key)
 
 
+def export_teacher(run_dir: str) -> str:
+    """Write the trained model of `run_dir` as a standalone export in `run_dir/export`, the
+    folder the FGD configs' `teacher.ckpt` points to; returns that folder."""
+    from fgd_jax import checkpoint as ckpt_lib
+    from fgd_jax.export import load_model
+
+    out = os.path.join(run_dir, "export")
+    variables, standalone = load_model(run_dir)
+    ckpt_lib.save_variables(out, variables, standalone, overwrite=True)
+    return out
+
+
 def _train_in(cfg: ConfigDict, path: str, key: dict) -> dict:
     from fgd_jax.train import train
 
@@ -158,6 +169,15 @@ def _read_json(path: str):
         return None
 
 
+def with_fgd_weights(cfg: ConfigDict, weights: Sequence[float]) -> ConfigDict:
+    """A copy of the FGD config `cfg` with its four loss weights (`FGD_WEIGHT_KEYS`: alpha,
+    beta, gamma, lambda) set to `weights`; the rest (teacher, init, data, steps) unchanged."""
+    cfg = cfg.copy_and_resolve_references()
+    for key, w in zip(FGD_WEIGHT_KEYS, weights, strict=True):
+        cfg.distill[key] = float(w)
+    return cfg
+
+
 def inherit_only(cfg: ConfigDict) -> ConfigDict:
     """The FGD config with the four FGD loss weights at 0: the student still starts from the
     teacher's neck and heads (inheriting) and sees the same batches, but no distillation
@@ -165,10 +185,7 @@ def inherit_only(cfg: ConfigDict) -> ConfigDict:
     gamma, lambda)."""
     if not cfg.distill.init_student:
         raise ValueError("inherit_only: the config does not use the inheriting init")
-    cfg = cfg.copy_and_resolve_references()
-    for key in ("alpha_fgd", "beta_fgd", "gamma_fgd", "lambda_fgd"):
-        cfg.distill[key] = 0.0
-    return cfg
+    return with_fgd_weights(cfg, (0.0,) * len(FGD_WEIGHT_KEYS))
 
 
 def _evaluate(cfg: ConfigDict, variables) -> dict:
