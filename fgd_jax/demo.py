@@ -1,7 +1,7 @@
 """The newcomer's first run: FGD end to end on the embedded synthetic dataset.
 
     python -m fgd_jax.demo [--workdir workdirs/demo] [--steps 400] [--teacher-steps 800]
-                           [--no-ablation]
+                           [--no-ablation] [--config.KEY=VALUE ...]
 
 1. writes the synthetic COCO-format dataset (`fgd_jax.data.shapes`) if it is not there;
 2. trains the teacher (RetinaNet R18) or reuses it from `WORKDIR/teacher` when complete;
@@ -11,7 +11,8 @@
    differs), which splits FGD's gain into what inheriting gives and what the loss adds;
 4. evaluates them with pycocotools and prints a table like the paper's.
 
-Everything is the real code path (`fgd_jax.train.train`, `fgd_jax.eval`), only smaller.
+Everything is the real code path (`fgd_jax.trainer.train`, `fgd_jax.evaluation`), only
+smaller. `--config.KEY=VALUE` overrides apply to every run's config (teacher and students).
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ from collections.abc import Sequence
 import jax
 
 from fgd_jax import evaluation
-from fgd_jax.config import FGD_WEIGHT_KEYS, ConfigDict, load_config
+from fgd_jax.config import (
+    FGD_WEIGHT_KEYS,
+    OVERRIDE_HELP,
+    ConfigDict,
+    apply_overrides,
+    load_config,
+    split_overrides,
+)
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "shapes_demo.py")
 
@@ -45,13 +53,14 @@ def _cfg(variant: str, args, workdir: str) -> ConfigDict:
     cfg.train.log_every = max(1, min(cfg.train.log_every, steps // 4))
     if variant == "fgd":
         cfg.teacher.ckpt = os.path.join(workdir, "teacher", "export")
+    apply_overrides(cfg, getattr(args, "overrides", None) or [], source="demo")
     return cfg
 
 
 def run(args) -> dict:
     from fgd_jax import checkpoint as ckpt_lib
+    from fgd_jax import trainer
     from fgd_jax.data import pipeline
-    from fgd_jax.train import train
 
     workdir = args.workdir
     t_start = time.time()
@@ -74,7 +83,7 @@ def run(args) -> dict:
         rows[t_name] = _evaluate(t_cfg, variables)
     else:
         print(f"[demo] training the teacher for {t_cfg.train.num_steps} steps -> {t_dir}")
-        rows[t_name] = train(t_cfg, t_dir)
+        rows[t_name] = trainer.train(t_cfg, t_dir)
         export_teacher(t_dir)
 
     # 3. the student, alone and with FGD, same steps and seed; each run resumes an
@@ -146,7 +155,7 @@ def export_teacher(run_dir: str) -> str:
     """Write the trained model of `run_dir` as a standalone export in `run_dir/export`, the
     folder the FGD configs' `teacher.ckpt` points to; returns that folder."""
     from fgd_jax import checkpoint as ckpt_lib
-    from fgd_jax.export import load_model
+    from fgd_jax.experiment import load_model
 
     out = os.path.join(run_dir, "export")
     variables, standalone = load_model(run_dir)
@@ -155,10 +164,10 @@ def export_teacher(run_dir: str) -> str:
 
 
 def _train_in(cfg: ConfigDict, path: str, key: dict) -> dict:
-    from fgd_jax.train import train
+    from fgd_jax import trainer
 
     prepare_workdir(path, key)
-    return train(cfg, path)
+    return trainer.train(cfg, path)
 
 
 def _read_json(path: str):
@@ -189,14 +198,16 @@ def inherit_only(cfg: ConfigDict) -> ConfigDict:
 
 
 def _evaluate(cfg: ConfigDict, variables) -> dict:
-    from fgd_jax.eval import evaluate_variables
     from fgd_jax.models import build_detector
 
-    return evaluate_variables(build_detector(cfg.model), variables, cfg)
+    return evaluation.evaluate_variables(build_detector(cfg.model), variables, cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fgd_jax.demo", description=__doc__.split("\n")[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(
+        prog="python -m fgd_jax.demo", description=__doc__.split("\n")[0], epilog=OVERRIDE_HELP
+    )
     p.add_argument("--workdir", default="workdirs/demo")
     p.add_argument("--data-root", default=None, help="synthetic data folder (default: config's)")
     p.add_argument("--config", default=CONFIG, help="demo config (default configs/shapes_demo.py)")
@@ -208,7 +219,12 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="also train the student with the inheriting init only (no FGD loss); on by default",
     )
-    args = p.parse_args(argv)
+    try:
+        rest, overrides = split_overrides(argv)
+    except ValueError as e:
+        p.error(str(e))
+    args = p.parse_args(rest)
+    args.overrides = overrides
     rows = run(args)
     print(json.dumps({n: round(100 * m["AP"], 1) for n, m in rows.items()}))
     return 0
