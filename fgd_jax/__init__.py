@@ -17,6 +17,7 @@ _SUBMODULES = frozenset(
         "convert",
         "data",
         "demo",
+        "demo_runs",
         "distill",
         "eval",
         "evaluation",
