@@ -57,14 +57,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     Raises ValueError (a batch size that does not split over the devices, a bad config),
     FloatingPointError (a NaN / inf loss), `Preempted` (stopped by SIGUSR1 / SIGTERM after
     saving a checkpoint)."""
+    # every batch size, before anything is written or compiled (eval's too: its first use
+    # comes after a checkpoint)
+    check_batch_sizes(cfg, jax.device_count(), jax.process_count())
     enable_compilation_cache()
     mesh = parallel.make_mesh()
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     tc = cfg.train
     global_batch = tc.batch_size
-    # every batch size, before any data or compilation (eval's too: its first use is late)
-    check_batch_sizes(cfg, jax.device_count(), jax.process_count())
 
     # ---- data
     loader = pipeline.build_train_loader(

@@ -98,4 +98,4 @@ def test_train_refuses_an_eval_batch_size_before_the_first_step(tmp_path):
     assert r.returncode == 1, r.stderr[-3000:]
     assert "eval.batch_size=4" in r.stderr and "8, 16, 24" in r.stderr, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
-    assert not (work / "checkpoints").exists() and not (tmp_path / "data").exists()
+    assert not work.exists() and not (tmp_path / "data").exists()  # nothing written
