@@ -41,10 +41,10 @@ SETTINGS: dict[str, tuple[float, float, float, float]] = {
 def run_seed(seed: int, workdir: str, data_root: str | None, settings: dict) -> dict[str, float]:
     """AP (percent) of every run of one seed: teacher, baseline, inheriting only, settings.
     Each run has its own folder under `workdir/seed{seed}` holding `ap.json` with the AP and
-    the run's settings (`fgd_jax.demo.run_key`, plus the teacher's for the students): a rerun
+    the run's settings (`fgd_jax.demo_runs.run_key`, plus the teacher's for the students): a rerun
     reuses a finished run only when those are equal, resumes an interrupted one with the same
     settings, and starts over a folder made with others (a changed weight, steps or seed)."""
-    from fgd_jax import demo
+    from fgd_jax import demo_runs as demo
 
     args = argparse.Namespace(config=demo.CONFIG, data_root=data_root, steps=400, teacher_steps=800)
     root = os.path.join(workdir, f"seed{seed}")
@@ -55,23 +55,23 @@ def run_seed(seed: int, workdir: str, data_root: str | None, settings: dict) -> 
         key = demo.run_key(cfg) | (extra_key or {})
         key = json.loads(json.dumps(key))  # as it reads back from the file
         result_file = os.path.join(path, "ap.json")
-        cached = demo._read_json(result_file)
+        cached = demo.read_json(result_file)
         if cached is not None and cached.get("key") == key:
             done[name] = cached["AP"]
             return key
-        done[name] = round(100 * demo._train_in(cfg, path, key)["AP"], 1)
+        done[name] = round(100 * demo.train_in(cfg, path, key)["AP"], 1)
         with open(result_file, "w") as f:
             json.dump({"AP": done[name], "key": key}, f)
         print(f"[demo_weights] seed {seed} {name}: {done[name]} AP", flush=True)
         return key
 
-    t_cfg = demo._cfg("teacher", args, root)
+    t_cfg = demo.demo_config("teacher", args, root)
     t_dir = os.path.join(root, "teacher")
     t_key = one("teacher", t_cfg, t_dir)
     if not os.path.isdir(os.path.join(t_dir, "export", "variables")):
         demo.export_teacher(t_dir)
-    one("baseline", demo._cfg("baseline", args, root), os.path.join(root, "baseline"))
-    f_cfg = demo._cfg("fgd", args, root)  # teacher.ckpt = root/teacher/export
+    one("baseline", demo.demo_config("baseline", args, root), os.path.join(root, "baseline"))
+    f_cfg = demo.demo_config("fgd", args, root)  # teacher.ckpt = root/teacher/export
     teacher_run = {"teacher_run": t_key}
     one("inheriting only", demo.inherit_only(f_cfg), os.path.join(root, "inherit"), teacher_run)
     for i, (name, weights) in enumerate(settings.items()):

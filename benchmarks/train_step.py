@@ -3,7 +3,7 @@
 One step = teacher forward (RetinaNet R101-FPN, frozen) + student forward/backward (RetinaNet
 R50-FPN: focal + L1 losses) + FGD on the 5 FPN levels + gradient clipping (35) + SGD with
 momentum and weight decay.
-- fgd-jax: the real `configs/retina_r101_r50.py` through `fgd_jax.train.Experiment`,
+- fgd-jax: the real `configs/retina_r101_r50.py` through `fgd_jax.experiment.Experiment`,
   `init_train_state` and `make_train_step`, `jax.jit` with the state donated; random teacher
   variables (inherited into the student, as `init_student=True` does); GT padded to the
   config's `max_boxes` slots.
@@ -27,7 +27,7 @@ achieved FLOP/s and the fraction of the device's peak.
     python -m benchmarks.train_step --gpu --steps 20 --out benchmarks/results/train_step_gpu.md
 
 Mixed precision: `--dtype bfloat16` sets the config's `train.dtype` (bf16 compute, float32
-parameters, optimizer state, losses and FGD, see `fgd_jax.train.compute_dtype`) and runs the
+parameters, optimizer state, losses and FGD, see `fgd_jax.experiment.compute_dtype`) and runs the
 torch peer under `torch.autocast(dtype=torch.bfloat16)`. Meant for GPUs: XLA:CPU has no fast
 bf16 convolutions, and the CPU peak estimate below is the fp32 one.
 """
@@ -242,7 +242,7 @@ def build_jax(args: argparse.Namespace, batch: dict) -> dict:
 
     from fgd_jax import parallel
     from fgd_jax.config import load_config
-    from fgd_jax.train import Experiment, init_train_state, make_train_step
+    from fgd_jax.experiment import Experiment, init_train_state, make_train_step
 
     b, h, w = batch["image"].shape[:3]
     cfg = load_config(
@@ -252,7 +252,7 @@ def build_jax(args: argparse.Namespace, batch: dict) -> dict:
     t0 = time.perf_counter()
     teacher_vars = jax.jit(exp.teacher.init)(jax.random.key(1), jnp.asarray(batch["image"][:1]))
     state, tx, schedule = init_train_state(exp, batch, 1000, teacher_vars)
-    # As `fgd_jax.train.train` does: fresh global arrays on a mesh of every device. (The
+    # As `fgd_jax.trainer.train` does: fresh global arrays on a mesh of every device. (The
     # inherited student leaves are the teacher's own arrays after `init_train_state`, so
     # donating the state without this copy would donate teacher buffers too.)
     mesh = parallel.make_mesh()

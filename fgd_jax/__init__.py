@@ -1,7 +1,7 @@
 """fgd-jax: Focal and Global Knowledge Distillation for detectors in JAX/Flax.
 
 Submodules load on first use, so `import fgd_jax` stays cheap and
-`fgd_jax.export.load_model(...)` / `fgd_jax.models.build_detector(...)` work after it.
+`fgd_jax.experiment.load_model(...)` / `fgd_jax.models.build_detector(...)` work after it.
 """
 
 import importlib
@@ -17,9 +17,11 @@ _SUBMODULES = frozenset(
         "convert",
         "data",
         "demo",
+        "demo_runs",
         "distill",
         "eval",
         "evaluation",
+        "experiment",
         "export",
         "logging_utils",
         "models",
@@ -27,6 +29,7 @@ _SUBMODULES = frozenset(
         "optim",
         "parallel",
         "train",
+        "trainer",
     }
 )
 

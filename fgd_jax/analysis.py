@@ -97,32 +97,15 @@ def load_train_state(
 ) -> tuple[Any, dict, ml_collections.ConfigDict, int]:
     """The full train state of a run, on the host: `(params, model_state, cfg, step)`.
 
-    Unlike `fgd_jax.export.load_model` (the student only), `params` holds everything trained:
-    for an FGD run `{'student': ..., 'distill_losses': {'loss_fgd_fpn_i': ...}}`.
+    Unlike `fgd_jax.experiment.load_model` (the student only), `params` holds everything
+    trained: for an FGD run `{'student': ..., 'distill_losses': {'loss_fgd_fpn_i': ...}}`.
     `step` defaults to the latest checkpoint. Raises FileNotFoundError naming the workdir.
+    (`fgd_jax.experiment.restore_train_state` with the state unpacked.)
     """
-    from fgd_jax import checkpoint as ckpt_lib
-    from fgd_jax import parallel
-    from fgd_jax.train import abstract_train_state
+    from fgd_jax.experiment import restore_train_state
 
-    workdir = os.fspath(workdir)
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"{workdir}: not a training workdir (no checkpoints/ folder)")
-    manager = ckpt_lib.CheckpointManager(ckpt_dir)
-    try:
-        step = manager.latest_step() if step is None else int(step)
-        if step is None:
-            raise FileNotFoundError(f"{workdir}: the workdir holds no complete checkpoint yet")
-        cfg = manager.restore_config(step)
-        if cfg is None:
-            raise ValueError(f"{workdir}: checkpoint {step} stores no config")
-        target = abstract_train_state(cfg, parallel.make_mesh())
-        state, _, _ = manager.restore(step, target=target, data_state=False)
-    finally:
-        manager.close()
-    state = parallel.fetch(state)
-    return state.params, dict(state.model_state), cfg, int(step)
+    state, cfg, step = restore_train_state(workdir, step)
+    return state.params, dict(state.model_state), cfg, step
 
 
 def example_batch(

@@ -2,9 +2,10 @@
 
 A config file under `configs/` defines `get_config() -> ml_collections.ConfigDict` and builds it
 from the factories below (no inheritance chains, no string registries: every value a run uses
-is visible by reading the file and the one factory it calls). The CLIs read configs with
-absl's `config_flags` (`--config path.py --config.train.batch_size=8`); Python code and
-notebooks use `load_config(path, overrides)`, which applies the same dotted overrides.
+is visible by reading the file and the one factory it calls). One override mechanism for
+everything: `load_config(path, overrides)` / `apply_overrides(cfg, overrides)` with dotted
+keys (`["train.batch_size=8"]` or `{"train.batch_size": 8}`). Every command (train, eval,
+export, demo) takes them as `--config.KEY=VALUE` (`split_overrides`, `OVERRIDE_HELP`).
 """
 
 from __future__ import annotations
@@ -380,17 +381,22 @@ def _checked_value(old: Any, value: Any, key: str, source: str) -> Any:
 def apply_overrides(
     cfg: ConfigDict, overrides: Sequence[str] | dict, source: str = "config"
 ) -> None:
-    """Set dotted keys in place with a clear error for unknown keys and wrong types."""
-    items = overrides.items() if isinstance(overrides, dict) else []
-    if not isinstance(overrides, dict):
-        parsed = []
+    """Set dotted keys in place with a clear error for unknown keys and wrong types.
+
+    `overrides`: `["train.batch_size=8", ...]` (a leading `config.` is dropped; values are
+    Python literals, text where they are not one, `true` / `false` also for a bool key) or a
+    dict `{"train.batch_size": 8}` (values used as given)."""
+    if isinstance(overrides, dict):
+        items = [(key, value, None) for key, value in overrides.items()]
+    else:
+        items = []
         for item in overrides:
             if "=" not in item:
                 raise ValueError(f"override {item!r} is not of the form key=value")
-            key, value = item.split("=", 1)
-            parsed.append((key.strip().removeprefix("config."), _parse_value(value.strip())))
-        items = parsed
-    for key, value in items:
+            key, text = item.split("=", 1)
+            text = text.strip()
+            items.append((key.strip().removeprefix("config."), _parse_value(text), text))
+    for key, value, text in items:
         parts = key.split(".")
         node = cfg
         for i, part in enumerate(parts):
@@ -406,9 +412,54 @@ def apply_overrides(
             if i < len(parts) - 1:
                 node = node[part]
         old = node[parts[-1]]
+        if text is not None:
+            value = _text_for_key(old, value, text)
         value = _checked_value(old, value, key, source)
         with cfg.ignore_type():
             node[parts[-1]] = value
+
+
+def _text_for_key(old: Any, parsed: Any, text: str) -> Any:
+    """A command-line value read for a key whose current value is `old`: a bool key also takes
+    `true` / `false` (absl's spelling); anything else is the parsed literal (a number or bool
+    given for a string key is refused, not turned into text: quote it)."""
+    if isinstance(old, bool) and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return parsed
+
+
+OVERRIDE_HELP = (
+    "config overrides: --config.KEY=VALUE sets one dotted key of the config (repeat as needed), "
+    "e.g. --config.train.batch_size=8 --config.data.root=/data/coco "
+    "--config.train.decay_steps='(8, 11)'. VALUE is a Python literal, or text where it is not "
+    "one (quote text that reads as a number); an unknown key or a wrong type is refused, "
+    "naming the key."
+)
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Take the `--config.KEY=VALUE` (or `--config.KEY VALUE`) arguments out of `argv`.
+
+    Returns `(the other arguments, ["KEY=VALUE", ...])`, the second for `load_config` /
+    `apply_overrides`. Raises ValueError for a `--config.KEY` without a value."""
+    rest: list[str] = []
+    overrides: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--config."):
+            key, eq, value = a[len("--config.") :].partition("=")
+            if not eq:
+                if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                    raise ValueError(f"{a}: an override needs a value ({a}=VALUE)")
+                value = args[i + 1]
+                i += 1
+            overrides.append(f"{key}={value}")
+        else:
+            rest.append(a)
+        i += 1
+    return rest, overrides
 
 
 def eval_settings(batch_size: int = 8) -> ConfigDict:

@@ -1,7 +1,7 @@
 """The newcomer's first run: FGD end to end on the embedded synthetic dataset.
 
     python -m fgd_jax.demo [--workdir workdirs/demo] [--steps 400] [--teacher-steps 800]
-                           [--no-ablation]
+                           [--no-ablation] [--config.KEY=VALUE ...]
 
 1. writes the synthetic COCO-format dataset (`fgd_jax.data.shapes`) if it is not there;
 2. trains the teacher (RetinaNet R18) or reuses it from `WORKDIR/teacher` when complete;
@@ -11,7 +11,8 @@
    differs), which splits FGD's gain into what inheriting gives and what the loss adds;
 4. evaluates them with pycocotools and prints a table like the paper's.
 
-Everything is the real code path (`fgd_jax.train.train`, `fgd_jax.eval`), only smaller.
+Everything is the real code path (`fgd_jax.trainer.train`, `fgd_jax.evaluation`), only
+smaller. `--config.KEY=VALUE` overrides apply to every run's config (teacher and students).
 """
 
 from __future__ import annotations
@@ -19,48 +20,36 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
-from collections.abc import Sequence
 
 import jax
 
+from fgd_jax import checkpoint as ckpt_lib
 from fgd_jax import evaluation
-from fgd_jax.config import FGD_WEIGHT_KEYS, ConfigDict, load_config
-
-CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "shapes_demo.py")
-
-
-def _cfg(variant: str, args, workdir: str) -> ConfigDict:
-    path = args.config if os.path.isfile(args.config) else CONFIG
-    cfg = load_config(f"{path}:{variant}")
-    if args.data_root:
-        cfg.data.root = args.data_root
-    steps = args.teacher_steps if variant == "teacher" else args.steps
-    cfg.train.num_steps = steps
-    cfg.train.decay_steps = (int(steps * 0.8),)
-    cfg.train.warmup_iters = min(cfg.train.warmup_iters, max(1, steps // 5))
-    cfg.train.ckpt_every = max(1, steps // 3)
-    cfg.train.log_every = max(1, min(cfg.train.log_every, steps // 4))
-    if variant == "fgd":
-        cfg.teacher.ckpt = os.path.join(workdir, "teacher", "export")
-    return cfg
+from fgd_jax.config import OVERRIDE_HELP, ConfigDict, split_overrides
+from fgd_jax.data import pipeline
+from fgd_jax.demo_runs import (
+    CONFIG,
+    demo_config,
+    export_teacher,
+    inherit_only,
+    prepare_workdir,
+    run_key,
+    train_in,
+)
+from fgd_jax.models import build_detector
 
 
 def run(args) -> dict:
-    from fgd_jax import checkpoint as ckpt_lib
-    from fgd_jax.data import pipeline
-    from fgd_jax.train import train
-
     workdir = args.workdir
     t_start = time.time()
-    pipeline.ensure_shapes_dataset(_cfg("baseline", args, workdir).data)
+    pipeline.ensure_shapes_dataset(demo_config("baseline", args, workdir).data)
     rows: dict[str, dict] = {}
 
     # 2. the teacher, cached
-    t_cfg = _cfg("teacher", args, workdir)
-    b_cfg = _cfg("baseline", args, workdir)
+    t_cfg = demo_config("teacher", args, workdir)
+    b_cfg = demo_config("baseline", args, workdir)
     t_name = f"teacher (R{t_cfg.model.backbone.depth})"
     s_name = f"student (R{b_cfg.model.backbone.depth})"
     f_name = f"{s_name} + FGD"
@@ -74,24 +63,24 @@ def run(args) -> dict:
         rows[t_name] = _evaluate(t_cfg, variables)
     else:
         print(f"[demo] training the teacher for {t_cfg.train.num_steps} steps -> {t_dir}")
-        rows[t_name] = train(t_cfg, t_dir)
+        rows[t_name] = train_in(t_cfg, t_dir, t_key)
         export_teacher(t_dir)
 
     # 3. the student, alone and with FGD, same steps and seed; each run resumes an
     # interrupted one with the same settings (the FGD ones also need the same teacher run)
     steps = b_cfg.train.num_steps
     print(f"[demo] training the student baseline for {steps} steps")
-    rows[s_name] = _train_in(b_cfg, os.path.join(workdir, "student_baseline"), run_key(b_cfg))
-    f_cfg = _cfg("fgd", args, workdir)
+    rows[s_name] = train_in(b_cfg, os.path.join(workdir, "student_baseline"), run_key(b_cfg))
+    f_cfg = demo_config("fgd", args, workdir)
     print(f"[demo] training the student with FGD for {f_cfg.train.num_steps} steps")
     f_key = run_key(f_cfg) | {"teacher_run": t_key}
-    rows[f_name] = _train_in(f_cfg, os.path.join(workdir, "student_fgd"), f_key)
+    rows[f_name] = train_in(f_cfg, os.path.join(workdir, "student_fgd"), f_key)
     i_name = f"{s_name} + inheriting only"
     if args.ablation:
         i_cfg = inherit_only(f_cfg)  # a copy: f_cfg is not changed
         print(f"[demo] training the student with the inheriting init only for {steps} steps")
         i_key = run_key(i_cfg) | {"teacher_run": t_key}
-        rows[i_name] = _train_in(i_cfg, os.path.join(workdir, "student_inherit"), i_key)
+        rows[i_name] = train_in(i_cfg, os.path.join(workdir, "student_inherit"), i_key)
 
     # 4. the table
     table = evaluation.format_table(rows)
@@ -119,84 +108,15 @@ def run(args) -> dict:
     return rows
 
 
-KEY_FILE = "demo_key.json"
-
-
-def run_key(cfg: ConfigDict) -> dict:
-    """What a demo run's workdir must have been made with to be resumed or reused: the
-    config's model, data, schedule, seed, teacher and distillation settings, and the
-    synthetic dataset's generator version (a new version changes the images)."""
-    from fgd_jax.data import shapes
-
-    cfg_json = json.loads(cfg.to_json_best_effort())
-    keys = ("model", "data", "train", "seed", "teacher", "distill")
-    return {k: cfg_json.get(k) for k in keys} | {"shapes_version": shapes._VERSION}
-
-
-def prepare_workdir(path: str, key: dict) -> None:
-    """Keep `path` when it was made for `key` (the run resumes or is reused), else empty it;
-    then record `key` in it before any training, so an interrupted run resumes."""
-    if os.path.isdir(path) and _read_json(os.path.join(path, KEY_FILE)) != key:
-        print(f"[demo] {path} was made with other settings: starting it over")
-        shutil.rmtree(path)
-    evaluation.write_json(os.path.join(path, KEY_FILE), key)
-
-
-def export_teacher(run_dir: str) -> str:
-    """Write the trained model of `run_dir` as a standalone export in `run_dir/export`, the
-    folder the FGD configs' `teacher.ckpt` points to; returns that folder."""
-    from fgd_jax import checkpoint as ckpt_lib
-    from fgd_jax.export import load_model
-
-    out = os.path.join(run_dir, "export")
-    variables, standalone = load_model(run_dir)
-    ckpt_lib.save_variables(out, variables, standalone, overwrite=True)
-    return out
-
-
-def _train_in(cfg: ConfigDict, path: str, key: dict) -> dict:
-    from fgd_jax.train import train
-
-    prepare_workdir(path, key)
-    return train(cfg, path)
-
-
-def _read_json(path: str):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def with_fgd_weights(cfg: ConfigDict, weights: Sequence[float]) -> ConfigDict:
-    """A copy of the FGD config `cfg` with its four loss weights (`FGD_WEIGHT_KEYS`: alpha,
-    beta, gamma, lambda) set to `weights`; the rest (teacher, init, data, steps) unchanged."""
-    cfg = cfg.copy_and_resolve_references()
-    for key, w in zip(FGD_WEIGHT_KEYS, weights, strict=True):
-        cfg.distill[key] = float(w)
-    return cfg
-
-
-def inherit_only(cfg: ConfigDict) -> ConfigDict:
-    """The FGD config with the four FGD loss weights at 0: the student still starts from the
-    teacher's neck and heads (inheriting) and sees the same batches, but no distillation
-    loss reaches it. The train CLI equivalent: `--config.distill.alpha_fgd=0` (and beta,
-    gamma, lambda)."""
-    if not cfg.distill.init_student:
-        raise ValueError("inherit_only: the config does not use the inheriting init")
-    return with_fgd_weights(cfg, (0.0,) * len(FGD_WEIGHT_KEYS))
-
-
 def _evaluate(cfg: ConfigDict, variables) -> dict:
-    from fgd_jax.eval import evaluate_variables
-    from fgd_jax.models import build_detector
-
-    return evaluate_variables(build_detector(cfg.model), variables, cfg)
+    return evaluation.evaluate_variables(build_detector(cfg.model), variables, cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fgd_jax.demo", description=__doc__.split("\n")[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(
+        prog="python -m fgd_jax.demo", description=__doc__.split("\n")[0], epilog=OVERRIDE_HELP
+    )
     p.add_argument("--workdir", default="workdirs/demo")
     p.add_argument("--data-root", default=None, help="synthetic data folder (default: config's)")
     p.add_argument("--config", default=CONFIG, help="demo config (default configs/shapes_demo.py)")
@@ -208,7 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="also train the student with the inheriting init only (no FGD loss); on by default",
     )
-    args = p.parse_args(argv)
+    try:
+        rest, overrides = split_overrides(argv)
+    except ValueError as e:
+        p.error(str(e))
+    args = p.parse_args(rest)
+    args.overrides = overrides
     rows = run(args)
     print(json.dumps({n: round(100 * m["AP"], 1) for n, m in rows.items()}))
     return 0

@@ -1,23 +1,34 @@
-"""COCO bbox evaluation with pycocotools: detections -> COCO results json -> AP table.
+"""COCO bbox evaluation: a detector over the val set -> COCO results json -> AP table.
 
-Pure host-side code: it takes numpy detections (boxes xyxy in ORIGINAL image pixels, as the
-detectors' `predict` returns them) and the annotation file, and reports what
-`pycocotools.cocoeval.COCOeval` reports, plus per-class AP.
+- `evaluate_variables(module, variables, cfg)`: jitted inference over the val set
+  (`predict_dataset`, data-parallel over the mesh) and pycocotools' metrics; what training's
+  periodic evaluation, `python -m fgd_jax.eval` and the demo call. It takes a module and its
+  variables, never a trainer.
+- host-side pieces: `detections_to_coco` (numpy detections, boxes xyxy in ORIGINAL image
+  pixels as the detectors' `predict` returns them), `coco_evaluate` (what
+  `pycocotools.cocoeval.COCOeval` reports, plus per-class AP), `format_table`, `write_json`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from pycocotools.coco import COCO
 
+import jax
+import ml_collections
 import numpy as np
+from tqdm import tqdm
+
+from fgd_jax import parallel
+from fgd_jax.data import pipeline
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -136,3 +147,88 @@ def format_table(rows: dict[str, dict], columns: Sequence[str] = METRIC_NAMES) -
     for name, m in rows.items():
         lines.append(f"{name:<{width}} | " + " | ".join(f"{100 * m[c]:5.1f}" for c in columns))
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------ a model on the val set
+def val_annotation_file(data_cfg: ml_collections.ConfigDict) -> str:
+    """The val annotation json of a data config."""
+    return os.path.join(data_cfg.root, data_cfg.val_ann)
+
+
+def val_ground_truth(data_cfg: ml_collections.ConfigDict):
+    """What `coco_evaluate` compares with: the val json path, or for the tfds
+    source a pycocotools `COCO` object built from the val examples (no json needed)."""
+    if data_cfg.get("source", "coco") == "tfds":
+        from fgd_jax.data.tfds_source import load_tfds_records
+
+        return load_tfds_records(data_cfg, train=False).coco
+    return val_annotation_file(data_cfg)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _predict(module, variables, images, img_shape, scale_factor):
+    """Jitted `predict`, compiled once per (module, shapes): the periodic evaluations of a
+    training run reuse it instead of compiling a fresh closure each time."""
+    return module.apply(variables, images, img_shape, scale_factor, method="predict")
+
+
+def predict_dataset(
+    module, variables: Mapping, cfg: ml_collections.ConfigDict, mesh=None, progress: bool = True
+) -> tuple[list[dict], list[int]]:
+    """Jitted inference over the whole val set, data-parallel over the mesh.
+
+    Returns the COCO result dicts (on every process) and the evaluated image ids.
+    """
+    mesh = mesh or parallel.make_mesh()
+    loader = pipeline.build_eval_loader(
+        cfg.data,
+        batch_size=cfg.eval.batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_classes=module.num_classes,
+    )
+    cat_ids = loader.label_to_cat_id
+
+    results: list[dict] = []
+    image_ids: list[int] = []
+    show = progress and jax.process_index() == 0
+    for host_batch in tqdm(loader, desc="eval", disable=not show, leave=False):
+        batch = parallel.host_batch_to_global(host_batch, mesh)
+        out = _predict(module, variables, batch["image"], batch["img_shape"], batch["scale_factor"])
+        out["image_id"] = batch["image_id"]
+        out = parallel.fetch(out)
+        ids = np.asarray(out["image_id"])
+        image_ids.extend(int(i) for i in ids if i >= 0)
+        results.extend(
+            detections_to_coco(
+                ids,
+                np.asarray(out["boxes"]),
+                np.asarray(out["scores"]),
+                np.asarray(out["labels"]),
+                np.asarray(out["valid"]),
+                cat_ids,
+            )
+        )
+    return results, image_ids
+
+
+def evaluate_variables(
+    module,
+    variables: Mapping,
+    cfg: ml_collections.ConfigDict,
+    mesh=None,
+    out_dir: str | None = None,
+) -> dict:
+    """COCO bbox metrics of `module` with `variables` on `cfg.data`'s val set."""
+    results, image_ids = predict_dataset(module, variables, cfg, mesh)
+    metrics = coco_evaluate(val_ground_truth(cfg.data), results, image_ids)
+    if out_dir and jax.process_index() == 0:
+        write_json(os.path.join(out_dir, "detections.json"), results)
+        write_metrics(out_dir, metrics)
+    return metrics
+
+
+def write_metrics(out_dir: str, metrics: Mapping) -> str:
+    """metrics.json (everything but the printed summary) in `out_dir`."""
+    clean = {k: v for k, v in metrics.items() if k != "summary"}
+    return write_json(os.path.join(out_dir, "metrics.json"), clean)

@@ -25,7 +25,7 @@ Typical use in a trainer::
                    out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
     for host_batch in loader:               # per-host batch = global batch / process_count
         state, metrics = step(state, host_batch_to_global(host_batch, mesh))
-        if is_main_process(): print(fetch(metrics))
+        if jax.process_index() == 0: print(fetch(metrics))
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -167,11 +166,6 @@ def maybe_initialize_distributed(
     return False
 
 
-def is_main_process() -> bool:
-    """True on process 0 (the one that logs and writes metadata)."""
-    return jax.process_index() == 0
-
-
 # ------------------------------------------------------------------------------ mesh / specs
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh over all devices of all processes, axis name `'data'`.
@@ -256,14 +250,6 @@ def host_batch_to_global(
 
 
 # --------------------------------------------------------------------------------- helpers
-def global_norm(tree: PyTree) -> jax.Array:
-    """sqrt(sum of squares of all leaves) in float32 (gradient / update norms for logging)."""
-    leaves = jax.tree.leaves(tree)
-    if not leaves:
-        return jnp.zeros((), jnp.float32)
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
-
-
 def fetch(tree: PyTree) -> PyTree:
     """Device values -> numpy / Python scalars, on any process.
 

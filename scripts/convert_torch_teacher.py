@@ -41,7 +41,7 @@ def convert(src: str, config: str, out: str, overwrite: bool = False) -> dict:
     from fgd_jax import checkpoint as ckpt_lib
     from fgd_jax.config import load_config
     from fgd_jax.convert import import_torch_checkpoint
-    from fgd_jax.export import model_config
+    from fgd_jax.experiment import model_config
 
     cfg = load_config(config)
     is_teacher = "teacher" in cfg and cfg.get("teacher") is not None

@@ -89,7 +89,7 @@ def build(mesh):
             "opt_state": opt_state,
             "step": state["step"] + 1,
         }
-        return new, {"loss": loss, "grad_norm": parallel.global_norm(grads)}
+        return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
     rep, dat = parallel.replicated(mesh), parallel.data_sharding(mesh)
     init_j = jax.jit(init, out_shardings=rep)

@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
 from fgd_jax import parallel  # noqa: E402
-from fgd_jax.train import Experiment, dummy_batch, init_train_state, make_train_step  # noqa: E402
+from fgd_jax.experiment import Experiment, dummy_batch, init_train_state, make_train_step  # noqa: E402
 from tests._tiny import tiny_config  # noqa: E402
 
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fgd_jax import checkpoint as ckpt_lib
-from fgd_jax.config import ConfigDict, fgd_distill, load_config, shapes_data
+from fgd_jax.config import ConfigDict, apply_overrides, fgd_distill, load_config, shapes_data
 from fgd_jax.models import build_detector
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,12 +50,7 @@ def tiny_config(
     cfg.train.log_every = 1
     cfg.train.ckpt_every = 2
     cfg.eval.batch_size = 4
-    for k, v in overrides.items():
-        node = cfg
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
+    apply_overrides(cfg, overrides, source="tiny_config")
     return cfg
 
 

@@ -43,7 +43,7 @@ def tree_digest(root: str) -> str:
 def fgd_run(tmp_path_factory):
     """A 40-step tiny FGD run (RetinaNet R18, random R18 teacher) on the synthetic set,
     shared by the training, eval and export tests: (cfg, workdir, final eval metrics)."""
-    from fgd_jax.train import train
+    from fgd_jax.trainer import train
     from tests._tiny import make_teacher, tiny_config
 
     tmp = tmp_path_factory.mktemp("fgd_run")

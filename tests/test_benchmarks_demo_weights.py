@@ -46,8 +46,8 @@ def test_report_counts_wins_over_inheriting_per_seed_and_averages():
 def test_run_seed_reuses_only_runs_made_with_the_same_settings(tmp_path, monkeypatch):
     # train is replaced by a recorder (the real runs are the demo's, tested in test_demo.py):
     # what is checked is which runs a rerun trains again.
-    import fgd_jax.export
-    import fgd_jax.train
+    import fgd_jax.experiment
+    import fgd_jax.trainer
     from fgd_jax import checkpoint
 
     trained = []
@@ -56,8 +56,8 @@ def test_run_seed_reuses_only_runs_made_with_the_same_settings(tmp_path, monkeyp
         trained.append(os.path.basename(path))
         return {"AP": 0.01 * len(trained)}
 
-    monkeypatch.setattr(fgd_jax.train, "train", fake_train)
-    monkeypatch.setattr(fgd_jax.export, "load_model", lambda path: ({}, None))
+    monkeypatch.setattr(fgd_jax.trainer, "train", fake_train)
+    monkeypatch.setattr(fgd_jax.experiment, "load_model", lambda path: ({}, None))
     monkeypatch.setattr(
         checkpoint, "save_variables", lambda path, *a, **k: os.makedirs(f"{path}/variables")
     )

@@ -95,7 +95,7 @@ def test_backbone_channels():
 
 
 def test_demo_inherit_only_zeroes_the_fgd_weights_and_copies():
-    from fgd_jax.demo import CONFIG, inherit_only
+    from fgd_jax.demo_runs import CONFIG, inherit_only
 
     cfg = C.load_config(f"{CONFIG}:fgd")
     ablated = inherit_only(cfg)

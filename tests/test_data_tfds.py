@@ -326,7 +326,7 @@ def test_tfds_mock_data_source(tfds_mock):
         for r in recs.records:  # the worker-side decode gives the size read from the header
             assert tfds_source.load_tfds_image(r).shape == (*r["orig_shape"], 3)
         if not train:  # the val ground truth comes with the records (eval needs no json)
-            from fgd_jax.eval import val_ground_truth
+            from fgd_jax.evaluation import val_ground_truth
 
             gt = val_ground_truth(cfg)
             assert gt is recs.coco and sorted(gt.getImgIds()) == sorted(coco.coco.getImgIds())

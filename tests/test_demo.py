@@ -64,7 +64,7 @@ def test_demo_end_to_end(tmp_path):
 
 def test_demo_run_key_tracks_what_a_run_was_made_with(tmp_path):
     from fgd_jax.config import load_config
-    from fgd_jax.demo import KEY_FILE, prepare_workdir, run_key
+    from fgd_jax.demo_runs import KEY_FILE, prepare_workdir, run_key
 
     cfg = load_config(os.path.join(REPO, "configs", "shapes_demo.py") + ":teacher")
     key = run_key(cfg)

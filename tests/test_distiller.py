@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from fgd_jax.distill import distiller as D
+from fgd_jax.experiment import Experiment, dummy_batch, init_train_state
 from fgd_jax.models import build_detector
-from fgd_jax.train import Experiment, dummy_batch, init_train_state
 
 from ._tiny import make_teacher, tiny_config
 
@@ -154,7 +154,7 @@ def test_bfloat16_compute_matches_float32(tmp_path):
 def test_bfloat16_train_step_keeps_float32_state(tmp_path):
     """A whole jitted train step with train.dtype='bfloat16': params, BN statistics and the
     optimizer state stay float32 after the update, every loss is finite, params move."""
-    from fgd_jax.train import make_train_step
+    from fgd_jax.experiment import make_train_step
 
     cfg = tiny_config(str(tmp_path / "data"), "fgd")
     cfg.train.dtype = "bfloat16"

@@ -17,10 +17,11 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from fgd_jax import checkpoint as ckpt_lib
+from fgd_jax import experiment
 from fgd_jax import export as export_lib
 from fgd_jax.convert import import_torch_checkpoint, load_torch_file
 from fgd_jax.eval import main as eval_main
-from fgd_jax.eval import val_annotation_file
+from fgd_jax.evaluation import val_annotation_file
 from fgd_jax.models import build_detector
 
 from ._tiny import REPO
@@ -56,7 +57,7 @@ def test_export_reproduces_the_student_and_round_trips_through_torch(fgd_run, tm
     cfg, workdir, _ = fgd_run
     out, pth = tmp_path / "student", tmp_path / "student.pth"
     assert export_lib.main(["--ckpt", workdir, "--out", str(out), "--torch", str(pth)]) == 0
-    trained, _ = export_lib.load_model(workdir)
+    trained, _ = experiment.load_model(workdir)
     exported, ecfg = ckpt_lib.load_variables(str(out))
     assert "teacher" not in ecfg and "distill" not in ecfg
     jax.tree.map(np.testing.assert_array_equal, trained, exported)
@@ -93,11 +94,11 @@ def test_bad_inputs_give_one_line_errors(fgd_run, tmp_path):
     other = tmp_path / "other"
     ckpt_lib.save_variables(str(other), {"params": {"x": np.zeros(3)}}, cfg)
     with pytest.raises(ValueError, match="does not match the expected model"):
-        from fgd_jax.train import Experiment, dummy_batch, load_teacher
+        from fgd_jax.experiment import Experiment, load_teacher
 
         c = cfg.copy_and_resolve_references()
         c.teacher.ckpt = str(other)
-        load_teacher(Experiment(c), dummy_batch(c.data))
+        load_teacher(Experiment(c))
     r = _run(["-m", "fgd_jax.export", "--ckpt", str(tmp_path), "--out", str(tmp_path / "x")])
     assert r.returncode == 1 and "error:" in r.stderr and "Traceback" not in r.stderr
 
@@ -129,16 +130,16 @@ def test_check_variables_refuses_a_smaller_model_than_the_checkpoint():
     big.head.stacked_convs = 2
     x = jnp.zeros((1, 64, 64, 3))
     v_big = build_detector(big).init(jax.random.key(0), x)
-    export_lib.check_variables(build_detector(big), v_big, "big")  # exact fit passes
+    experiment.check_variables(build_detector(big), v_big, "big")  # exact fit passes
     with pytest.raises(ValueError, match=r"unexpected in checkpoint: params/.*1"):
-        export_lib.check_variables(build_detector(small), v_big, "big")
+        experiment.check_variables(build_detector(small), v_big, "big")
     v_small = build_detector(small).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="missing in checkpoint"):
-        export_lib.check_variables(build_detector(big), v_small, "small")
+        experiment.check_variables(build_detector(big), v_small, "small")
 
 
 def test_eval_refuses_a_model_with_other_classes_than_the_val_json(tmp_path):
-    from fgd_jax.eval import predict_dataset
+    from fgd_jax.evaluation import predict_dataset
     from tests._tiny import tiny_config
 
     cfg = tiny_config(str(tmp_path / "data"))
@@ -151,7 +152,7 @@ def test_eval_refuses_a_model_with_other_classes_than_the_val_json(tmp_path):
 def test_two_line_load_after_import_fgd_jax():
     import fgd_jax
 
-    assert callable(fgd_jax.export.load_model) and callable(fgd_jax.models.build_detector)
+    assert callable(fgd_jax.experiment.load_model) and callable(fgd_jax.models.build_detector)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         fgd_jax.nope  # noqa: B018
 

@@ -898,7 +898,7 @@ def test_fgd_student_variant_trains_with_sgd_and_every_loss_part_falls(tmp_path)
     optimizer, inheriting, FGD losses) for 60 steps on the synthetic shapes, skipping `train`'s
     checkpoints and final eval to keep the test short, and compares the means of the first
     and the last 10 steps."""
-    from fgd_jax import train as train_lib
+    from fgd_jax import experiment as experiment_lib
     from fgd_jax.data import pipeline
 
     from ._tiny import tiny_config
@@ -929,7 +929,7 @@ def test_fgd_student_variant_trains_with_sgd_and_every_loss_part_falls(tmp_path)
     # eval-mode teacher passes the +-128 caffe input unnormalised, its FPN maps come out
     # ~100x too large and FGD's loss (~1e4) drowns the detector's. So: a few train-mode
     # forward passes to update the running statistics, as a trained teacher would have them.
-    exp = train_lib.Experiment(cfg)
+    exp = experiment_lib.Experiment(cfg)
     teacher_vars = jax.jit(exp.teacher.init)(jax.random.key(1), batches[0]["image"][:1])
 
     @jax.jit
@@ -942,10 +942,10 @@ def test_fgd_student_variant_trains_with_sgd_and_every_loss_part_falls(tmp_path)
     for i in range(20):  # momentum 0.1: 1 - 0.9**20 = 88% of the way
         teacher_vars = calibrate(teacher_vars, batches[i % cycle]["image"])
 
-    state, tx, schedule = train_lib.init_train_state(
-        exp, train_lib.dummy_batch(cfg.data), loader.steps_per_epoch, teacher_vars
+    state, tx, schedule = experiment_lib.init_train_state(
+        exp, experiment_lib.dummy_batch(cfg.data), loader.steps_per_epoch, teacher_vars
     )
-    step = jax.jit(train_lib.make_train_step(exp, tx, schedule))
+    step = jax.jit(experiment_lib.make_train_step(exp, tx, schedule))
     recs = []
     for i in range(steps):
         state, metrics = step(state, teacher_vars, batches[i % cycle])

@@ -3,7 +3,7 @@
 References: the FGD maps against a torch transcription of the original `FeatureLoss`
 (`get_attention`, `get_mask` loop, `spatial_pool`) written here, fp32, rtol 1e-5; the
 log helpers against a direct `json` parse; `example_batch` against the eval loader;
-`load_train_state` against `fgd_jax.export.load_model`; the notebooks are executed with
+`load_train_state` against `fgd_jax.experiment.load_model`; the notebooks are executed with
 nbclient on the tiny `fgd_run` workdir and must produce figures without errors.
 """
 
@@ -275,7 +275,7 @@ def test_notebooks_are_stored_without_outputs():
 # --------------------------------------------------------------------- train state + notebooks
 @pytest.mark.slow
 def test_load_train_state(fgd_run):
-    from fgd_jax.export import load_model
+    from fgd_jax.experiment import load_model
 
     cfg, workdir, _ = fgd_run
     params, model_state, cfg2, step = analysis.load_train_state(workdir)
@@ -353,7 +353,7 @@ _KERNEL_ENV = {
 @pytest.fixture(scope="module")
 def baseline_run(fgd_run, tmp_path_factory):
     """A 6-step tiny baseline (no FGD) on the same data as `fgd_run`: (workdir, metrics)."""
-    from fgd_jax.train import train
+    from fgd_jax.trainer import train
     from tests._tiny import tiny_config
 
     cfg, _, _ = fgd_run

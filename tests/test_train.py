@@ -16,9 +16,9 @@ import jax
 import numpy as np
 import pytest
 
-from fgd_jax.export import load_model
+from fgd_jax.experiment import load_model
 from fgd_jax.logging_utils import read_metrics
-from fgd_jax.train import train
+from fgd_jax.trainer import train
 
 from ._tiny import REPO, make_teacher, tiny_config
 
@@ -180,11 +180,13 @@ def test_nan_later_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
 
 def test_inf_gradient_norm_stops_training():
     """Finite losses but an inf gradient norm (clipping would then write NaN params)."""
-    from fgd_jax.train import _check
+    from fgd_jax.trainer import check_finite_metrics
 
-    _check(1, {"loss": np.float32(1.0), "grad_norm": np.float32(3.0), "lr": np.float32(0.1)})
+    check_finite_metrics(
+        1, {"loss": np.float32(1.0), "grad_norm": np.float32(3.0), "lr": np.float32(0.1)}
+    )
     with pytest.raises(FloatingPointError, match=r"step 7: grad_norm=inf"):
-        _check(7, {"loss": np.float32(1.0), "grad_norm": np.float32(np.inf)})
+        check_finite_metrics(7, {"loss": np.float32(1.0), "grad_norm": np.float32(np.inf)})
 
 
 def test_sigusr1_saves_a_checkpoint_and_stops_then_resumes(tmp_path):
@@ -231,7 +233,7 @@ def test_backbone_init_loads_imagenet_weights_into_the_student(tmp_path):
     import torch
     import torchvision
 
-    from fgd_jax.train import Experiment, dummy_batch, init_train_state
+    from fgd_jax.experiment import Experiment, dummy_batch, init_train_state
 
     torch.manual_seed(0)
     sd = torchvision.models.resnet18().state_dict()

@@ -9,7 +9,7 @@ import pytest
 from fgd_jax import config as C
 from fgd_jax.data import SHAPES_CLASS_NAMES
 from fgd_jax.logging_utils import read_metrics
-from fgd_jax.train import train
+from fgd_jax.trainer import train
 
 from ._tiny import make_teacher, tiny_config
 

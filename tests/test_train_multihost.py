@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from fgd_jax.export import load_model
+from fgd_jax.experiment import load_model
 from fgd_jax.logging_utils import read_metrics
 
 from ._tiny import REPO

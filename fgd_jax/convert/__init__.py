@@ -17,8 +17,6 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -86,14 +84,11 @@ def torchvision_rules(model_cfg: ml_collections.ConfigDict) -> RenameRules:
 
 
 def detector_variable_shapes(model_cfg: ml_collections.ConfigDict) -> Any:
-    """`jax.eval_shape` of `build_detector(model_cfg).init` on a 128x128 image: the
-    variables' shapes and dtypes (nothing is computed)."""
-    from fgd_jax.models import build_detector
+    """The variables' shapes and dtypes of `build_detector(model_cfg)` (nothing is computed):
+    `fgd_jax.models.variable_shapes`."""
+    from fgd_jax.models import build_detector, variable_shapes
 
-    model = build_detector(model_cfg)
-    size = 128
-    images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
+    return variable_shapes(build_detector(model_cfg))
 
 
 def _torchvision_module_attr(model_cfg: ml_collections.ConfigDict, name: str) -> Any:

@@ -31,7 +31,12 @@ __all__ = [
     "build_detector",
     "build_neck",
     "trainable_mask",
+    "variable_shapes",
 ]
+
+# Side of the square image `variable_shapes` initializes on: a multiple of the largest FPN
+# stride (128), so every level has at least one cell. Variable shapes do not depend on it.
+SHAPE_IMAGE_SIZE = 128
 
 
 def build_detector(model_cfg: ml_collections.ConfigDict, dtype: Any = None) -> nn.Module:
@@ -47,6 +52,15 @@ def build_detector(model_cfg: ml_collections.ConfigDict, dtype: Any = None) -> n
     module_name, cls_name = DETECTORS[kind]
     module = importlib.import_module(module_name)
     return getattr(module, cls_name).from_config(model_cfg, dtype=dtype)
+
+
+def variable_shapes(module: nn.Module) -> Any:
+    """Shapes and dtypes (`jax.ShapeDtypeStruct`) of every variable of a detector `module`
+    (`{'params': ..., 'batch_stats': ...}`), from `jax.eval_shape` of its init on one
+    `[1, SHAPE_IMAGE_SIZE, SHAPE_IMAGE_SIZE, 3]` float32 image; nothing is computed. The one
+    place the converter, the export check and the teacher loading get expected shapes from."""
+    image = jax.ShapeDtypeStruct((1, SHAPE_IMAGE_SIZE, SHAPE_IMAGE_SIZE, 3), jax.numpy.float32)
+    return jax.eval_shape(lambda x: module.init(jax.random.key(0), x), image)
 
 
 def _frozen_stages(cfg: ml_collections.ConfigDict | int | None) -> int:

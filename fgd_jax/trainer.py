@@ -1,0 +1,244 @@
+"""The training loop of `python -m fgd_jax.train`: `train(cfg, workdir)`.
+
+The story, as big_vision tells it: build the mesh, build the data, build the models, init or
+restore, loop (log, check for NaN, checkpoint, evaluate), save. The same loop runs on one CPU,
+one GPU, 8 GPUs, or many hosts. The pieces it drives live in `fgd_jax.experiment`; evaluation
+in `fgd_jax.evaluation`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Mapping
+
+import jax
+import ml_collections
+import numpy as np
+
+from fgd_jax import checkpoint as ckpt_lib
+from fgd_jax import evaluation, logging_utils, parallel
+from fgd_jax.data import pipeline
+from fgd_jax.experiment import (
+    Experiment,
+    abstract_train_state,
+    check_batch_sizes,
+    dummy_batch,
+    init_train_state,
+    load_teacher,
+    make_train_step,
+    run_optimizer,
+)
+
+log = logging.getLogger("fgd_jax.trainer")
+
+
+def enable_compilation_cache(path: str | None = None) -> None:
+    """Persistent XLA compilation cache (on by default), so a restarted run does not pay
+    compilation again. `FGD_JAX_COMPILATION_CACHE` overrides the directory; '' disables."""
+    path = os.environ.get("FGD_JAX_COMPILATION_CACHE", path) if path is None else path
+    if path is None:
+        path = os.path.expanduser("~/.cache/fgd_jax/xla")
+    if not path:
+        return
+    try:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    except Exception as e:  # noqa: BLE001 - a cache problem must never stop training
+        log.warning("compilation cache disabled: %s", e)
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Run (or resume) training in `workdir`; returns the final eval metrics.
+
+    Raises ValueError (a batch size that does not split over the devices, a bad config),
+    FloatingPointError (a NaN / inf loss), `Preempted` (stopped by SIGUSR1 / SIGTERM after
+    saving a checkpoint)."""
+    # every batch size, before anything is written or compiled (eval's too: its first use
+    # comes after a checkpoint)
+    check_batch_sizes(cfg, jax.device_count(), jax.process_count())
+    enable_compilation_cache()
+    mesh = parallel.make_mesh()
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    tc = cfg.train
+    global_batch = tc.batch_size
+
+    # ---- data
+    loader = pipeline.build_train_loader(
+        cfg.data,
+        global_batch_size=global_batch,
+        seed=cfg.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_classes=cfg.model.num_classes,
+    )
+    steps_per_epoch = loader.steps_per_epoch
+    total_steps = tc.num_steps if tc.num_steps > 0 else tc.num_epochs * steps_per_epoch
+
+    # ---- models and state
+    exp = Experiment(cfg)
+    batch0 = dummy_batch(cfg.data)
+    teacher_vars = load_teacher(exp) if exp.distilling else None
+    manager = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"), keep=tc.keep_ckpts)
+    start = manager.latest_step()
+    if start is None:
+        state, tx, schedule = init_train_state(exp, batch0, steps_per_epoch, teacher_vars)
+        state = parallel.replicate(state, mesh)
+    else:
+        target = abstract_train_state(cfg, mesh)
+        state, data_state, _ = manager.restore(start, target=target)
+        tx, schedule = run_optimizer(exp, state.params, steps_per_epoch)
+        if data_state is not None:
+            loader.set_state(data_state)
+        if is_main:
+            print(f"resumed from step {start} in {workdir}")
+    if teacher_vars is not None:
+        teacher_vars = parallel.replicate(teacher_vars, mesh)
+
+    # Explicit shardings (pjit style): state and teacher replicated, the batch split on 'data';
+    # the state is donated (updated in place).
+    rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
+    train_step = jax.jit(
+        make_train_step(exp, tx, schedule),
+        in_shardings=(rep, rep, shard),
+        out_shardings=(rep, rep),
+        donate_argnums=(0,),
+    )
+    step = int(parallel.fetch(state.step))
+    logger = logging_utils.MetricLogger(
+        workdir, total_steps=total_steps, is_main=is_main, initial_step=step
+    )
+    eval_every = tc.eval_every if tc.eval_every != -1 else steps_per_epoch
+    pending = None
+    t_last, step_last, paused = time.time(), step, 0.0
+    stop = _StopRequest()
+    try:
+        while step < total_steps:
+            batch = parallel.host_batch_to_global(next(loader), mesh)
+            state, metrics = train_step(state, teacher_vars, batch)
+            step += 1
+            # Check the previous step's losses while this one runs (keeps the device busy).
+            if pending is not None:
+                check_finite_metrics(*pending)
+            pending = (step, metrics)
+            logger.update(step)
+            at_log = step % tc.log_every == 0 or step == total_steps
+            if at_log:
+                check_finite_metrics(*pending)
+                pending = None
+                host = parallel.fetch(metrics)
+                now = time.time()
+                # training throughput: checkpoint and eval time excluded
+                busy = max(now - t_last - paused, 1e-9)
+                host["images_per_s"] = global_batch * (step - step_last) / busy
+                host["step_time_s"] = busy / max(step - step_last, 1)
+                skipped = loader.num_skipped
+                if skipped:  # unreadable images replaced (data.on_bad_image='skip')
+                    host["data_skipped_images"] = skipped
+                t_last, step_last, paused = now, step, 0.0
+                logger.log(step, host)
+            stopping = at_log and stop.agreed()
+            if step % tc.ckpt_every == 0 or step == total_steps or stopping:
+                if pending is not None:
+                    check_finite_metrics(*pending)
+                    pending = None
+                t0 = time.time()
+                manager.save(step, state, data_state=loader.get_state(), config=cfg)
+                paused += time.time() - t0
+            if stopping:
+                manager.wait()
+                logger.write(
+                    f"stopped by {stop.signal_name} at step {step}; checkpoint saved. "
+                    "Run the same command to resume."
+                )
+                raise Preempted(step)
+            if eval_every > 0 and step % eval_every == 0 and step != total_steps:
+                t0 = time.time()
+                m = evaluation.evaluate_variables(
+                    exp.student, exp.student_variables(state.params, state.model_state), cfg, mesh
+                )
+                logger.log(step, {k: v for k, v in m.items() if _is_num(v)}, prefix="eval/")
+                logger.write(f"step {step}: bbox AP {100 * m['AP']:.1f}")
+                paused += time.time() - t0
+    except BaseException:
+        logger.close()
+        raise
+    finally:
+        # Let pending async checkpoint writes finish whatever ended the loop (a NaN error
+        # included: the last good checkpoint must be complete on disk). The final eval below
+        # builds its own loader.
+        stop.restore()
+        manager.close()
+        loader.close()
+    final = evaluation.evaluate_variables(
+        exp.student,
+        exp.student_variables(state.params, state.model_state),
+        cfg,
+        mesh,
+        out_dir=os.path.join(workdir, "eval"),
+    )
+    logger.log(step, {k: v for k, v in final.items() if _is_num(v)}, prefix="eval/")
+    logger.close()
+    if is_main:
+        print(evaluation.format_table({os.path.basename(workdir.rstrip("/")): final}))
+    return final
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, int | float)
+
+
+def check_finite_metrics(step: int, metrics: Mapping) -> None:
+    """Every loss and the gradient norm must be finite: an inf gradient with finite losses
+    would turn the clipped update (35 / inf * inf) into NaN params, saved at the next
+    checkpoint."""
+    watched = {k: v for k, v in metrics.items() if k.startswith("loss") or k == "grad_norm"}
+    logging_utils.check_finite(parallel.fetch(watched), step)
+
+
+class Preempted(Exception):  # noqa: N818 - a stop request, not an error
+    """Training stopped on SIGUSR1 / SIGTERM after saving a checkpoint at `step`."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped at step {step} after saving a checkpoint")
+        self.step = step
+
+
+class _StopRequest:
+    """SIGUSR1 (SLURM's `--signal=USR1@T` warning before the time limit) and SIGTERM
+    (preemption) set a flag; the loop checks it at log steps, where every process agrees
+    (`agreed`: any process flagged) so all of them save the same step and stop."""
+
+    SIGNALS = ("SIGUSR1", "SIGTERM")
+
+    def __init__(self) -> None:
+        self.signal_name = ""
+        self._old = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        flag = np.array([bool(self.signal_name)])
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            flag = multihost_utils.process_allgather(flag)
+            if flag.any() and not self.signal_name:
+                self.signal_name = "a signal to another process"
+        return bool(flag.any())
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
