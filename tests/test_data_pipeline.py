@@ -14,15 +14,9 @@ from PIL import Image, ImageOps
 
 from fgd_jax.config import PYTORCH_PIXEL_MEAN, PYTORCH_PIXEL_STD, coco_data, shapes_data
 from fgd_jax.data.coco import load_coco_records
-from fgd_jax.data.pipeline import (
-    _BatchMaker,
-    build_eval_loader,
-    build_train_loader,
-    choose_canvas,
-    epoch_schedule,
-    group_by_canvas,
-    make_example,
-)
+from fgd_jax.data.example import make_example
+from fgd_jax.data.pipeline import _BatchMaker, build_eval_loader, build_train_loader
+from fgd_jax.data.schedule import choose_canvas, epoch_schedule, group_by_canvas
 from fgd_jax.data.transforms import BadImageError
 from tests.test_data_fixtures import write_coco_fixture
 
@@ -228,7 +222,7 @@ def test_eval_covers_every_image_once(tmp_path, shapes_cfg):
 
 
 def test_max_boxes_overflow_keeps_largest(tmp_path):
-    import fgd_jax.data.pipeline as P
+    import fgd_jax.data.example as P
 
     write_coco_fixture(tmp_path)
     cfg = _fixture_cfg(tmp_path, max_boxes=1, flip_prob=0.0)
@@ -243,7 +237,7 @@ def test_max_boxes_overflow_keeps_largest(tmp_path):
 
 def test_overflow_warning_once_per_kind(tmp_path):
     """An ignore-box overflow must not use up the GT overflow warning (nor the reverse)."""
-    import fgd_jax.data.pipeline as P
+    import fgd_jax.data.example as P
 
     p = write_coco_fixture(tmp_path)
     path = os.path.join(p["image_dir"], "land.png")
