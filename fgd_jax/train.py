@@ -29,6 +29,7 @@ import optax
 
 from fgd_jax import checkpoint as ckpt_lib
 from fgd_jax import evaluation, logging_utils, optim, parallel
+from fgd_jax.data import classes as data_classes
 from fgd_jax.data import pipeline
 from fgd_jax.distill import distiller as distill_lib
 from fgd_jax.models import build_detector, trainable_mask
@@ -283,7 +284,8 @@ def load_teacher(exp: Experiment, batch: Mapping[str, np.ndarray]) -> dict:
     expected = jax.eval_shape(
         lambda: exp.teacher.init(jax.random.PRNGKey(0), jnp.asarray(batch["image"][:1]))
     )
-    variables, _ = ckpt_lib.load_variables(exp.cfg.teacher.ckpt, expected=expected)
+    variables, teacher_cfg = ckpt_lib.load_variables(exp.cfg.teacher.ckpt, expected=expected)
+    data_classes.check_model_classes(teacher_cfg, exp.cfg, f"the teacher {exp.cfg.teacher.ckpt}")
     return variables
 
 
@@ -321,6 +323,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         process_count=jax.process_count(),
         num_classes=cfg.model.num_classes,
     )
+    cfg = data_classes.with_classes(cfg, loader.records)  # saved with every checkpoint
     steps_per_epoch = loader.steps_per_epoch
     total_steps = tc.num_steps if tc.num_steps > 0 else tc.num_epochs * steps_per_epoch
 

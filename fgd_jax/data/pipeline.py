@@ -42,6 +42,7 @@ import numpy as np
 
 from fgd_jax.config import complete_data_config
 from fgd_jax.data import transforms as T
+from fgd_jax.data.classes import check_classes
 from fgd_jax.data.coco import CocoRecords
 from fgd_jax.data.example import MULTISCALE_MODES, make_example, padding_example
 from fgd_jax.data.schedule import (
@@ -281,6 +282,7 @@ def _build(
     recs = records if records is not None else load_split(data_cfg, train)
     if num_classes is not None:  # before any worker process starts
         check_num_classes(recs, num_classes)
+    check_classes(data_cfg.classes, recs, "the model of this config (data.classes)")
     canvases = tuple(tuple(int(v) for v in c) for c in data_cfg.canvases)
     img_scale = tuple(int(v) for v in data_cfg.img_scale)
     ms = tuple(int(v) for v in data_cfg.multiscale_short) if train else ()
