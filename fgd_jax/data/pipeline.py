@@ -31,9 +31,11 @@ module is the loader; `load_split` and `ensure_shapes_dataset` (from `sources`) 
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -181,6 +183,35 @@ class _BatchMaker:
                 i = int(group[(pos + 1) % len(group)])
 
 
+def _own_shared_memory(batch: dict[str, Any]) -> None:
+    """Unlink the shared-memory segments a batch from grain's worker processes lives in.
+
+    With `num_workers > 0` grain copies each array of a batch into its own shared-memory
+    segment and the consumer's array unlinks it when garbage-collected, through a thread
+    pool. Arrays still referenced when the interpreter exits (the last batches, held by
+    grain's iterators or by the caller) are never unlinked: Python's resource tracker then
+    warns `There appear to be N leaked shared_memory objects`. Unlinking at receipt removes
+    the names at once (no other process opens them again); the mapping stays valid until the
+    array is freed, which then only unmaps it. grain >= 0.2: `SharedMemoryArray.shm` and its
+    `_unlink_on_del` flag (checked, so another layout is left to grain).
+    """
+    for value in batch.values():
+        shm = getattr(value, "shm", None)
+        if shm is not None and getattr(value, "_unlink_on_del", False):
+            value._unlink_on_del = False
+            shm.unlink()
+
+
+# loaders not closed yet, closed at exit (weak: a loader garbage-collected earlier drops out)
+_OPEN_LOADERS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_loaders() -> None:
+    for loader in list(_OPEN_LOADERS):
+        loader.close()
+
+
 class DetectionLoader:
     """Iterator of per-host batches with a checkpointable state.
 
@@ -202,16 +233,20 @@ class DetectionLoader:
         self._maker = maker
         self._it = iter(dataset)
         self.num_skipped = 0
+        _OPEN_LOADERS.add(self)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
+        if self._it is None:  # closed (an exhausted eval loader closes itself)
+            raise StopIteration
         try:
             batch = next(self._it)
         except StopIteration:
             self.close()  # eval loader exhausted: release the workers now
             raise
+        _own_shared_memory(batch)
         self.num_skipped += int(batch.pop(SKIPPED_KEY, 0))
         return batch
 
@@ -228,15 +263,24 @@ class DetectionLoader:
 
         Restore it into a loader built with the same config, seed, batch size, host layout and
         `num_workers` (the state records per-worker positions)."""
-        return self._it.get_state()
+        return self._open_iterator().get_state()
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Resume from `get_state()` of a loader built with the same config and seed."""
-        self._it.set_state(state)
+        self._open_iterator().set_state(state)
+
+    def _open_iterator(self):
+        if self._it is None:
+            raise RuntimeError("the loader is closed; build a new one")
+        return self._it
 
     def close(self) -> None:
-        """Stop the worker processes (also done at garbage collection)."""
-        close = getattr(self._it, "close", None)
+        """Stop the worker processes and release grain's iterator (idempotent; loaders still
+        open when the interpreter exits are closed by an atexit hook, while grain's modules
+        still exist: closing from a destructor at shutdown fails and prints)."""
+        it, self._it, self._dataset = self._it, None, None
+        _OPEN_LOADERS.discard(self)
+        close = getattr(it, "close", None)
         if close is not None:
             close()
 
