@@ -90,6 +90,7 @@ def test_names_from_torch_checkpoint_meta(tmp_path, meta, names):
     assert C.names_from_torch_checkpoint(path) == names
 
 
+@pytest.mark.slow
 def test_teacher_recorded_with_other_classes_is_refused(tmp_path):
     import jax
 

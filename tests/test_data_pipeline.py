@@ -456,3 +456,21 @@ def test_loader_workers_leak_no_shared_memory(tmp_path):
     assert "batches 4" in out.stdout
     assert "leaked shared_memory" not in out.stderr, out.stderr[-3000:]
     assert "Exception ignored" not in out.stderr, out.stderr[-3000:]
+
+
+def test_old_saved_data_config_gets_the_factory_values(shapes_cfg):
+    """A data config saved before a key existed (no min_size, read_threads, prefetch_batches,
+    on_unknown_category, classes, tfds_*) builds the same loader: the factory fills them."""
+    from fgd_jax.config import complete_data_config
+
+    old = shapes_cfg.copy_and_resolve_references()
+    new_keys = ("min_size", "read_threads", "prefetch_batches", "on_unknown_category", "classes")
+    for key in new_keys + ("tfds_name", "tfds_data_dir"):
+        del old[key]
+    full = complete_data_config(old)
+    assert [full[k] for k in new_keys] == [32, 0, 2, "warn", ()]
+    assert "min_size" not in old  # the caller's config is not changed
+    a = next(build_train_loader(old, 4, seed=0, process_index=0, process_count=1))
+    b = next(build_train_loader(shapes_cfg, 4, seed=0, process_index=0, process_count=1))
+    for k in b:
+        np.testing.assert_array_equal(a[k], b[k])
