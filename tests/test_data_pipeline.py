@@ -419,12 +419,16 @@ def main(root):
     cfg = shapes_data(root=root, num_train=8, num_val=8, image_size=32)
     cfg.num_workers = 2
     ev = build_eval_loader(cfg, 2, process_index=0, process_count=1)
-    n = sum(1 for _ in ev)
+    n = sum(1 for _ in ev)  # exhausted: closes itself
     train = build_train_loader(cfg, 2, seed=0, process_index=0, process_count=1)
     for _ in range(3):  # stopped mid-epoch, with batches in flight
         next(train)
     train.close()
-    KEEP.extend([ev, train])
+    # never closed, batches in flight: closed at exit
+    open_ev = build_eval_loader(cfg, 2, process_index=0, process_count=1)
+    open_train = build_train_loader(cfg, 2, seed=1, process_index=0, process_count=1)
+    next(open_ev), next(open_train)
+    KEEP.extend([ev, train, open_ev, open_train])
     print("batches", n)
 
 
@@ -437,7 +441,8 @@ if __name__ == "__main__":
 def test_loader_workers_leak_no_shared_memory(tmp_path):
     """Every run with loader workers used to end with `resource_tracker: There appear to be N
     leaked shared_memory objects` (grain's batches stay in shared memory the consumer never
-    unlinked). A full eval pass and a train loader closed early leave nothing behind."""
+    unlinked). A full eval pass, a train loader closed early and loaders left open at exit
+    leave nothing behind and print nothing."""
     import subprocess
     import sys
 
