@@ -210,11 +210,45 @@ def coco_data(
             flip_prob=0.5,
             max_boxes=max_boxes,
             max_ignore=32,
-            num_workers=2,
+            # training keeps images whose short side is >= min_size px (mmdetection's
+            # filter_empty_gt / min_size=32); evaluation keeps every image
+            min_size=32,
+            num_workers=2,  # loader worker processes; 0 decodes in the training process
+            read_threads=0,  # grain read threads; 0: 1 with workers, 2 without
+            prefetch_batches=2,  # batches grain reads ahead of the consumer
             on_bad_image="error",  # or 'skip'
+            # annotations whose category_id is not in `categories`: 'warn' (skip them, one
+            # warning per id with its count) or 'error' (refuse the json)
+            on_unknown_category="warn",
             num_classes=80,
+            # label -> (category id, name) table, ((id, name), ...) in label order; empty: not
+            # recorded yet. Runs record it from the annotation json (fgd_jax.data.classes)
+            # and save it with checkpoints and exports; when set, a dataset whose table
+            # differs is refused. A category id of -1 means unknown (mmdetection's
+            # meta['CLASSES'] holds names only).
+            classes=(),
+            tfds_name="coco/2017",  # source='tfds': the tensorflow-datasets name
+            tfds_data_dir="",  # source='tfds': its data_dir ('' = the tfds default)
         )
     )
+
+
+def complete_data_config(data_cfg: Any) -> ConfigDict:
+    """A copy of `data_cfg` with every key its factory defines filled in where missing (a
+    config saved by an older version), so readers need no defaults of their own.
+
+    `source='shapes'` configs are completed from `shapes_data()`, others from `coco_data()`;
+    keys already set are kept as they are."""
+    cfg = ConfigDict(data_cfg.to_dict() if isinstance(data_cfg, ConfigDict) else dict(data_cfg))
+    source = cfg.get("source", "coco")
+    if source == "shapes":
+        ref = shapes_data(variant=cfg.get("shapes_variant", "basic"))
+    else:
+        ref = coco_data()
+    for key, value in ref.items():
+        if key not in cfg:
+            cfg[key] = value
+    return cfg
 
 
 def shapes_data(

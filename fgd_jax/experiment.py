@@ -25,6 +25,7 @@ import optax
 
 from fgd_jax import checkpoint as ckpt_lib
 from fgd_jax import optim, parallel
+from fgd_jax.data import classes as data_classes
 from fgd_jax.distill import distiller as distiller_lib
 from fgd_jax.models import build_detector, trainable_mask, variable_shapes
 
@@ -317,9 +318,10 @@ def _set_backbone_state(model_state, bb_vars, distilling: bool):
 
 def load_teacher(exp: Experiment) -> dict:
     """The teacher's variables from `teacher.ckpt`, checked against the teacher config."""
-    variables, _ = ckpt_lib.load_variables(
+    variables, teacher_cfg = ckpt_lib.load_variables(
         exp.cfg.teacher.ckpt, expected=variable_shapes(exp.teacher)
     )
+    data_classes.check_model_classes(teacher_cfg, exp.cfg, f"the teacher {exp.cfg.teacher.ckpt}")
     return variables
 
 

@@ -37,7 +37,10 @@ def write_torch_state_dict(path: str, variables: dict, cfg: ml_collections.Confi
 
     sd = export_torch_state_dict(variables, cfg.model)
     tensors = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in sd.items()}
+    from fgd_jax.data.classes import torch_meta
+
     meta = {"fgd_jax_model": cfg.model.to_json(), "exported_by": "fgd_jax.export"}
+    meta.update(torch_meta(cfg))  # CLASSES, as mmdetection 2.x checkpoints carry them
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save({"state_dict": tensors, "meta": meta}, path)
     return path

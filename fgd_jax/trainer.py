@@ -21,6 +21,7 @@ import numpy as np
 
 from fgd_jax import checkpoint as ckpt_lib
 from fgd_jax import evaluation, logging_utils, parallel
+from fgd_jax.data import classes as data_classes
 from fgd_jax.data import pipeline
 from fgd_jax.experiment import (
     Experiment,
@@ -76,6 +77,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         process_count=jax.process_count(),
         num_classes=cfg.model.num_classes,
     )
+    cfg = data_classes.with_classes(cfg, loader.records)  # saved with every checkpoint
     steps_per_epoch = loader.steps_per_epoch
     total_steps = tc.num_steps if tc.num_steps > 0 else tc.num_epochs * steps_per_epoch
 

@@ -41,12 +41,17 @@ def convert(src: str, config: str, out: str, overwrite: bool = False) -> dict:
     from fgd_jax import checkpoint as ckpt_lib
     from fgd_jax.config import load_config
     from fgd_jax.convert import import_torch_checkpoint
+    from fgd_jax.data import classes as data_classes
     from fgd_jax.experiment import model_config
 
     cfg = load_config(config)
     is_teacher = "teacher" in cfg and cfg.get("teacher") is not None
     standalone = model_config(cfg, teacher=is_teacher)
     variables, report = import_torch_checkpoint(src, standalone.model, return_report=True)
+    # the classes the checkpoint's meta records (mmdetection), checked when it is used
+    standalone = data_classes.with_recorded_names(
+        standalone, data_classes.names_from_torch_checkpoint(src)
+    )
     path = ckpt_lib.save_variables(out, variables, standalone, overwrite=overwrite)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
     return dict(

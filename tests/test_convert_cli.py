@@ -18,6 +18,7 @@ from fgd_jax import checkpoint as ckpt_lib
 from fgd_jax.config import load_config
 from fgd_jax.convert import import_torch_checkpoint
 from fgd_jax.data.pipeline import build_eval_loader
+from fgd_jax.data.shapes import class_names
 from fgd_jax.eval import main as eval_main
 from fgd_jax.models import build_detector
 
@@ -49,7 +50,9 @@ def test_convert_then_eval(tmp_path, capsys):
     with torch.no_grad():  # make a few boxes pass the 0.05 threshold
         tv.head.classification_head.cls_logits.bias.fill_(-2.0)
     pth = tmp_path / "tv_retinanet.pth"
-    torch.save({"state_dict": tv.state_dict(), "meta": {"epoch": np.int64(12)}}, pth)
+    names = tuple(class_names("basic"))  # what an mmdetection checkpoint's meta records
+    meta = {"epoch": np.int64(12), "CLASSES": names}
+    torch.save({"state_dict": tv.state_dict(), "meta": meta}, pth)
     cfg_file = tmp_path / "tv_cfg.py"
     cfg_file.write_text(CONFIG.format(root=str(tmp_path / "data")))
     out = tmp_path / "teacher"
@@ -66,6 +69,7 @@ def test_convert_then_eval(tmp_path, capsys):
     cfg = load_config(str(cfg_file))
     saved, saved_cfg = ckpt_lib.load_variables(str(out))
     assert saved_cfg.model.neck.add_extra_convs == "on_output"
+    assert saved_cfg.data.classes == tuple((-1, n) for n in names)  # checked by eval's loader
     in_memory = import_torch_checkpoint(str(pth), cfg.model)
     jax.tree.map(np.testing.assert_array_equal, in_memory, saved)
 

@@ -136,7 +136,9 @@ def _fixture_as_tfds(p):
     """The fixture's images in json order as tfds builder inputs (image = the file's path)."""
     with open(p["ann_file"]) as f:
         data = json.load(f)
-    cat_ids = sorted(c["id"] for c in data["categories"])  # COCO 2017's json order is sorted
+    # tfds' COCO builder numbers labels in the json's categories order, as mmdetection (and
+    # as the COCO source); COCO 2017's json lists them by increasing id
+    cat_ids = [c["id"] for c in data["categories"]]
     out = []
     for info in data["images"]:
         anns = [a for a in data["annotations"] if a["image_id"] == info["id"]]
@@ -255,7 +257,7 @@ def test_ground_truth_from_examples_evaluates_as_the_json(tmp_path):
         a["bbox"] = [x0, y0, min(max(x + bw, 0), w) - x0, min(max(y + bh, 0), h) - y0]
     clipped = tmp_path / "clipped.json"
     clipped.write_text(json.dumps(data))
-    cats = sorted(data["categories"], key=lambda c: c["id"])
+    cats = data["categories"]  # label order, as `_fixture_as_tfds`
     cat_ids = [c["id"] for c in cats]
     gt: dict = {}
     recs, _ = records_from_source(

@@ -20,27 +20,124 @@ def _torch_bilinear(img: np.ndarray, hw) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------ decode
-@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "LA", "I;16"])
-def test_decode_modes_match_pil(tmp_path, mode):
-    rng = np.random.default_rng(0)
-    rgb = Image.fromarray(rng.integers(0, 256, (17, 23, 3), dtype=np.uint8))
-    if mode == "P":
-        im = rgb.convert("P", palette=Image.ADAPTIVE, colors=16)
-    elif mode == "I;16":
-        im = Image.fromarray(rng.integers(0, 4096, (17, 23), dtype=np.uint16))
-    else:
-        im = rgb.convert(mode)
-    path = tmp_path / "x.png"
-    im.save(path)
+# mmdetection 2.x decodes with mmcv `imfrombytes(flag='color')`, cv2 backend: cv2.imdecode with
+# IMREAD_COLOR. opencv is not installed here, so the expected pixels are written from OpenCV's
+# source rules (imgcodecs, 4.x): PNG `PngDecoder::readData` asks libpng for 8 bits
+# (`png_set_strip_16`: the high byte, v >> 8), 3 channels (`png_set_strip_alpha`: alpha
+# dropped, not composited), `png_set_palette_to_rgb`, `png_set_gray_to_rgb`; JPEG CMYK goes
+# through `icvCvt_CMYK2BGR_8u_C4C3R` (x = k - ((255 - x) * k >> 8) on the stored samples); the
+# EXIF orientation is applied unless IMREAD_IGNORE_ORIENTATION (imread's documentation).
+def _png16(path, arr: np.ndarray, color_type: int) -> None:
+    """A 16-bit PNG (PIL writes 16 bits for grayscale only): 0 gray, 2 RGB, 4 gray+alpha,
+    6 RGBA; `arr` [H, W] or [H, W, C] uint16."""
+    import struct
+    import zlib
+
+    h, w = arr.shape[:2]
+    raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(tag + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    png = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png)
+
+
+U16 = np.array([[0, 255, 256, 1000], [40000, 65535, 511, 65280]], np.uint16)
+
+
+def _rgb3(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray[..., None], 3, axis=2)
+
+
+def _decode_both(path) -> np.ndarray:
+    """decode_image and decode_image_bytes agree; returns the decoded image."""
     got = T.decode_image(path)
-    assert got.shape == (17, 23, 3) and got.dtype == np.uint8
-    if mode == "I;16":  # rescaled to 0..255 by the maximum, replicated on 3 channels
-        raw = np.asarray(Image.open(path), dtype=np.float64)
-        ref = np.clip(raw / raw.max() * 255 + 0.5, 0, 255).astype(np.uint8)
-        np.testing.assert_array_equal(got, np.repeat(ref[..., None], 3, 2))
-    else:  # reference: PIL's own RGB conversion (alpha dropped as cv2 does)
-        ref = np.asarray(Image.open(path).convert("RGB"))
-        np.testing.assert_array_equal(got, ref)
+    with open(path, "rb") as f:
+        np.testing.assert_array_equal(T.decode_image_bytes(f.read(), str(path)), got)
+    assert got.dtype == np.uint8 and got.ndim == 3 and got.shape[2] == 3
+    return got
+
+
+def test_decode_8bit_rgb_png(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "x.png")
+    np.testing.assert_array_equal(_decode_both(tmp_path / "x.png"), rgb)
+
+
+def test_decode_16bit_gray_png_keeps_the_high_byte(tmp_path):
+    Image.fromarray(U16).save(tmp_path / "x.png")  # PIL: mode I;16 -> 16-bit gray PNG
+    assert Image.open(tmp_path / "x.png").mode == "I;16"
+    # a uint16 1000 decodes to 3 (cv2), not 255 * 1000 / max
+    np.testing.assert_array_equal(_decode_both(tmp_path / "x.png"), _rgb3(U16 >> 8))
+    flat = np.full((3, 4), 1000, np.uint16)
+    Image.fromarray(flat).save(tmp_path / "flat.png")
+    assert (_decode_both(tmp_path / "flat.png") == 3).all()
+
+
+@pytest.mark.parametrize("color_type", [2, 4, 6])
+def test_decode_16bit_color_and_alpha_png(tmp_path, color_type):
+    chans = {2: [U16, U16[::-1], U16[:, ::-1]], 4: [U16, U16[::-1]]}
+    chans[6] = chans[2] + [U16[::-1, ::-1]]
+    arr = np.stack(chans[color_type], -1)
+    _png16(tmp_path / "x.png", arr, color_type)
+    want = _rgb3(U16 >> 8) if color_type == 4 else (arr[..., :3] >> 8).astype(np.uint8)
+    np.testing.assert_array_equal(_decode_both(tmp_path / "x.png"), want)
+
+
+def test_decode_gray_png(tmp_path):
+    gray = np.random.default_rng(1).integers(0, 256, (5, 7), dtype=np.uint8)
+    Image.fromarray(gray).save(tmp_path / "x.png")
+    np.testing.assert_array_equal(_decode_both(tmp_path / "x.png"), _rgb3(gray))
+
+
+def test_decode_1bit_png(tmp_path):
+    bits = np.random.default_rng(2).integers(0, 2, (5, 7)).astype(bool)
+    Image.fromarray(bits).save(tmp_path / "x.png")
+    np.testing.assert_array_equal(_decode_both(tmp_path / "x.png"), _rgb3(bits * np.uint8(255)))
+
+
+def test_decode_gray_alpha_png_drops_alpha(tmp_path):
+    rng = np.random.default_rng(3)
+    la = rng.integers(0, 256, (5, 7, 2), dtype=np.uint8)
+    la[0, :, 1] = 0  # fully transparent pixels keep their gray value (no compositing)
+    Image.fromarray(la, mode="LA").save(tmp_path / "x.png")
+    np.testing.assert_array_equal(_decode_both(tmp_path / "x.png"), _rgb3(la[..., 0]))
+
+
+def test_decode_rgba_png_drops_alpha(tmp_path):
+    rgba = np.random.default_rng(4).integers(0, 256, (5, 7, 4), dtype=np.uint8)
+    rgba[0, :, 3] = 0
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "x.png")
+    np.testing.assert_array_equal(_decode_both(tmp_path / "x.png"), rgba[..., :3])
+
+
+def test_decode_palette_png(tmp_path):
+    palette = np.random.default_rng(5).integers(0, 256, (16, 3), dtype=np.uint8)
+    idx = np.random.default_rng(6).integers(0, 16, (5, 7), dtype=np.uint8)
+    im = Image.fromarray(idx, mode="P")
+    im.putpalette(palette.ravel().tolist())
+    im.save(tmp_path / "x.png", transparency=3)  # a tRNS entry: ignored, as strip_alpha does
+    np.testing.assert_array_equal(_decode_both(tmp_path / "x.png"), palette[idx])
+
+
+def test_decode_cmyk_jpeg_with_opencv_formula(tmp_path):
+    rng = np.random.default_rng(7)
+    cmyk = np.repeat(np.repeat(rng.integers(0, 256, (2, 3, 4), dtype=np.uint8), 8, 0), 8, 1)
+    Image.fromarray(cmyk, mode="CMYK").save(tmp_path / "x.jpg", quality=100)
+    im = Image.open(tmp_path / "x.jpg")
+    # PIL writes Adobe-style inverted CMYK and inverts back when reading ('CMYK;I'): libjpeg's
+    # samples, what OpenCV converts, are 255 minus PIL's values
+    assert im.mode == "CMYK" and im.tile[0].args[0] == "CMYK;I"
+    stored = 255 - np.asarray(im).astype(np.int64)
+    k = stored[..., 3:]
+    want = (k - (((255 - stored[..., :3]) * k) >> 8)).astype(np.uint8)
+    got = _decode_both(tmp_path / "x.jpg")
+    np.testing.assert_array_equal(got, want)
+    # PIL's own CMYK -> RGB rounds differently (x * k / 255): not what mmdetection sees
+    assert not np.array_equal(np.asarray(im.convert("RGB")), want)
 
 
 def test_decode_applies_exif_orientation(tmp_path):

@@ -70,6 +70,19 @@ def load_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
         whose `__reduce__` would call `os.system`); nothing from the file is executed.
       ValueError: the file is not a torch checkpoint, or holds no state dict.
     """
+    return state_dict_to_numpy(_load_safely(path), source=os.fspath(path))
+
+
+def load_torch_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The `meta` dict of a `.pth` file (mmdetection: `CLASSES`, `epoch`, ...), read as safely
+    as `load_torch_file`; {} when the file has none."""
+    obj = _load_safely(path)
+    meta = obj.get("meta") if isinstance(obj, Mapping) else None
+    return dict(meta) if isinstance(meta, Mapping) else {}
+
+
+def _load_safely(path: str | os.PathLike) -> Any:
+    """The unpickled object of a `.pth` file (errors as `load_torch_file`)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -110,7 +123,7 @@ def load_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 f"allowed: {m.group(1)}"
             ) from None
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from e
-    return state_dict_to_numpy(obj, source=path)
+    return obj
 
 
 def state_dict_to_numpy(obj: Any, source: str = "checkpoint") -> dict[str, np.ndarray]:

@@ -9,12 +9,17 @@ A *record* is a plain dict describing one image before any transform:
   ignore_boxes  [m, 4] float32 xyxy, the `iscrowd=1` boxes
 
 Rules (mmdetection 2.11 `CocoDataset.load_annotations / _parse_ann_info / _filter_imgs`):
-  - labels: category ids sorted by id -> 0, 1, 2, ...; `label_to_cat_id[label]` maps back.
-    (mmdetection uses `getCatIds()`, the json's order; COCO 2017's json is sorted, so the two
-    agree there, and sorting makes the labels independent of how a json lists categories.)
+  - labels: 0, 1, 2, ... in the order the categories are listed in the json's `categories`
+    (not sorted by id); `label_to_cat_id[label]` maps back. mmdetection 2.x does
+    `cat_ids = coco.get_cat_ids(cat_names=CLASSES)`, `cat2label = {id: i for i, id in
+    enumerate(cat_ids)}`, and pycocotools' `getCatIds` filters the json's `categories` list
+    without sorting it; with CLASSES = every name of the json (a custom dataset whose classes
+    come from its json) label i is therefore the i-th listed category. On COCO 2017's json,
+    listed by increasing id, this is also the sorted order. See `fgd_jax.data.classes`.
   - an annotation is dropped if `ignore` is set, it does not overlap the image, its `area` is
     <= 0 or its w or h < 1, or its category is unknown; survivors with `iscrowd` become ignore
-    boxes.
+    boxes. Unknown category ids warn once per id with their count (or, with
+    `on_unknown_category='error'`, refuse the json): mmdetection drops them silently.
   - training (`filter_empty=True`) keeps an image only if it has at least one annotation of a
     known category (as mmdetection's `filter_empty_gt`: an image whose annotations are all
     crowd or degenerate is kept, with no GT) and min(h, w) >= `min_size` (32); evaluation keeps
@@ -30,12 +35,16 @@ import io
 import json
 import logging
 import os
+import warnings
+from collections import Counter
 from typing import Any
 
 import numpy as np
 from pycocotools.coco import COCO
 
 log = logging.getLogger(__name__)
+
+ON_UNKNOWN_CATEGORY = ("warn", "error")
 
 
 @dataclasses.dataclass
@@ -102,9 +111,13 @@ def read_coco_json(ann_file: str | os.PathLike) -> COCO:
             raise ValueError(f"{ann_file}: annotations[{i}] lacks {bad}")
         if len(ann["bbox"]) != 4:
             raise ValueError(f"{ann_file}: annotations[{i}] bbox must have 4 numbers")
+    seen: set = set()
     for i, cat in enumerate(data["categories"]):
         if "id" not in cat or "name" not in cat:
             raise ValueError(f"{ann_file}: categories[{i}] lacks 'id' or 'name'")
+        if cat["id"] in seen:
+            raise ValueError(f"{ann_file}: categories[{i}] repeats the category id {cat['id']}")
+        seen.add(cat["id"])
     if not data["categories"]:
         raise ValueError(f"{ann_file}: no categories")
     coco = COCO()
@@ -148,6 +161,32 @@ def parse_annotations(
     )
 
 
+def check_unknown_categories(coco: COCO, ann_file: str, on_unknown_category: str) -> None:
+    """Warn once per category id that annotations use but `categories` lacks, with its count
+    and the file (`on_unknown_category='warn'`), or raise ValueError listing them ('error')."""
+    if on_unknown_category not in ON_UNKNOWN_CATEGORY:
+        raise ValueError(
+            f"on_unknown_category must be one of {ON_UNKNOWN_CATEGORY}, got {on_unknown_category!r}"
+        )
+    known = set(coco.cats)
+    counts = Counter(a["category_id"] for a in coco.anns.values() if a["category_id"] not in known)
+    if not counts:
+        return
+    found = sorted(counts.items(), key=lambda kv: str(kv[0]))
+    if on_unknown_category == "error":
+        listed = ", ".join(f"{cid!r} ({n} annotations)" for cid, n in found)
+        raise ValueError(
+            f"{ann_file}: annotations use category ids that 'categories' does not list: "
+            f"{listed}; fix the json, or set data.on_unknown_category='warn' to skip them"
+        )
+    for cid, n in found:
+        warnings.warn(
+            f"{ann_file}: {n} annotation(s) with category_id {cid!r}, which 'categories' does "
+            "not list, are skipped (data.on_unknown_category='error' refuses them)",
+            stacklevel=3,
+        )
+
+
 def load_coco_records(
     ann_file: str | os.PathLike,
     image_dir: str | os.PathLike,
@@ -155,6 +194,7 @@ def load_coco_records(
     min_size: int = 32,
     check_files: bool = True,
     on_bad_image: str = "error",
+    on_unknown_category: str = "warn",
 ) -> CocoRecords:
     """Read a COCO split into records (mmdetection 2.x rules, see the module docstring).
 
@@ -165,6 +205,8 @@ def load_coco_records(
         `min_size`), False for evaluation (keep every image).
       check_files: verify every image file exists (a stat per image).
       on_bad_image: 'error' (raise) or 'skip' (drop the image with a warning and count it).
+      on_unknown_category: 'warn' (skip annotations of category ids `categories` lacks, one
+        warning per id with its count) or 'error' (raise); see `check_unknown_categories`.
     Raises:
       FileNotFoundError: the annotation file, the image folder or (with 'error') an image file
         is missing.
@@ -176,7 +218,11 @@ def load_coco_records(
     coco = read_coco_json(ann_file)
     if not os.path.isdir(image_dir):
         raise FileNotFoundError(f"image folder not found: {image_dir} (for {ann_file})")
-    cat_ids = sorted(coco.getCatIds())
+    check_unknown_categories(coco, ann_file, on_unknown_category)
+    # mmdetection 2.x: cat_ids = coco.get_cat_ids(cat_names=CLASSES) with CLASSES the json's
+    # names; pycocotools' getCatIds keeps the json's `categories` order (it never sorts), so
+    # labels follow the listed order. Ids are unique (read_coco_json), so this is that list.
+    cat_ids = [c["id"] for c in coco.dataset["categories"]]
     cat2label = {cid: i for i, cid in enumerate(cat_ids)}
     names = [coco.cats[c]["name"] for c in cat_ids]
 

@@ -22,309 +22,57 @@ Design (grain 0.2.18, `grain.MapDataset` API):
     iterator state, so a restored loader yields exactly the batch that would have come next.
 
 Batches are dicts of numpy arrays with the keys of docs/contracts.md.
+
+The parts live beside this module: `sources` (which records), `schedule` (canvases and the
+batch schedule), `example` (one record -> one example), `transforms` (per-image ops). This
+module is the loader; `load_split` and `ensure_shapes_dataset` (from `sources`) and
+`choose_canvas`, `max_resized_hw`, `make_example` are re-exported for the commands.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import gc
 import logging
-import os
 import warnings
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import grain
 import numpy as np
 
+from fgd_jax.config import complete_data_config
 from fgd_jax.data import transforms as T
-from fgd_jax.data.coco import CocoRecords, load_coco_records
+from fgd_jax.data.classes import check_classes
+from fgd_jax.data.coco import CocoRecords
+from fgd_jax.data.example import MULTISCALE_MODES, make_example, padding_example
+from fgd_jax.data.schedule import (
+    choose_canvas,
+    epoch_schedule,
+    eval_schedule,
+    group_by_canvas,
+    max_resized_hw,
+)
+from fgd_jax.data.sources import check_num_classes, ensure_shapes_dataset, load_split
+
+__all__ = [
+    "SKIPPED_KEY",
+    "DetectionLoader",
+    "build_eval_loader",
+    "build_train_loader",
+    "choose_canvas",
+    "ensure_shapes_dataset",
+    "load_split",
+    "make_example",
+    "max_resized_hw",
+]
 
 log = logging.getLogger(__name__)
 
 _INFINITE_STEPS = 1 << 62
 SKIPPED_KEY = "_num_skipped"  # per-batch count of skipped images, popped by DetectionLoader
-MULTISCALE_MODES = ("value", "range")
-# kinds of boxes ('gt', 'ignore') whose overflow of max_boxes / max_ignore was already warned
-# about in this process: one flag per kind, so one kind cannot hide the other's warning
-_warned_overflow: set[str] = set()
-
-
-# ------------------------------------------------------------------------------- records
-def _cfg_get(cfg: Any, key: str, default: Any) -> Any:
-    try:
-        return cfg.get(key, default)
-    except AttributeError:
-        return getattr(cfg, key, default)
-
-
-def load_split(data_cfg: Any, train: bool) -> CocoRecords:
-    """Records of the train or val split named by a `coco_data` / `shapes_data` config.
-
-    The shapes dataset is generated on first use (`fgd_jax.data.shapes.make_shapes_dataset`);
-    `tfds` reads `coco/2017` through tensorflow-datasets (`fgd_jax.data.tfds_source`).
-    """
-    source = _cfg_get(data_cfg, "source", "coco")
-    on_bad = _cfg_get(data_cfg, "on_bad_image", "error")
-    root = os.fspath(data_cfg.root)
-    if source == "shapes":
-        ensure_shapes_dataset(data_cfg)
-    elif source == "tfds":
-        from fgd_jax.data.tfds_source import load_tfds_records
-
-        return load_tfds_records(data_cfg, train=train)
-    elif source != "coco":
-        raise ValueError(f"data.source must be 'coco', 'shapes' or 'tfds', got {source!r}")
-    ann = data_cfg.train_ann if train else data_cfg.val_ann
-    imgs = data_cfg.train_images if train else data_cfg.val_images
-    return load_coco_records(
-        os.path.join(root, ann),
-        os.path.join(root, imgs),
-        filter_empty=train,
-        min_size=int(_cfg_get(data_cfg, "min_size", 32)),
-        on_bad_image=on_bad,
-    )
-
-
-def ensure_shapes_dataset(data_cfg: Any) -> dict[str, str]:
-    """Generate (or reuse) the synthetic set a `shapes_data` config names, under
-    `data_cfg.root`: variant, sizes, seed and smallest shape from the config. Returns its
-    paths."""
-    from fgd_jax.data import shapes
-
-    image_size = _cfg_get(data_cfg, "image_size", 128)
-    if isinstance(image_size, list | tuple):
-        image_size = tuple(image_size)
-    return shapes.make_shapes_dataset(
-        os.fspath(data_cfg.root),
-        num_train=int(_cfg_get(data_cfg, "num_train", 512)),
-        num_val=int(_cfg_get(data_cfg, "num_val", 128)),
-        image_size=image_size,
-        seed=int(_cfg_get(data_cfg, "shapes_seed", 0)),
-        min_size=_cfg_get(data_cfg, "shapes_min_size", None),
-        variant=str(_cfg_get(data_cfg, "shapes_variant", "basic")),
-    )
-
-
-def check_num_classes(records: CocoRecords, num_classes: int) -> None:
-    """Raise ValueError when the split's category count differs from the model's classes.
-
-    A model with fewer classes than the data would see labels beyond its outputs as
-    background (one-hot of an out-of-range label is all zeros): silently wrong training.
-    """
-    if records.num_classes != int(num_classes):
-        raise ValueError(
-            f"{records.ann_file}: {records.num_classes} categories "
-            f"({', '.join(records.class_names[:12])}"
-            f"{', ...' if records.num_classes > 12 else ''}) but model.num_classes="
-            f"{int(num_classes)}; set --config.model.num_classes={records.num_classes} or use "
-            "the matching annotation file"
-        )
-
-
-# ------------------------------------------------------------------------------- grouping
-def choose_canvas(resized_hw: tuple[int, int], canvases: Sequence[tuple[int, int]]) -> int:
-    """Index of the canvas for an image of resized size (h, w).
-
-    Among the canvases the image fits, the smallest; ties go to the canvas of the same
-    orientation (landscape is w > h; a square image counts as portrait, as mmdetection's
-    `flag = w / h > 1`). Raises ValueError when none fits.
-    """
-    h, w = resized_hw
-    fits = [i for i, (ch, cw) in enumerate(canvases) if h <= ch and w <= cw]
-    if not fits:
-        raise ValueError(f"resized image {(h, w)} fits none of the canvases {list(canvases)}")
-    landscape = w > h
-
-    def key(i):
-        ch, cw = canvases[i]
-        return (ch * cw, (cw > ch) != landscape, i)
-
-    return min(fits, key=key)
-
-
-def max_resized_hw(
-    orig_hw: tuple[int, int], img_scale: Sequence[int], multiscale_short: Sequence[int] = ()
-) -> tuple[int, int]:
-    """Largest resized (h, w) an image can get (multi-scale: at the largest short side)."""
-    scale = (max(img_scale), max(multiscale_short)) if multiscale_short else tuple(img_scale)
-    return T.rescale_size(orig_hw, scale)[0]
-
-
-def group_by_canvas(
-    records: Sequence[dict], img_scale, canvases, multiscale_short=()
-) -> np.ndarray:
-    """`[N] int32` canvas index of every record (see `choose_canvas`)."""
-    out = np.empty(len(records), np.int32)
-    for i, r in enumerate(records):
-        try:
-            hw = max_resized_hw(r["orig_shape"], img_scale, multiscale_short)
-            out[i] = choose_canvas(hw, canvases)
-        except ValueError as e:
-            raise ValueError(f"{r.get('file_name', r.get('image_id'))}: {e}") from None
-    return out
-
-
-def epoch_schedule(
-    groups: np.ndarray, num_canvases: int, global_batch: int, seed: int, epoch: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Global batches of one training epoch: `(indices [S, global_batch] int64, canvas [S])`.
-
-    mmdetection `DistributedGroupSampler`: shuffle each group, pad it by wrapping around to a
-    multiple of the global batch, chunk, shuffle the batch order. `S` is the same every epoch.
-    """
-    rng = np.random.default_rng([seed, epoch])
-    batches, canvas = [], []
-    for g in range(num_canvases):
-        idx = np.flatnonzero(groups == g)
-        if idx.size == 0:
-            continue
-        idx = idx[rng.permutation(idx.size)]
-        n = -(-idx.size // global_batch) * global_batch
-        idx = np.resize(idx, n)  # wraps around
-        batches.append(idx.reshape(-1, global_batch))
-        canvas.append(np.full(n // global_batch, g, np.int32))
-    batches, canvas = np.concatenate(batches), np.concatenate(canvas)
-    order = rng.permutation(len(batches))
-    return batches[order].astype(np.int64), canvas[order]
-
-
-def eval_schedule(groups: np.ndarray, num_canvases: int, global_batch: int):
-    """Eval batches: each canvas group in image order, its last batch padded with -1."""
-    batches, canvas = [], []
-    for g in range(num_canvases):
-        idx = np.flatnonzero(groups == g)
-        if idx.size == 0:
-            continue
-        n = -(-idx.size // global_batch) * global_batch
-        idx = np.concatenate([idx, np.full(n - idx.size, -1, np.int64)])
-        batches.append(idx.reshape(-1, global_batch))
-        canvas.append(np.full(n // global_batch, g, np.int32))
-    return np.concatenate(batches).astype(np.int64), np.concatenate(canvas)
-
-
-# ---------------------------------------------------------------------------- one example
-def _pad_boxes(boxes, labels, n, name, kind="gt"):
-    """Pad / truncate (keeping the largest) boxes to n: (boxes [n,4], labels [n], valid [n]).
-
-    Warns once per process and `kind` ('gt': `max_boxes`, 'ignore': `max_ignore`)."""
-    if len(boxes) > n:
-        if kind not in _warned_overflow:
-            _warned_overflow.add(kind)
-            limit = "max_boxes" if kind == "gt" else "max_ignore"
-            warnings.warn(
-                f"{name}: {len(boxes)} {kind} boxes exceed {limit}={n}; keeping the {n} largest "
-                f"(warned once for {kind} boxes)",
-                stacklevel=2,
-            )
-        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        keep = np.sort(np.argsort(-area, kind="stable")[:n])
-        boxes, labels = boxes[keep], labels[keep]
-    k = len(boxes)
-    ob = np.zeros((n, 4), np.float32)
-    ol = np.full((n,), -1, np.int32)
-    ov = np.zeros((n,), bool)
-    ob[:k], ol[:k], ov[:k] = boxes, labels, True
-    return ob, ol, ov
-
-
-def load_image(record: dict) -> np.ndarray:
-    """Decode a record's image: `file_name` on disk, `image_bytes`, or a tfds reference."""
-    if "file_name" in record:
-        return T.decode_image(record["file_name"])
-    if "image_bytes" in record:
-        return T.decode_image_bytes(record["image_bytes"], str(record.get("image_id")))
-    if "tfds_ref" in record:
-        from fgd_jax.data.tfds_source import load_tfds_image
-
-        return load_tfds_image(record)
-    raise ValueError(f"record of image {record.get('image_id')} has no image source")
-
-
-def sample_short_side(shorts: Sequence[int], mode: str, rng: np.random.Generator) -> int:
-    """Multi-scale training: the short-side limit (px) of one image (mmdetection `Resize`).
-
-    'value' (`multiscale_mode='value'`, mmdetection FCOS `img_scale=[(1333, 640),
-    (1333, 800)]`): one of `shorts`, uniformly. 'range': an integer uniform in
-    [min(shorts), max(shorts)], both ends included.
-    """
-    if mode == "value":
-        return int(shorts[int(rng.integers(len(shorts)))])
-    if mode == "range":
-        return int(rng.integers(min(shorts), max(shorts) + 1))
-    raise ValueError(f"multiscale_mode must be one of {MULTISCALE_MODES}, got {mode!r}")
-
-
-def make_example(
-    record: dict,
-    canvas_hw: tuple[int, int],
-    img_scale: Sequence[int],
-    pixel_style: str,
-    max_boxes: int,
-    max_ignore: int,
-    flip_prob: float = 0.0,
-    rng: np.random.Generator | None = None,
-    multiscale_short: Sequence[int] = (),
-    multiscale_mode: str = "value",
-) -> dict[str, np.ndarray]:
-    """One record -> one example with the per-image keys of the batch contract.
-
-    Steps (mmdetection 2.x train pipeline): decode, `Resize(keep_ratio)` at `img_scale` (or,
-    with `multiscale_short`, at (max(img_scale), short) with the short side drawn by
-    `sample_short_side`), `RandomFlip`, `Normalize`, pad to `canvas_hw`.
-    Raises `transforms.BadImageError` for unreadable images.
-    """
-    rng = rng if rng is not None else np.random.default_rng(0)
-    img = load_image(record)
-    oh, ow = img.shape[:2]
-    if multiscale_short:
-        short = sample_short_side(multiscale_short, multiscale_mode, rng)
-        scale = (max(img_scale), short)
-    else:
-        scale = tuple(img_scale)
-    nb = len(record["boxes"])
-    all_boxes = np.concatenate([record["boxes"], record["ignore_boxes"]]).astype(np.float32)
-    img, all_boxes, sf = T.resize_keep_ratio(img, all_boxes, scale, max_hw=canvas_hw)
-    img, all_boxes, flipped = T.random_flip(img, all_boxes, flip_prob, rng)
-    h, w = img.shape[:2]
-    img = T.normalize_pad(img, canvas_hw, pixel_style)
-    name = str(record.get("file_name", record.get("image_id")))
-    boxes, labels, valid = _pad_boxes(all_boxes[:nb], record["labels"], max_boxes, name, "gt")
-    ign, _, ign_valid = _pad_boxes(
-        all_boxes[nb:], np.zeros(len(all_boxes) - nb, np.int32), max_ignore, name, "ignore"
-    )
-    return dict(
-        image=img,
-        boxes=boxes,
-        labels=labels,
-        valid=valid,
-        ignore_boxes=ign,
-        ignore_valid=ign_valid,
-        img_shape=np.array([h, w], np.int32),
-        pad_shape=np.array(canvas_hw, np.int32),
-        scale_factor=sf.astype(np.float32),
-        orig_shape=np.array([oh, ow], np.int32),
-        flip=np.array(flipped),
-        image_id=np.array(record["image_id"], np.int64),
-    )
-
-
-def padding_example(canvas_hw, max_boxes: int, max_ignore: int) -> dict[str, np.ndarray]:
-    """A filler example (last eval batch): zeros, nothing valid, image_id -1, scale 1."""
-    hw = np.array(canvas_hw, np.int32)
-    return dict(
-        image=np.zeros((*canvas_hw, 3), np.float32),
-        boxes=np.zeros((max_boxes, 4), np.float32),
-        labels=np.full((max_boxes,), -1, np.int32),
-        valid=np.zeros((max_boxes,), bool),
-        ignore_boxes=np.zeros((max_ignore, 4), np.float32),
-        ignore_valid=np.zeros((max_ignore,), bool),
-        img_shape=hw.copy(),
-        pad_shape=hw.copy(),
-        scale_factor=np.ones((4,), np.float32),
-        orig_shape=hw.copy(),
-        flip=np.array(False),
-        image_id=np.array(-1, np.int64),
-    )
 
 
 # ------------------------------------------------------------------------------ batches
@@ -436,6 +184,53 @@ class _BatchMaker:
                 i = int(group[(pos + 1) % len(group)])
 
 
+def _own_shared_memory(batch: dict[str, Any]) -> None:
+    """Unlink the shared-memory segments a batch from grain's worker processes lives in.
+
+    With `num_workers > 0` grain copies each array of a batch into its own shared-memory
+    segment and the consumer's array unlinks it when garbage-collected, through a thread
+    pool. Arrays still referenced when the interpreter exits (the last batches, held by
+    grain's iterators or by the caller) are never unlinked: Python's resource tracker then
+    warns `There appear to be N leaked shared_memory objects`. Unlinking at receipt removes
+    the names at once (no other process opens them again); the mapping stays valid until the
+    array is freed, which then only unmaps it. grain >= 0.2: `SharedMemoryArray.shm` and its
+    `_unlink_on_del` flag (checked, so another layout is left to grain).
+
+    Batches stay zero-copy views of the shared memory (a copy of a COCO host batch costs tens
+    of ms per step): one kept in a module global until the interpreter exits is unmapped by
+    grain's destructor during teardown, which then prints an ignored exception (nothing
+    leaks). Keep `np.array(batch[k])` copies if batches must outlive the program's end.
+    """
+    for value in batch.values():
+        shm = getattr(value, "shm", None)
+        if shm is not None and getattr(value, "_unlink_on_del", False):
+            value._unlink_on_del = False
+            shm.unlink()
+
+
+def _wait_for_shared_memory_release() -> None:
+    """Wait until grain has unlinked the segments of batches dropped unread at `close` (they
+    are unlinked by a one-thread pool, in order: a no-op submitted now runs after them). At
+    interpreter exit the pool would otherwise stop first and the segments leak."""
+    try:
+        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+    except ImportError:  # another grain layout: nothing to wait for that we know of
+        return
+    pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
+    if pool is not None:
+        pool.apply(int)
+
+
+# loaders not closed yet, closed at exit (weak: a loader garbage-collected earlier drops out)
+_OPEN_LOADERS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_loaders() -> None:
+    for loader in list(_OPEN_LOADERS):
+        loader.close()
+
+
 class DetectionLoader:
     """Iterator of per-host batches with a checkpointable state.
 
@@ -457,16 +252,20 @@ class DetectionLoader:
         self._maker = maker
         self._it = iter(dataset)
         self.num_skipped = 0
+        _OPEN_LOADERS.add(self)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
+        if self._it is None:  # closed (an exhausted eval loader closes itself)
+            raise StopIteration
         try:
             batch = next(self._it)
         except StopIteration:
             self.close()  # eval loader exhausted: release the workers now
             raise
+        _own_shared_memory(batch)
         self.num_skipped += int(batch.pop(SKIPPED_KEY, 0))
         return batch
 
@@ -483,17 +282,29 @@ class DetectionLoader:
 
         Restore it into a loader built with the same config, seed, batch size, host layout and
         `num_workers` (the state records per-worker positions)."""
-        return self._it.get_state()
+        return self._open_iterator().get_state()
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Resume from `get_state()` of a loader built with the same config and seed."""
-        self._it.set_state(state)
+        self._open_iterator().set_state(state)
+
+    def _open_iterator(self):
+        if self._it is None:
+            raise RuntimeError("the loader is closed; build a new one")
+        return self._it
 
     def close(self) -> None:
-        """Stop the worker processes (also done at garbage collection)."""
-        close = getattr(self._it, "close", None)
+        """Stop the worker processes and release grain's iterator (idempotent; loaders still
+        open when the interpreter exits are closed by an atexit hook, while grain's modules
+        still exist: closing from a destructor at shutdown fails and prints)."""
+        it, self._it, self._dataset = self._it, None, None
+        _OPEN_LOADERS.discard(self)
+        close = getattr(it, "close", None)
         if close is not None:
             close()
+        del it
+        gc.collect()  # grain's iterators hold batches read ahead in reference cycles
+        _wait_for_shared_memory_release()
 
     @property
     def label_to_cat_id(self) -> list[int]:
@@ -533,13 +344,15 @@ def _build(
         raise ValueError(
             f"global batch size {global_batch_size} is not divisible by {process_count} hosts"
         )
+    data_cfg = complete_data_config(data_cfg)
     recs = records if records is not None else load_split(data_cfg, train)
     if num_classes is not None:  # before any worker process starts
         check_num_classes(recs, num_classes)
+    check_classes(data_cfg.classes, recs, "the model of this config (data.classes)")
     canvases = tuple(tuple(int(v) for v in c) for c in data_cfg.canvases)
     img_scale = tuple(int(v) for v in data_cfg.img_scale)
-    ms = tuple(int(v) for v in _cfg_get(data_cfg, "multiscale_short", ())) if train else ()
-    ms_mode = str(_cfg_get(data_cfg, "multiscale_mode", "value"))
+    ms = tuple(int(v) for v in data_cfg.multiscale_short) if train else ()
+    ms_mode = str(data_cfg.multiscale_mode)
     if ms_mode not in MULTISCALE_MODES:
         raise ValueError(f"data.multiscale_mode must be one of {MULTISCALE_MODES}, got {ms_mode!r}")
     groups = group_by_canvas(recs.records, img_scale, canvases, ms)
@@ -555,11 +368,11 @@ def _build(
         img_scale=img_scale,
         multiscale_short=ms,
         multiscale_mode=ms_mode,
-        pixel_style=_cfg_get(data_cfg, "pixel_style", "pytorch"),
-        flip_prob=float(_cfg_get(data_cfg, "flip_prob", 0.5)),
+        pixel_style=data_cfg.pixel_style,
+        flip_prob=float(data_cfg.flip_prob),
         max_boxes=int(data_cfg.max_boxes),
-        max_ignore=int(_cfg_get(data_cfg, "max_ignore", 32)),
-        on_bad_image=_cfg_get(data_cfg, "on_bad_image", "error"),
+        max_ignore=int(data_cfg.max_ignore),
+        on_bad_image=data_cfg.on_bad_image,
     )
     T.pixel_stats(maker.pixel_style)  # validates the style before workers start
     if train:
@@ -570,11 +383,11 @@ def _build(
         batches, canvas_of_batch = eval_schedule(groups, len(canvases), global_batch_size)
         maker.eval_batches, maker.eval_canvas = batches, canvas_of_batch
         maker.steps_per_epoch = num_steps = len(maker.eval_canvas)
-    num_workers = int(_cfg_get(data_cfg, "num_workers", 2))
+    num_workers = int(data_cfg.num_workers)
     ds = grain.MapDataset.range(num_steps).map(maker)
     read = grain.ReadOptions(
-        num_threads=int(_cfg_get(data_cfg, "read_threads", 1 if num_workers else 2)),
-        prefetch_buffer_size=int(_cfg_get(data_cfg, "prefetch_batches", 2)),
+        num_threads=int(data_cfg.read_threads) or (1 if num_workers else 2),
+        prefetch_buffer_size=int(data_cfg.prefetch_batches),
     )
     ids = ds.to_iter_dataset(read)
     if num_workers > 0:

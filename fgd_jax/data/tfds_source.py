@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from fgd_jax.config import complete_data_config
 from fgd_jax.data import transforms as T
 from fgd_jax.data.coco import CocoRecords
 
@@ -299,16 +300,17 @@ def load_tfds_records(data_cfg: Any, train: bool) -> CocoRecords:
     decoding images (the pipeline reads them again by index). The validation records carry
     the ground truth as a pycocotools `COCO` object (`.coco`, built from the examples), so
     evaluation needs no annotation json. Filtering as `records_from_source`, with
-    `data_cfg.min_size` (32) and `data_cfg.on_bad_image`; `data_cfg.tfds_data_dir` selects the
-    tfds data folder.
+    `data_cfg.min_size` and `data_cfg.on_bad_image`; `data_cfg.tfds_name` / `tfds_data_dir`
+    select the dataset and its tfds data folder ('' = the tfds default).
     """
     tfds = _import_tfds()
-    name = data_cfg.get("tfds_name", "coco/2017")
+    data_cfg = complete_data_config(data_cfg)
+    name = str(data_cfg.tfds_name)
     split = "train" if train else "validation"
-    data_dir = data_cfg.get("tfds_data_dir", None)
+    data_dir = data_cfg.tfds_data_dir or None
     ref = _TfdsRef(name, split, data_dir)
-    min_size = int(data_cfg.get("min_size", 32))
-    on_bad = data_cfg.get("on_bad_image", "error")
+    min_size = int(data_cfg.min_size)
+    on_bad = data_cfg.on_bad_image
     key = (ref, train, min_size, on_bad)
     if key in _RECORDS:
         return _RECORDS[key]

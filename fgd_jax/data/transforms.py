@@ -30,11 +30,22 @@ class BadImageError(ValueError):
 
 
 # ------------------------------------------------------------------------------------ decode
+# mmdetection 2.x reads images with mmcv `imfrombytes(flag='color')`, cv2 backend:
+# `cv2.imdecode(buf, IMREAD_COLOR)`, 8-bit BGR (here RGB; `normalize` swaps for 'caffe').
+# What OpenCV's decoders do for each kind, matched below (imgcodecs source, 4.x):
+#   - 16-bit PNG: libpng `png_set_strip_16`, the high byte of each sample (v >> 8);
+#   - alpha (RGBA, gray + alpha, palette tRNS): `png_set_strip_alpha`, dropped, never
+#     composited; palette: `png_set_palette_to_rgb`; gray: `png_set_gray_to_rgb`;
+#   - CMYK JPEG: libjpeg's CMYK samples converted by `icvCvt_CMYK2BGR_8u_C4C3R`,
+#     x = k - ((255 - x) * k >> 8);
+#   - EXIF orientation: applied unless IMREAD_IGNORE_ORIENTATION, which flag='color' does
+#     not set (mmcv's 'color_ignore_orientation' would).
+# PIL already reduces 16-bit RGB / RGBA / gray+alpha PNGs to their high bytes when it opens
+# them; 16-bit grayscale stays 16-bit (mode I;16), and CMYK is converted here.
 def decode_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as `[H, W, 3] uint8` RGB.
+    """Read an image file as `[H, W, 3] uint8` RGB, pixel for pixel as mmcv's
+    `imfrombytes(flag='color')` with the cv2 backend does (see the rules above).
 
-    The EXIF orientation is applied (as cv2 / mmcv `imread` does); grayscale, RGBA, palette and
-    16-bit images are converted to RGB (alpha is dropped, as cv2 does).
     Raises:
       BadImageError: the file is missing, truncated, or not an image (the message names it).
     """
@@ -43,9 +54,7 @@ def decode_image(path: str | os.PathLike) -> np.ndarray:
         raise BadImageError(f"{path}: image file not found")
     try:
         with Image.open(path) as im:
-            im.load()  # forces a full decode: truncated files fail here
-            im = ImageOps.exif_transpose(im)
-            return _to_rgb_array(im)
+            return _decode(im)
     except BadImageError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
@@ -58,20 +67,38 @@ def decode_image_bytes(data: bytes, name: str = "<bytes>") -> np.ndarray:
 
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return _to_rgb_array(im)
+            return _decode(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise BadImageError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
 
 
-def _to_rgb_array(im: Image.Image) -> np.ndarray:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(im, dtype=np.float64)
-        arr = np.clip(arr / max(arr.max(), 1.0) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return np.repeat(arr[:, :, None], 3, axis=2)
+def _decode(im: Image.Image) -> np.ndarray:
+    # PIL un-inverts Adobe CMYK JPEGs ('CMYK;I'); OpenCV converts libjpeg's stored samples
+    inverted_cmyk = im.mode == "CMYK" and any(_rawmode(t) == "CMYK;I" for t in im.tile)
+    im.load()  # forces a full decode: truncated files fail here
+    im = ImageOps.exif_transpose(im)
+    return _to_rgb_array(im, inverted_cmyk)
+
+
+def _rawmode(tile) -> str | None:
+    """The raw mode of a PIL tile `(codec, extents, offset, args)`; args is the raw mode or a
+    tuple starting with it."""
+    args = tile[3]
+    return args[0] if isinstance(args, tuple) and args else args
+
+
+def _to_rgb_array(im: Image.Image, inverted_cmyk: bool = False) -> np.ndarray:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: the high byte
+        arr = np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8
+        return np.repeat(arr.astype(np.uint8)[:, :, None], 3, axis=2)
+    if im.mode == "CMYK":
+        stored = np.asarray(im, dtype=np.int32)
+        if inverted_cmyk:
+            stored = 255 - stored
+        k = stored[:, :, 3:]
+        return (k - (((255 - stored[:, :, :3]) * k) >> 8)).astype(np.uint8)
     if im.mode != "RGB":
-        im = im.convert("RGB")  # L, LA, P, PA, RGBA, CMYK, ... (alpha dropped)
+        im = im.convert("RGB")  # L, 1, LA, P, PA, RGBA, ... (alpha dropped, not composited)
     return np.ascontiguousarray(np.asarray(im, dtype=np.uint8))
 
 
