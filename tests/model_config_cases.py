@@ -91,8 +91,7 @@ def variable_shapes(model_cfg: C.ConfigDict) -> dict[str, list[int]]:
     variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
     flat = jax.tree_util.tree_flatten_with_path(variables)[0]
     return {
-        "/".join(str(getattr(k, "key", k)) for k in path): list(leaf.shape)
-        for path, leaf in flat
+        "/".join(str(getattr(k, "key", k)) for k in path): list(leaf.shape) for path, leaf in flat
     }
 
 

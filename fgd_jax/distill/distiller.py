@@ -30,8 +30,9 @@ from fgd_jax.distill.fgd import FGDLoss
 Array = jax.Array
 log = logging.getLogger(__name__)
 
-# Top-level detector parts that the inheriting strategy copies from the teacher.
-BACKBONE_KEYS = ("backbone",)
+# Top-level detector parts the inheriting strategy does NOT copy from the teacher (the student
+# keeps its own backbone; every other part, neck and heads, is copied).
+NOT_INHERITED = ("backbone",)
 
 
 class DistillLosses(nn.Module):
@@ -113,10 +114,6 @@ class FGDDistiller(nn.Module):
         losses.update(self.distill_losses(tuple(feats_s), tuple(teacher_feats), batch))
         return losses
 
-    def predict(self, images: Array, img_shape: Array, scale_factor: Array) -> dict[str, Array]:
-        """The student's detections (inference never needs the teacher)."""
-        return self.student.predict(images, img_shape, scale_factor)
-
 
 def total_loss(losses: Mapping[str, Array]) -> Array:
     """Sum of the loss terms that train: every `loss*` key without a `/` (parts are logs)."""
@@ -148,9 +145,9 @@ def inherit_from_teacher(
     patterns = [re.compile(p) for p in allow_missing]
     s_flat = flatten_dict(dict(student_params))
     t_flat = {
-        k: v for k, v in flatten_dict(dict(teacher_params)).items() if k[0] not in BACKBONE_KEYS
+        k: v for k, v in flatten_dict(dict(teacher_params)).items() if k[0] not in NOT_INHERITED
     }
-    s_rest = {k for k in s_flat if k[0] not in BACKBONE_KEYS}
+    s_rest = {k for k in s_flat if k[0] not in NOT_INHERITED}
     missing_all = sorted("/".join(k) for k in s_rest - t_flat.keys())
     missing = [m for m in missing_all if not any(p.search(m) for p in patterns)]
     extra = sorted("/".join(k) for k in t_flat.keys() - s_rest)
