@@ -103,6 +103,10 @@ def _plain(value: Any) -> Any:
     return repr(value)
 
 
+# Properties recorded beside the fields (values derived from fields).
+DERIVED = ("anchors_per_cell",)
+
+
 def module_settings(model_cfg: C.ConfigDict) -> dict[str, Any]:
     """'field' or 'submodule/field' -> value of every non-module field of the built detector
     (and its submodules), leaving out `name`, `parent` and `dtype`."""
@@ -119,6 +123,9 @@ def module_settings(model_cfg: C.ConfigDict) -> dict[str, Any]:
                 walk(value, f"{prefix}{f.name}/")
             else:
                 out[prefix + f.name] = _plain(value)
+        for prop in DERIVED:
+            if hasattr(type(obj), prop):
+                out[prefix + prop] = _plain(getattr(obj, prop))
 
     walk(build_detector(model_cfg), "")
     return out

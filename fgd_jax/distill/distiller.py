@@ -26,6 +26,7 @@ import ml_collections
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from fgd_jax.distill.fgd import FGDLoss
+from fgd_jax.models.build import build_module
 
 Array = jax.Array
 log = logging.getLogger(__name__)
@@ -33,20 +34,27 @@ log = logging.getLogger(__name__)
 # Top-level detector parts the inheriting strategy does NOT copy from the teacher (the student
 # keeps its own backbone; every other part, neck and heads, is copied).
 NOT_INHERITED = ("backbone",)
+# Keys of a `fgd_distill` config read by the training run, not by `DistillLosses`.
+DISTILLER_KEYS = ("init_student", "inherit_allow_missing")
+
+
+_FGD = FGDLoss(student_channels=256, teacher_channels=256)  # its field defaults
 
 
 class DistillLosses(nn.Module):
-    """One `FGDLoss` per distilled FPN level, named `loss_fgd_fpn_{i}` as in the original."""
+    """One `FGDLoss` per distilled FPN level (the first `num_levels`), named
+    `loss_fgd_fpn_{i}` as in the original; the other fields are `FGDLoss`'s, with its
+    defaults (the original `FeatureLoss` defaults)."""
 
-    num_levels: int
-    student_channels: int
-    teacher_channels: int
-    temp: float
-    alpha_fgd: float
-    beta_fgd: float
-    gamma_fgd: float
-    lambda_fgd: float
-    box_scale: str = "img_shape"
+    num_levels: int = 5
+    student_channels: int = _FGD.student_channels
+    teacher_channels: int = _FGD.teacher_channels
+    temp: float = _FGD.temp
+    alpha_fgd: float = _FGD.alpha_fgd
+    beta_fgd: float = _FGD.beta_fgd
+    gamma_fgd: float = _FGD.gamma_fgd
+    lambda_fgd: float = _FGD.lambda_fgd
+    box_scale: str = _FGD.box_scale
 
     @nn.compact
     def __call__(
@@ -175,18 +183,9 @@ def inherit_from_teacher(
 
 
 def build_distill_losses(d: ml_collections.ConfigDict) -> DistillLosses:
-    """The FGD losses of every distilled level from a `fgd_distill` config."""
-    return DistillLosses(
-        num_levels=d.num_levels,
-        student_channels=d.student_channels,
-        teacher_channels=d.teacher_channels,
-        temp=d.temp,
-        alpha_fgd=d.alpha_fgd,
-        beta_fgd=d.beta_fgd,
-        gamma_fgd=d.gamma_fgd,
-        lambda_fgd=d.lambda_fgd,
-        box_scale=d.get("box_scale", "img_shape"),
-    )
+    """The FGD losses of every distilled level from a `fgd_distill` config (its keys other
+    than the distiller's own, `DISTILLER_KEYS`, are `DistillLosses` fields)."""
+    return build_module(DistillLosses, d, "distill", ignore=DISTILLER_KEYS)
 
 
 def build_distiller(student: nn.Module, distill_cfg: ml_collections.ConfigDict) -> FGDDistiller:
