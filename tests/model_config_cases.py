@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fgd_jax import config as C
 from fgd_jax.models import build_detector
@@ -131,16 +132,23 @@ def module_settings(model_cfg: C.ConfigDict) -> dict[str, Any]:
     return out
 
 
+def _digest(shapes: dict[str, list[int]]) -> str:
+    text = json.dumps(shapes, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def model_record(model_cfg: C.ConfigDict) -> dict[str, Any]:
     """What the golden file keeps of one model: `digest` (sha256 of every variable's path and
-    shape), `num_leaves`, `num_params`, `head_shapes` (the variables outside the backbone, to
-    show where a difference is) and `settings` (`module_settings`)."""
+    shape), `parts` (the same per top-level part, to show where a difference is),
+    `num_leaves`, `num_params` and `settings` (`module_settings`)."""
     shapes = variable_shapes(model_cfg)
-    text = json.dumps(shapes, sort_keys=True, separators=(",", ":"))
+    parts: dict[str, dict[str, list[int]]] = {}
+    for path, shape in shapes.items():
+        parts.setdefault(path.split("/")[1], {})[path] = shape
     return dict(
-        digest=hashlib.sha256(text.encode()).hexdigest(),
+        digest=_digest(shapes),
+        parts={k: _digest(v) for k, v in sorted(parts.items())},
         num_leaves=len(shapes),
-        num_params=int(sum(int(jnp.prod(jnp.asarray(s))) for s in shapes.values())),
-        head_shapes={k: v for k, v in shapes.items() if "/backbone/" not in k},
+        num_params=int(sum(int(np.prod(s)) for s in shapes.values())),
         settings=module_settings(model_cfg),
     )

@@ -1,8 +1,8 @@
 """Every model config (configs/*.py, teachers included, the factories' defaults and the tests'
 tiny models) builds the same detector as before issue 16's reshaping. Reference:
-tests/golden/model_configs.json, written by tests/golden/make_model_golden.py on main's code:
-the variables' paths and shapes (sha256 digest, counts, the shapes outside the backbone) and
-every setting of the built modules."""
+tests/golden/model_configs.json, written by tests/golden/make_model_golden.py on main's code
+(commit b2b99fa): the variables' paths and shapes (sha256 digests, whole and per part, and
+counts) and every setting of the built modules."""
 
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ def test_every_recorded_model_is_still_a_case():
 @pytest.mark.parametrize("name,model_cfg", CASES, ids=[n for n, _ in CASES])
 def test_config_builds_the_same_model(name, model_cfg):
     want, got = GOLDEN[name], model_record(model_cfg)
-    assert got["head_shapes"] == want["head_shapes"]
+    assert got["parts"] == want["parts"]
     assert (got["num_leaves"], got["num_params"]) == (want["num_leaves"], want["num_params"])
     assert got["digest"] == want["digest"]
     kind = model_cfg.type

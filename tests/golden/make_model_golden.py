@@ -1,6 +1,6 @@
 """Writes tests/golden/model_configs.json: for every model config under configs/ and the
-tests' tiny configs, a digest of the variable shapes, the
-shapes outside the backbone, and the effective settings of the built detector.
+tests' tiny configs, digests of the variable shapes and the
+effective settings of the built detector.
 
 Run once on the code whose models are the reference (it was run on main before issue 16's
 reshaping): `python tests/golden/make_model_golden.py`. `tests/test_model_configs.py` checks
