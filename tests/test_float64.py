@@ -89,8 +89,8 @@ def test_resnet101_fpn_float64_matches_torchvision_double():
     """Reference: torchvision's `resnet_fpn_backbone('resnet101')` (frozen BN with random
     statistics, random weights) in float64, converted by `fgd_jax.convert`. In float32 the two
     implementations of a 101-layer network differ by ~1e-4 relative, which would hide a small
-    semantic error; in float64 every FPN level agrees to 1e-12 relative to its largest value (measured 4e-15 to
-    6e-15)."""
+    semantic error; in float64 every FPN level agrees to 1e-12 relative to its largest value
+    (measured 4e-15 to 6e-15)."""
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
     torch.manual_seed(0)
