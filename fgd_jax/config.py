@@ -106,7 +106,13 @@ def retinanet_model(
     """mmdetection 2.x `retinanet_r50_fpn` (and R101 / X101 by `depth`, `groups`).
 
     `fpn_channels`, `feat_channels`, `stacked_convs` shrink it for the synthetic demo and tests.
+    Every other setting is the default of its module (`RetinaHead`, `RetinaTrainCfg`,
+    `DenseTestCfg` in `fgd_jax.models`), listed in the config so it can be overridden.
     """
+    from fgd_jax.models.build import module_config
+    from fgd_jax.models.dense_heads import DenseTestCfg
+    from fgd_jax.models.retinanet import RetinaHead, RetinaTrainCfg
+
     backbone = resnet_backbone(
         depth=depth, groups=groups, base_width=base_width, frozen_stages=frozen_stages
     )
@@ -122,23 +128,15 @@ def retinanet_model(
                 add_extra_convs="on_input",
                 num_outs=5,
             ),
-            head=dict(
+            head=module_config(
+                RetinaHead,
+                skip=("num_classes", "num_anchors"),
                 in_channels=fpn_channels,
                 feat_channels=feat_channels,
                 stacked_convs=stacked_convs,
-                octave_base_scale=4,
-                scales_per_octave=3,
-                ratios=(0.5, 1.0, 2.0),
-                strides=(8, 16, 32, 64, 128),
-                target_means=(0.0, 0.0, 0.0, 0.0),
-                target_stds=(1.0, 1.0, 1.0, 1.0),
-                focal_gamma=2.0,
-                focal_alpha=0.25,
-                loss_cls_weight=1.0,
-                loss_bbox_weight=1.0,
             ),
-            train_cfg=dict(pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0.0),
-            test_cfg=dict(nms_pre=1000, score_thr=0.05, iou_threshold=0.5, max_per_img=100),
+            train_cfg=module_config(RetinaTrainCfg),
+            test_cfg=module_config(DenseTestCfg),
         )
     )
 
@@ -149,36 +147,22 @@ FGD_WEIGHT_KEYS = ("alpha_fgd", "beta_fgd", "gamma_fgd", "lambda_fgd")
 
 
 def fgd_distill(
-    temp: float = 0.5,
-    alpha_fgd: float = 0.001,
-    beta_fgd: float = 0.0005,
-    gamma_fgd: float = 0.0005,
-    lambda_fgd: float = 0.000005,
-    num_levels: int = 5,
-    student_channels: int = 256,
-    teacher_channels: int = 256,
-    init_student: bool = True,
-    box_scale: str = "img_shape",
-    inherit_allow_missing: Sequence[str] = (),
+    init_student: bool = True, inherit_allow_missing: Sequence[str] = (), **differs: Any
 ) -> ConfigDict:
-    """FGD hyper-parameters (the original `FeatureLoss` arguments), one loss per FPN level
-    named `loss_fgd_fpn_{i}`. `box_scale`: 'img_shape' (original, default) or 'pad_shape'."""
-    return ConfigDict(
-        dict(
-            temp=temp,
-            alpha_fgd=alpha_fgd,
-            beta_fgd=beta_fgd,
-            gamma_fgd=gamma_fgd,
-            lambda_fgd=lambda_fgd,
-            num_levels=num_levels,
-            student_channels=student_channels,
-            teacher_channels=teacher_channels,
-            init_student=init_student,
-            box_scale=box_scale,
-            # regexes of student leaves that may lack a teacher counterpart when inheriting
-            inherit_allow_missing=tuple(inherit_allow_missing),
-        )
-    )
+    """FGD hyper-parameters: the fields of `fgd_jax.distill.distiller.DistillLosses` (one
+    `FGDLoss` per FPN level, named `loss_fgd_fpn_{i}`: `temp`, `alpha_fgd`, `beta_fgd`,
+    `gamma_fgd`, `lambda_fgd`, `num_levels`, `student_channels`, `teacher_channels`,
+    `box_scale` 'img_shape' (original) or 'pad_shape') at the FGD RetinaNet config's values
+    (the original `FeatureLoss` defaults but `gamma_fgd` 0.0005), `differs` on top; plus the
+    inheriting strategy (`init_student`) and `inherit_allow_missing`: regexes of student
+    leaves that may lack a teacher counterpart when inheriting."""
+    from fgd_jax.distill.distiller import DistillLosses
+    from fgd_jax.models.build import module_config
+
+    cfg = module_config(DistillLosses, **{"gamma_fgd": 0.0005, **differs})
+    cfg.init_student = init_student
+    cfg.inherit_allow_missing = tuple(inherit_allow_missing)
+    return cfg
 
 
 # ------------------------------------------------------------------------------------- data
@@ -530,7 +514,12 @@ def fcos_model(
     mmdetection's `img_norm_cfg.mean`. Default by variant, as mmdetection 2.11's configs: plain
     (102.9801, 115.9465, 122.7717), tricks (103.53, 116.28, 123.675). The data pipeline's
     'caffe' style subtracts `CAFFE_PIXEL_MEAN` (= the tricks mean); the model adds
-    `data_pixel_mean - pixel_mean` inside each image (see `fgd_jax.models.fcos`)."""
+    `data_pixel_mean - pixel_mean` inside each image (see `fgd_jax.models.fcos`).
+    Every other setting is the default of its module (`FCOSHead`, `FCOSTrainCfg`,
+    `FCOSTestCfg` in `fgd_jax.models.fcos`)."""
+    from fgd_jax.models.build import module_config
+    from fgd_jax.models.fcos import FCOSHead, FCOSTestCfg, FCOSTrainCfg
+
     if style == "caffe":
         if pixel_mean is None:
             pixel_mean = CAFFE_PIXEL_MEAN if tricks else (102.9801, 115.9465, 122.7717)
@@ -557,44 +546,22 @@ def fcos_model(
                 num_outs=5,
                 relu_before_extra_convs=True,
             ),
-            head=dict(
+            head=module_config(
+                FCOSHead,
+                skip=("num_classes",),
                 in_channels=fpn_channels,
                 feat_channels=feat_channels,
                 stacked_convs=stacked_convs,
-                strides=(8, 16, 32, 64, 128),
-                regress_ranges=(
-                    (-1.0, 64.0),
-                    (64.0, 128.0),
-                    (128.0, 256.0),
-                    (256.0, 512.0),
-                    (512.0, 1e8),
-                ),
                 num_groups=num_groups,
                 conv_bias=tricks,
                 center_sampling=tricks,
-                center_sample_radius=1.5,
                 norm_on_bbox=tricks,
-                centerness_on_reg=False,
-                use_scale=True,
-                half_stride_offset=True,
                 loss_bbox="giou" if tricks else "iou",
-                focal_gamma=2.0,
-                focal_alpha=0.25,
-                loss_cls_weight=1.0,
-                loss_bbox_weight=1.0,
-                loss_centerness_weight=1.0,
             ),
             pixel_mean=pixel_mean,
             data_pixel_mean=data_pixel_mean,
-            train_cfg=dict(size_divisor=32),
-            test_cfg=dict(
-                nms_pre=1000,
-                score_thr=0.05,
-                iou_threshold=0.6 if tricks else 0.5,
-                max_per_img=100,
-                max_candidates=4000,
-                score_style="mmdet",
-            ),
+            train_cfg=module_config(FCOSTrainCfg),
+            test_cfg=module_config(FCOSTestCfg, iou_threshold=0.6 if tricks else 0.5),
         )
     )
 
@@ -614,11 +581,22 @@ def faster_rcnn_model(
     """mmdetection 2.x `faster_rcnn_r50_fpn` (R101 / X101 by `depth`, `groups`): FPN P2..P6
     (P6 by max-pool), RPN (scale 8, ratios 0.5/1/2, strides 4..64), RoIAlign 7x7 on P2..P5,
     Shared2FC head. `fpn_channels`, `rpn_feat_channels`, `fc_out_channels`, `rpn_num`,
-    `rcnn_num` (sampler sizes) shrink it for the synthetic demo and tests."""
+    `rcnn_num` (sampler sizes) shrink it for the synthetic demo and tests. Every other setting
+    is the default of its module (`RPNHead`, `StandardRoIHead` + `Shared2FCBBoxHead`,
+    `FasterRCNNTrainCfg`, `FasterRCNNTestCfg` in `fgd_jax.models.faster_rcnn`)."""
+    from fgd_jax.models.build import module_config
+    from fgd_jax.models.faster_rcnn import (
+        FasterRCNNTestCfg,
+        FasterRCNNTrainCfg,
+        RPNHead,
+        Shared2FCBBoxHead,
+        StandardRoIHead,
+    )
+
     backbone = resnet_backbone(
         depth=depth, groups=groups, base_width=base_width, frozen_stages=frozen_stages
     )
-    return ConfigDict(
+    cfg = ConfigDict(
         dict(
             type="faster_rcnn",
             num_classes=num_classes,
@@ -630,46 +608,20 @@ def faster_rcnn_model(
                 add_extra_convs=False,
                 num_outs=5,
             ),
-            rpn_head=dict(
+            rpn_head=module_config(
+                RPNHead,
+                skip=("num_anchors",),
                 in_channels=fpn_channels,
                 feat_channels=rpn_feat_channels,
-                anchor_scales=(8.0,),
-                anchor_ratios=(0.5, 1.0, 2.0),
-                anchor_strides=(4, 8, 16, 32, 64),
             ),
-            roi_head=dict(
-                featmap_strides=(4, 8, 16, 32),
-                output_size=7,
-                sampling_ratio=0,
-                aligned=True,
-                finest_scale=56.0,
-                fc_out_channels=fc_out_channels,
-                num_shared_fcs=2,
-                target_stds=(0.1, 0.1, 0.2, 0.2),
-            ),
-            train_cfg=dict(
-                rpn=dict(
-                    pos_iou_thr=0.7,
-                    neg_iou_thr=0.3,
-                    min_pos_iou=0.3,
-                    num=rpn_num,
-                    pos_fraction=0.5,
-                ),
-                rpn_proposal=dict(nms_pre=2000, max_per_img=1000, iou_threshold=0.7),
-                rcnn=dict(
-                    pos_iou_thr=0.5,
-                    neg_iou_thr=0.5,
-                    min_pos_iou=0.5,
-                    num=rcnn_num,
-                    pos_fraction=0.25,
-                    add_gt_as_proposals=True,
-                ),
-                size_divisor=32,
-                loss_norm_group=0,
-            ),
-            test_cfg=dict(
-                rpn=dict(nms_pre=1000, max_per_img=1000, iou_threshold=0.7, min_bbox_size=0.0),
-                rcnn=dict(score_thr=0.05, iou_threshold=0.5, max_per_img=100, max_candidates=4000),
-            ),
+            roi_head=module_config(StandardRoIHead, skip=("bbox_head",)),
+            train_cfg=module_config(FasterRCNNTrainCfg),
+            test_cfg=module_config(FasterRCNNTestCfg),
         )
     )
+    cfg.roi_head.update(
+        module_config(Shared2FCBBoxHead, skip=("num_classes",), fc_out_channels=fc_out_channels)
+    )
+    cfg.train_cfg.rpn.num = rpn_num
+    cfg.train_cfg.rcnn.num = rcnn_num
+    return cfg

@@ -97,17 +97,3 @@ def test_iou_and_giou_losses_vs_torch():
     with pytest.raises(ValueError, match="unknown mode"):
         L.iou_loss(a, b, "cube")
 
-
-def test_weight_reduce_mmdet_semantics():
-    rng = np.random.default_rng(4)
-    loss = rng.uniform(0, 1, (10, 4)).astype(np.float32)
-    w = (rng.uniform(0, 1, (10, 1)) > 0.5).astype(np.float32)
-    lt, wt = torch.from_numpy(loss), torch.from_numpy(w)
-    np.testing.assert_allclose(
-        float(L.weight_reduce(loss, w, avg_factor=3.0)), float((lt * wt).sum() / 3), rtol=1e-6
-    )
-    np.testing.assert_allclose(float(L.weight_reduce(loss, w)), float((lt * wt).mean()), rtol=1e-6)
-    np.testing.assert_allclose(
-        float(L.weight_reduce(loss, w, reduction="sum")), float((lt * wt).sum()), rtol=1e-6
-    )
-    assert L.weight_reduce(loss, w, reduction="none").shape == (10, 4)

@@ -26,26 +26,35 @@ import ml_collections
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from fgd_jax.distill.fgd import FGDLoss
+from fgd_jax.models.build import build_module
 
 Array = jax.Array
 log = logging.getLogger(__name__)
 
-# Top-level detector parts that the inheriting strategy copies from the teacher.
-BACKBONE_KEYS = ("backbone",)
+# Top-level detector parts the inheriting strategy does NOT copy from the teacher (the student
+# keeps its own backbone; every other part, neck and heads, is copied).
+NOT_INHERITED = ("backbone",)
+# Keys of a `fgd_distill` config read by the training run, not by `DistillLosses`.
+DISTILLER_KEYS = ("init_student", "inherit_allow_missing")
+
+
+_FGD = FGDLoss(student_channels=256, teacher_channels=256)  # its field defaults
 
 
 class DistillLosses(nn.Module):
-    """One `FGDLoss` per distilled FPN level, named `loss_fgd_fpn_{i}` as in the original."""
+    """One `FGDLoss` per distilled FPN level (the first `num_levels`), named
+    `loss_fgd_fpn_{i}` as in the original; the other fields are `FGDLoss`'s, with its
+    defaults (the original `FeatureLoss` defaults)."""
 
-    num_levels: int
-    student_channels: int
-    teacher_channels: int
-    temp: float
-    alpha_fgd: float
-    beta_fgd: float
-    gamma_fgd: float
-    lambda_fgd: float
-    box_scale: str = "img_shape"
+    num_levels: int = 5
+    student_channels: int = _FGD.student_channels
+    teacher_channels: int = _FGD.teacher_channels
+    temp: float = _FGD.temp
+    alpha_fgd: float = _FGD.alpha_fgd
+    beta_fgd: float = _FGD.beta_fgd
+    gamma_fgd: float = _FGD.gamma_fgd
+    lambda_fgd: float = _FGD.lambda_fgd
+    box_scale: str = _FGD.box_scale
 
     @nn.compact
     def __call__(
@@ -113,10 +122,6 @@ class FGDDistiller(nn.Module):
         losses.update(self.distill_losses(tuple(feats_s), tuple(teacher_feats), batch))
         return losses
 
-    def predict(self, images: Array, img_shape: Array, scale_factor: Array) -> dict[str, Array]:
-        """The student's detections (inference never needs the teacher)."""
-        return self.student.predict(images, img_shape, scale_factor)
-
 
 def total_loss(losses: Mapping[str, Array]) -> Array:
     """Sum of the loss terms that train: every `loss*` key without a `/` (parts are logs)."""
@@ -148,9 +153,9 @@ def inherit_from_teacher(
     patterns = [re.compile(p) for p in allow_missing]
     s_flat = flatten_dict(dict(student_params))
     t_flat = {
-        k: v for k, v in flatten_dict(dict(teacher_params)).items() if k[0] not in BACKBONE_KEYS
+        k: v for k, v in flatten_dict(dict(teacher_params)).items() if k[0] not in NOT_INHERITED
     }
-    s_rest = {k for k in s_flat if k[0] not in BACKBONE_KEYS}
+    s_rest = {k for k in s_flat if k[0] not in NOT_INHERITED}
     missing_all = sorted("/".join(k) for k in s_rest - t_flat.keys())
     missing = [m for m in missing_all if not any(p.search(m) for p in patterns)]
     extra = sorted("/".join(k) for k in t_flat.keys() - s_rest)
@@ -178,18 +183,9 @@ def inherit_from_teacher(
 
 
 def build_distill_losses(d: ml_collections.ConfigDict) -> DistillLosses:
-    """The FGD losses of every distilled level from a `fgd_distill` config."""
-    return DistillLosses(
-        num_levels=d.num_levels,
-        student_channels=d.student_channels,
-        teacher_channels=d.teacher_channels,
-        temp=d.temp,
-        alpha_fgd=d.alpha_fgd,
-        beta_fgd=d.beta_fgd,
-        gamma_fgd=d.gamma_fgd,
-        lambda_fgd=d.lambda_fgd,
-        box_scale=d.get("box_scale", "img_shape"),
-    )
+    """The FGD losses of every distilled level from a `fgd_distill` config (its keys other
+    than the distiller's own, `DISTILLER_KEYS`, are `DistillLosses` fields)."""
+    return build_module(DistillLosses, d, "distill", ignore=DISTILLER_KEYS)
 
 
 def build_distiller(student: nn.Module, distill_cfg: ml_collections.ConfigDict) -> FGDDistiller:

@@ -1,7 +1,9 @@
 """Flax models: backbones, necks, detectors, and the trainable-parameter mask.
 
 `build_detector(model_cfg)` dispatches on `model_cfg.type` ('retinanet', 'fcos',
-'faster_rcnn'); the detector modules are imported lazily.
+'faster_rcnn'); the detector modules are imported lazily. Each detector builds its parts from
+the model config's groups with `fgd_jax.models.build.build_module`: the defaults are the
+fields of its modules (heads) and settings dataclasses (`train_cfg`, `test_cfg`).
 """
 
 from __future__ import annotations

@@ -52,6 +52,7 @@ canvas point counts).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -61,6 +62,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from fgd_jax.models.build import build_module, check_keys
+from fgd_jax.models.dense_heads import (
+    DenseTestCfg,
+    flatten_levels,
+    point_valid_flags,
+)
 from fgd_jax.models.layers import ConvModule, head_out_conv, head_tower
 from fgd_jax.ops import anchors as anchor_ops
 from fgd_jax.ops import boxes as box_ops
@@ -103,6 +110,12 @@ class FCOSHead(nn.Module):
       centerness_on_reg: centerness from the regression tower (else the classification tower).
       use_scale: the learnable per-level `Scale` (False for torchvision's FCOS, which has none).
       prior_prob: initial foreground probability of `conv_cls` (bias init).
+      in_channels: channels of the FPN maps (checked).
+      regress_ranges: per level (lo, hi) of a positive's largest side distance, pixels.
+      half_stride_offset: points at `x * stride + stride // 2` (mmdetection) or `x * stride`.
+      center_sampling, center_sample_radius: positives only within `radius * stride` of the
+        GT centre. loss_bbox: 'iou' (`-log IoU`) or 'giou'. focal_gamma, focal_alpha and the
+        `loss_*_weight`s: the losses' settings (read by the detector).
     Call: tuple of NHWC maps `[B, H_l, W_l, in_ch]` -> (cls_scores `[B, H_l, W_l, C]` logits,
       bbox_preds `[B, H_l, W_l, 4]` distances >= 0, centernesses `[B, H_l, W_l, 1]` logits),
       each a tuple over levels, float32.
@@ -118,6 +131,17 @@ class FCOSHead(nn.Module):
     centerness_on_reg: bool = False
     use_scale: bool = True
     prior_prob: float = 0.01
+    in_channels: int | None = None  # checked against the maps when set
+    regress_ranges: Sequence[tuple[float, float]] = DEFAULT_REGRESS_RANGES
+    half_stride_offset: bool = True
+    center_sampling: bool = False
+    center_sample_radius: float = 1.5
+    loss_bbox: str = "iou"
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.25
+    loss_cls_weight: float = 1.0
+    loss_bbox_weight: float = 1.0
+    loss_centerness_weight: float = 1.0
     dtype: Any = None
 
     @nn.compact
@@ -126,6 +150,11 @@ class FCOSHead(nn.Module):
     ) -> tuple[tuple[Array, ...], tuple[Array, ...], tuple[Array, ...]]:
         if len(feats) != len(self.strides):
             raise ValueError(f"FCOSHead: {len(feats)} feature maps but {len(self.strides)} strides")
+        if self.in_channels is not None and feats[0].shape[-1] != self.in_channels:
+            raise ValueError(
+                f"FCOSHead: in_channels {self.in_channels} but the maps have "
+                f"{feats[0].shape[-1]} channels (model config head.in_channels vs neck)"
+            )
         init = nn.initializers.normal(0.01)
 
         def tower(prefix: str) -> list[ConvModule]:
@@ -171,11 +200,31 @@ class FCOSHead(nn.Module):
         return tuple(cls_scores), tuple(bbox_preds), tuple(centernesses)
 
 
+# ------------------------------------------------------------------------------- settings
+@dataclasses.dataclass(frozen=True)
+class FCOSTrainCfg:
+    """Training settings (model config `train_cfg`): `size_divisor` of the point valid flags
+    (module docstring, "Points on the canvas padding")."""
+
+    size_divisor: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class FCOSTestCfg(DenseTestCfg):
+    """`DenseTestCfg` plus `score_style`: 'mmdet' or 'torchvision' (module docstring)."""
+
+    score_style: str = "mmdet"
+
+
+_HEAD = FCOSHead(num_classes=1)  # the field defaults, read by the functions below
+_TEST = FCOSTestCfg()
+
+
 # ---------------------------------------------------------------------------------- points
 def fcos_points(
     feat_shapes: Sequence[tuple[int, int]],
-    strides: Sequence[int] = DEFAULT_STRIDES,
-    half_stride_offset: bool = True,
+    strides: Sequence[int] = _HEAD.strides,
+    half_stride_offset: bool = _HEAD.half_stride_offset,
 ) -> list[Array]:
     """Points per level: list of `[H_l * W_l, 2] float32` (x, y) pixels of the network input.
 
@@ -186,37 +235,6 @@ def fcos_points(
     if half_stride_offset:
         return pts
     return [p - float(int(s) // 2) for p, s in zip(pts, strides, strict=True)]
-
-
-def point_valid_flags(
-    feat_shapes: Sequence[tuple[int, int]],
-    strides: Sequence[int],
-    img_shape: Array,
-    size_divisor: int = 32,
-) -> Array:
-    """`[B, N] bool`: point `(x, y)` of level `l` lies in the image's padded shape
-    `ceil(img_shape / size_divisor) * size_divisor`, i.e. `x < ceil(pad_w / stride)` cells (as
-    mmdetection's anchor valid flags). `size_divisor <= 0`: all True. `img_shape: [B, 2]`."""
-    img_shape = jnp.asarray(img_shape)
-    batch = img_shape.shape[0]
-    flags = []
-    for (h, w), s in zip(feat_shapes, strides, strict=True):
-        if size_divisor <= 0:
-            flags.append(jnp.ones((batch, h * w), bool))
-            continue
-        pad = jnp.ceil(img_shape.astype(jnp.float32) / size_divisor) * size_divisor
-        vh = jnp.ceil(pad[:, 0] / s)
-        vw = jnp.ceil(pad[:, 1] / s)
-        ok = (jnp.arange(h)[None, :, None] < vh[:, None, None]) & (
-            jnp.arange(w)[None, None, :] < vw[:, None, None]
-        )
-        flags.append(ok.reshape(batch, h * w))
-    return jnp.concatenate(flags, axis=1)
-
-
-def flatten_levels(maps: Sequence[Array], last: int) -> Array:
-    """`[B, H_l, W_l, last]` per level -> `[B, sum_l H_l * W_l, last]` (index `y * W + x`)."""
-    return jnp.concatenate([m.reshape(m.shape[0], -1, last) for m in maps], axis=1)
 
 
 def _per_point(values: Sequence[Any], counts: Sequence[int]) -> Array:
@@ -239,8 +257,8 @@ def fcos_targets(
     gt_labels: Array,
     gt_valid: Array,
     num_classes: int,
-    center_sampling: bool = False,
-    center_sample_radius: float = 1.5,
+    center_sampling: bool = _HEAD.center_sampling,
+    center_sample_radius: float = _HEAD.center_sample_radius,
 ) -> tuple[Array, Array]:
     """Targets of ONE image (vmap for a batch), mmdetection 2.11 `FCOSHead._get_target_single`.
 
@@ -304,15 +322,15 @@ def fcos_loss(
     gt_labels: Array,
     gt_valid: Array,
     num_classes: int,
-    center_sampling: bool = False,
-    center_sample_radius: float = 1.5,
-    norm_on_bbox: bool = False,
-    loss_bbox_type: str = "iou",
-    focal_gamma: float = 2.0,
-    focal_alpha: float = 0.25,
-    loss_cls_weight: float = 1.0,
-    loss_bbox_weight: float = 1.0,
-    loss_centerness_weight: float = 1.0,
+    center_sampling: bool = _HEAD.center_sampling,
+    center_sample_radius: float = _HEAD.center_sample_radius,
+    norm_on_bbox: bool = _HEAD.norm_on_bbox,
+    loss_bbox_type: str = _HEAD.loss_bbox,
+    focal_gamma: float = _HEAD.focal_gamma,
+    focal_alpha: float = _HEAD.focal_alpha,
+    loss_cls_weight: float = _HEAD.loss_cls_weight,
+    loss_bbox_weight: float = _HEAD.loss_bbox_weight,
+    loss_centerness_weight: float = _HEAD.loss_centerness_weight,
     iou_eps: float = 1e-6,
 ) -> dict[str, Array]:
     """mmdetection 2.11 `FCOSHead.loss` over a global batch.
@@ -337,9 +355,9 @@ def fcos_loss(
             b,
             l,
             v,
-            num_classes,
-            center_sampling,
-            center_sample_radius,
+            num_classes=num_classes,
+            center_sampling=center_sampling,
+            center_sample_radius=center_sample_radius,
         )
     )(gt_boxes, gt_labels, gt_valid)
     if norm_on_bbox:
@@ -389,13 +407,13 @@ def fcos_postprocess(
     img_shape: Array,
     scale_factor: Array,
     num_classes: int,
-    norm_on_bbox: bool = False,
-    nms_pre: int = 1000,
-    score_thr: float = 0.05,
-    iou_threshold: float = 0.5,
-    max_per_img: int = 100,
-    max_candidates: int = 4000,
-    score_style: str = "mmdet",
+    norm_on_bbox: bool = _HEAD.norm_on_bbox,
+    nms_pre: int = _TEST.nms_pre,
+    score_thr: float = _TEST.score_thr,
+    iou_threshold: float = _TEST.iou_threshold,
+    max_per_img: int = _TEST.max_per_img,
+    max_candidates: int = _TEST.max_candidates,
+    score_style: str = _TEST.score_style,
 ) -> dict[str, Array]:
     """Detections of a batch (static shapes), see the module docstring for both styles.
 
@@ -509,32 +527,17 @@ def shift_input(images: Array, shift: Sequence[float], img_shape: Array | None =
 class FCOS(nn.Module):
     """mmdetection 2.x `FCOS` implementing the detector API of docs/contracts.md.
 
-    Build with `FCOS.from_config(fgd_jax.config.fcos_model(...))` or by hand.
+    Build with `FCOS.from_config(fgd_jax.config.fcos_model(...))` or by hand. The model
+    config's groups are its parts: `backbone`, `neck`, `head` (-> `bbox_head`, an `FCOSHead`,
+    with `num_classes`), `train_cfg` (`FCOSTrainCfg`), `test_cfg` (`FCOSTestCfg`), and
+    `pixel_mean` / `data_pixel_mean` (-> `input_shift`, see the module docstring).
     """
 
     backbone: nn.Module
     neck: nn.Module
     bbox_head: FCOSHead
-    num_classes: int = 80
-    strides: Sequence[int] = DEFAULT_STRIDES
-    regress_ranges: Sequence[tuple[float, float]] = DEFAULT_REGRESS_RANGES
-    half_stride_offset: bool = True
-    center_sampling: bool = False
-    center_sample_radius: float = 1.5
-    norm_on_bbox: bool = False
-    loss_bbox_type: str = "iou"
-    focal_gamma: float = 2.0
-    focal_alpha: float = 0.25
-    loss_cls_weight: float = 1.0
-    loss_bbox_weight: float = 1.0
-    loss_centerness_weight: float = 1.0
-    size_divisor: int = 32
-    nms_pre: int = 1000
-    score_thr: float = 0.05
-    iou_threshold: float = 0.5
-    max_per_img: int = 100
-    max_candidates: int = 4000
-    score_style: str = "mmdet"
+    train_cfg: FCOSTrainCfg = FCOSTrainCfg()
+    test_cfg: FCOSTestCfg = FCOSTestCfg()
     input_shift: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     @classmethod
@@ -546,32 +549,34 @@ class FCOS(nn.Module):
         for key in ("backbone", "neck", "head", "num_classes"):
             if key not in model_cfg:
                 raise ValueError(f"fcos model config: missing key {key!r}")
-        head = model_cfg.head
-        train_cfg = model_cfg.get("train_cfg", ml_collections.ConfigDict())
-        test_cfg = model_cfg.get("test_cfg", ml_collections.ConfigDict())
-        strides = tuple(int(s) for s in head.get("strides", DEFAULT_STRIDES))
-        ranges = tuple(
-            (float(lo), float(hi)) for lo, hi in head.get("regress_ranges", DEFAULT_REGRESS_RANGES)
+        check_keys(
+            cls,
+            model_cfg,
+            allowed=("type", "num_classes", "head", "pixel_mean", "data_pixel_mean"),
         )
-        if len(ranges) != len(strides):
+        head = build_module(
+            FCOSHead, model_cfg.head, "head", num_classes=model_cfg.num_classes, dtype=dtype
+        )
+        if len(head.regress_ranges) != len(head.strides):
             raise ValueError(
-                f"fcos model config: head.regress_ranges has {len(ranges)} entries but "
-                f"head.strides has {len(strides)}"
+                f"fcos model config: head.regress_ranges has {len(head.regress_ranges)} entries "
+                f"but head.strides has {len(head.strides)}"
             )
-        if model_cfg.neck.num_outs != len(strides):
+        if model_cfg.neck.num_outs != len(head.strides):
             raise ValueError(
                 f"fcos model config: neck.num_outs {model_cfg.neck.num_outs} != "
-                f"{len(strides)} head.strides"
+                f"{len(head.strides)} head.strides"
             )
-        loss_bbox = str(head.get("loss_bbox", "iou"))
-        if loss_bbox not in LOSS_BBOX:
-            raise ValueError(f"fcos model config: head.loss_bbox {loss_bbox!r} not in {LOSS_BBOX}")
-        score_style = str(test_cfg.get("score_style", "mmdet"))
-        if score_style not in SCORE_STYLES:
+        if head.loss_bbox not in LOSS_BBOX:
             raise ValueError(
-                f"fcos model config: test_cfg.score_style {score_style!r} not in {SCORE_STYLES}"
+                f"fcos model config: head.loss_bbox {head.loss_bbox!r} not in {LOSS_BBOX}"
             )
-        norm_on_bbox = bool(head.get("norm_on_bbox", False))
+        test_cfg = build_module(FCOSTestCfg, model_cfg.get("test_cfg"), "test_cfg")
+        if test_cfg.score_style not in SCORE_STYLES:
+            raise ValueError(
+                f"fcos model config: test_cfg.score_style {test_cfg.score_style!r} not in "
+                f"{SCORE_STYLES}"
+            )
         pixel_mean, data_mean = model_cfg.get("pixel_mean"), model_cfg.get("data_pixel_mean")
         if (pixel_mean is None) != (data_mean is None):
             raise ValueError(
@@ -585,44 +590,26 @@ class FCOS(nn.Module):
                     "fcos model config: pixel_mean and data_pixel_mean need 3 values (BGR)"
                 )
             shift = tuple(float(d) - float(p) for d, p in zip(data_mean, pixel_mean, strict=True))
-        bbox_head = FCOSHead(
-            num_classes=model_cfg.num_classes,
-            feat_channels=head.get("feat_channels", 256),
-            stacked_convs=head.get("stacked_convs", 4),
-            strides=strides,
-            num_groups=head.get("num_groups", 32),
-            conv_bias=bool(head.get("conv_bias", False)),
-            norm_on_bbox=norm_on_bbox,
-            centerness_on_reg=bool(head.get("centerness_on_reg", False)),
-            use_scale=bool(head.get("use_scale", True)),
-            dtype=dtype,
-        )
         return cls(
             backbone=build_backbone(model_cfg.backbone, dtype=dtype),
             neck=build_neck(model_cfg.neck, dtype=dtype),
-            bbox_head=bbox_head,
-            num_classes=model_cfg.num_classes,
-            strides=strides,
-            regress_ranges=ranges,
-            half_stride_offset=bool(head.get("half_stride_offset", True)),
-            center_sampling=bool(head.get("center_sampling", False)),
-            center_sample_radius=float(head.get("center_sample_radius", 1.5)),
-            norm_on_bbox=norm_on_bbox,
-            loss_bbox_type=loss_bbox,
-            focal_gamma=float(head.get("focal_gamma", 2.0)),
-            focal_alpha=float(head.get("focal_alpha", 0.25)),
-            loss_cls_weight=float(head.get("loss_cls_weight", 1.0)),
-            loss_bbox_weight=float(head.get("loss_bbox_weight", 1.0)),
-            loss_centerness_weight=float(head.get("loss_centerness_weight", 1.0)),
-            size_divisor=int(train_cfg.get("size_divisor", 32)),
-            nms_pre=int(test_cfg.get("nms_pre", 1000)),
-            score_thr=float(test_cfg.get("score_thr", 0.05)),
-            iou_threshold=float(test_cfg.get("iou_threshold", 0.5)),
-            max_per_img=int(test_cfg.get("max_per_img", 100)),
-            max_candidates=int(test_cfg.get("max_candidates", 4000)),
-            score_style=score_style,
+            bbox_head=head,
+            train_cfg=build_module(FCOSTrainCfg, model_cfg.get("train_cfg"), "train_cfg"),
+            test_cfg=test_cfg,
             input_shift=shift,
         )
+
+    @property
+    def num_classes(self) -> int:
+        return self.bbox_head.num_classes
+
+    @property
+    def strides(self) -> Sequence[int]:
+        return self.bbox_head.strides
+
+    @property
+    def regress_ranges(self) -> Sequence[tuple[float, float]]:
+        return self.bbox_head.regress_ranges
 
     def extract_feat(
         self, images: Array, train: bool = False, img_shape: Array | None = None
@@ -649,37 +636,42 @@ class FCOS(nn.Module):
 
     def points(self, feat_shapes: Sequence[tuple[int, int]]) -> list[Array]:
         """Points per level for the given feature shapes (no parameters needed)."""
-        return fcos_points(feat_shapes, self.strides, self.half_stride_offset)
+        return fcos_points(
+            feat_shapes, strides=self.strides, half_stride_offset=self.bbox_head.half_stride_offset
+        )
 
     def loss(self, outs: dict[str, Any], batch: dict[str, Array]) -> dict[str, Array]:
         """Losses from head outputs `outs` (as `__call__` returns) and a batch dict."""
         for key in ("boxes", "labels", "valid", "img_shape"):
             if key not in batch:
                 raise KeyError(f"FCOS.forward_train: batch has no {key!r} (see contracts)")
+        head = self.bbox_head
         shapes = [tuple(c.shape[1:3]) for c in outs["cls_scores"]]
         counts = [h * w for h, w in shapes]
         points = jnp.concatenate(self.points(shapes), axis=0)
         return fcos_loss(
-            flatten_levels(outs["cls_scores"], self.num_classes),
+            flatten_levels(outs["cls_scores"], head.num_classes),
             flatten_levels(outs["bbox_preds"], 4),
             flatten_levels(outs["centernesses"], 1)[..., 0],
             points,
-            _per_point(self.strides, counts),
-            _per_point(self.regress_ranges, counts),
-            point_valid_flags(shapes, self.strides, batch["img_shape"], self.size_divisor),
+            _per_point(head.strides, counts),
+            _per_point(head.regress_ranges, counts),
+            point_valid_flags(
+                shapes, head.strides, batch["img_shape"], self.train_cfg.size_divisor
+            ),
             jnp.asarray(batch["boxes"], jnp.float32),
             jnp.asarray(batch["labels"]),
             jnp.asarray(batch["valid"], bool),
-            self.num_classes,
-            self.center_sampling,
-            self.center_sample_radius,
-            self.norm_on_bbox,
-            self.loss_bbox_type,
-            self.focal_gamma,
-            self.focal_alpha,
-            self.loss_cls_weight,
-            self.loss_bbox_weight,
-            self.loss_centerness_weight,
+            num_classes=head.num_classes,
+            center_sampling=head.center_sampling,
+            center_sample_radius=head.center_sample_radius,
+            norm_on_bbox=head.norm_on_bbox,
+            loss_bbox_type=head.loss_bbox,
+            focal_gamma=head.focal_gamma,
+            focal_alpha=head.focal_alpha,
+            loss_cls_weight=head.loss_cls_weight,
+            loss_bbox_weight=head.loss_bbox_weight,
+            loss_centerness_weight=head.loss_centerness_weight,
         )
 
     def forward_train(
@@ -703,21 +695,22 @@ class FCOS(nn.Module):
         self, outs: dict[str, Any], img_shape: Array, scale_factor: Array
     ) -> dict[str, Array]:
         """`fcos_postprocess` with this model's settings on `__call__` outputs."""
+        head, tc = self.bbox_head, self.test_cfg
         shapes = [tuple(c.shape[1:3]) for c in outs["cls_scores"]]
         return fcos_postprocess(
             outs["cls_scores"],
             outs["bbox_preds"],
             outs["centernesses"],
             self.points(shapes),
-            self.strides,
+            head.strides,
             img_shape,
             scale_factor,
-            self.num_classes,
-            self.norm_on_bbox,
-            self.nms_pre,
-            self.score_thr,
-            self.iou_threshold,
-            self.max_per_img,
-            self.max_candidates,
-            self.score_style,
+            num_classes=head.num_classes,
+            norm_on_bbox=head.norm_on_bbox,
+            nms_pre=tc.nms_pre,
+            score_thr=tc.score_thr,
+            iou_threshold=tc.iou_threshold,
+            max_per_img=tc.max_per_img,
+            max_candidates=tc.max_candidates,
+            score_style=tc.score_style,
         )

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
+from fgd_jax.models.build import build_module
 from fgd_jax.models.layers import ConvModule, max_pool_torch, resize_nearest_to
 
 Array = jax.Array
@@ -117,21 +118,5 @@ class FPN(nn.Module):
 
 
 def build_neck(cfg: ml_collections.ConfigDict, dtype: Any = None) -> FPN:
-    """`FPN` from `fgd_jax.config.fpn_neck(...)` (keys: in_channels, out_channels,
-    start_level, add_extra_convs, num_outs, relu_before_extra_convs; optional end_level)."""
-    known = {
-        "in_channels",
-        "out_channels",
-        "start_level",
-        "end_level",
-        "add_extra_convs",
-        "num_outs",
-        "relu_before_extra_convs",
-        "type",
-    }
-    unknown = set(cfg.keys()) - known
-    if unknown:
-        raise ValueError(f"neck config: unknown keys {sorted(unknown)}; known {sorted(known)}")
-    kw = {k: cfg[k] for k in cfg.keys() if k != "type"}
-    kw["in_channels"] = tuple(kw["in_channels"])
-    return FPN(dtype=dtype, **kw)
+    """`FPN` from `fgd_jax.config.fpn_neck(...)` (its fields; `type` is informative)."""
+    return build_module(FPN, cfg, "neck", ignore=("type",), dtype=dtype)

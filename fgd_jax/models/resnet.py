@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
+from fgd_jax.models.build import build_module
 from fgd_jax.models.layers import max_pool_torch, torch_batch_norm, torch_conv
 
 Array = jax.Array
@@ -225,19 +226,9 @@ def stage_out_channels(depth: int, out_indices: Sequence[int] = (0, 1, 2, 3)) ->
 
 
 def build_backbone(cfg: ml_collections.ConfigDict, dtype: Any = None) -> ResNet:
-    """`ResNet` from `fgd_jax.config.resnet_backbone(...)` (keys: depth, groups, base_width,
-    style, frozen_stages, norm_eval, out_indices)."""
-    known = {"depth", "groups", "base_width", "style", "frozen_stages", "norm_eval", "out_indices"}
-    known |= {"strides", "dilations", "type", "norm_requires_grad"}
-    unknown = set(cfg.keys()) - known
-    if unknown:
-        raise ValueError(f"backbone config: unknown keys {sorted(unknown)}; known {sorted(known)}")
-    # norm_requires_grad is the optimizer's business (backbone_trainable_mask), not the module's
-    kw = {k: cfg[k] for k in cfg.keys() if k not in ("type", "norm_requires_grad")}
-    for k in ("out_indices", "strides", "dilations"):
-        if k in kw:
-            kw[k] = tuple(kw[k])
-    return ResNet(dtype=dtype, **kw)
+    """`ResNet` from `fgd_jax.config.resnet_backbone(...)` (its fields; `norm_requires_grad` is
+    the optimizer's business, `backbone_trainable_mask`, and `type` is informative)."""
+    return build_module(ResNet, cfg, "backbone", ignore=("type", "norm_requires_grad"), dtype=dtype)
 
 
 _BN_NAME = re.compile(r"^(bn\d+|downsample_1)$")  # BatchNorm module names (see Bottleneck)

@@ -23,6 +23,7 @@ of `g` consecutive images, each normalised by its own count, and the groups are 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -32,6 +33,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from fgd_jax.models.build import build_module, check_keys
+from fgd_jax.models.dense_heads import (
+    DenseTestCfg,
+    anchor_valid_flags,
+    flatten_levels,
+    group_mean,
+    without_index,
+)
 from fgd_jax.models.layers import ConvModule, head_out_conv, head_tower
 from fgd_jax.ops import anchors as anchor_ops
 from fgd_jax.ops import assign as assign_ops
@@ -48,20 +57,48 @@ class RetinaHead(nn.Module):
     regression, then `retina_cls` (A*C channels) and `retina_reg` (A*4 channels).
 
     Init as mmdetection: every conv normal(std=0.01), bias 0; `retina_cls` bias
-    `-log((1 - prior_prob) / prior_prob)`.
+    `-log((1 - prior_prob) / prior_prob)`. The head also holds the settings of its anchors,
+    box coder and losses (as mmdetection's head does); the detector reads them from here.
     Call: tuple of NHWC maps `[B, H_l, W_l, in_ch]` -> (cls_scores, bbox_preds), tuples of
       `[B, H_l, W_l, A*C]` and `[B, H_l, W_l, A*4]` float32 logits / deltas.
     """
 
     num_classes: int
-    num_anchors: int = 9
+    num_anchors: int | None = None  # None: len(ratios) * scales_per_octave
+    in_channels: int | None = None  # checked against the maps when set
     feat_channels: int = 256
     stacked_convs: int = 4
     prior_prob: float = 0.01
+    # anchors (mmdetection `AnchorGenerator`)
+    octave_base_scale: float = 4.0
+    scales_per_octave: int = 3
+    ratios: Sequence[float] = (0.5, 1.0, 2.0)
+    strides: Sequence[int] = (8, 16, 32, 64, 128)
+    # box coder (`DeltaXYWHBBoxCoder`)
+    target_means: Sequence[float] = (0.0, 0.0, 0.0, 0.0)
+    target_stds: Sequence[float] = (1.0, 1.0, 1.0, 1.0)
+    wh_ratio_clip: float = 16 / 1000
+    # losses (focal + L1)
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.25
+    loss_cls_weight: float = 1.0
+    loss_bbox_weight: float = 1.0
     dtype: Any = None
+
+    @property
+    def anchors_per_cell(self) -> int:
+        """`num_anchors`, or `len(ratios) * scales_per_octave` when unset."""
+        if self.num_anchors is not None:
+            return self.num_anchors
+        return len(self.ratios) * self.scales_per_octave
 
     @nn.compact
     def __call__(self, feats: Sequence[Array]) -> tuple[tuple[Array, ...], tuple[Array, ...]]:
+        if self.in_channels is not None and feats[0].shape[-1] != self.in_channels:
+            raise ValueError(
+                f"RetinaHead: in_channels {self.in_channels} but the maps have "
+                f"{feats[0].shape[-1]} channels (model config head.in_channels vs neck)"
+            )
         init = nn.initializers.normal(0.01)
 
         def tower(prefix: str) -> list[ConvModule]:
@@ -74,8 +111,8 @@ class RetinaHead(nn.Module):
 
         cls_convs, reg_convs = tower("cls_convs"), tower("reg_convs")
         bias_cls = -math.log((1 - self.prior_prob) / self.prior_prob)
-        retina_cls = out_conv(self.num_anchors * self.num_classes, bias_cls, "retina_cls")
-        retina_reg = out_conv(self.num_anchors * 4, 0.0, "retina_reg")
+        retina_cls = out_conv(self.anchors_per_cell * self.num_classes, bias_cls, "retina_cls")
+        retina_reg = out_conv(self.anchors_per_cell * 4, 0.0, "retina_reg")
         cls_scores, bbox_preds = [], []
         for x in feats:
             c = r = x
@@ -88,13 +125,32 @@ class RetinaHead(nn.Module):
         return tuple(cls_scores), tuple(bbox_preds)
 
 
+# ------------------------------------------------------------------------------- settings
+@dataclasses.dataclass(frozen=True)
+class RetinaTrainCfg:
+    """Training settings (model config `train_cfg`): `MaxIoUAssigner` thresholds (low-quality
+    matches on, no sampling), `size_divisor` of the anchor valid flags (see
+    `anchor_valid_flags`) and the loss normaliser's group size (module docstring)."""
+
+    pos_iou_thr: float = 0.5
+    neg_iou_thr: float = 0.4
+    min_pos_iou: float = 0.0
+    size_divisor: int = 32
+    loss_norm_group: int = 0
+
+
+_HEAD = RetinaHead(num_classes=1)  # the field defaults, read by the functions below
+_TRAIN = RetinaTrainCfg()
+_TEST = DenseTestCfg()
+
+
 # --------------------------------------------------------------------------------- anchors
 def retina_anchors(
     feat_shapes: Sequence[tuple[int, int]],
-    strides: Sequence[int] = (8, 16, 32, 64, 128),
-    octave_base_scale: float = 4.0,
-    scales_per_octave: int = 3,
-    ratios: Sequence[float] = (0.5, 1.0, 2.0),
+    strides: Sequence[int] = _HEAD.strides,
+    octave_base_scale: float = _HEAD.octave_base_scale,
+    scales_per_octave: int = _HEAD.scales_per_octave,
+    ratios: Sequence[float] = _HEAD.ratios,
 ) -> list[Array]:
     """mmdetection RetinaNet anchors per level: list of `[H_l*W_l*A, 4] float32` xyxy pixels of
     the network input, index `(y*W + x)*A + a` with `a = ratio_index*S + scale_index`."""
@@ -102,45 +158,6 @@ def retina_anchors(
     return anchor_ops.multi_level_anchors(
         [tuple(s) for s in feat_shapes], strides=strides, ratios=ratios, scales=scales
     )
-
-
-def anchor_valid_flags(
-    feat_shapes: Sequence[tuple[int, int]],
-    strides: Sequence[int],
-    num_anchors: int,
-    img_shape: Array,
-    size_divisor: int = 32,
-) -> Array:
-    """mmdetection `AnchorGenerator.valid_flags` for every image, levels concatenated.
-
-    mmdetection pads each image to a multiple of `size_divisor` (its `pad_shape`) and marks the
-    anchors of feature cells `y >= ceil(pad_h / stride)` or `x >= ceil(pad_w / stride)` invalid
-    (they sit on the batch padding). Our canvas is larger than that per-image pad shape, so the
-    per-image pad shape is rebuilt from `img_shape`. `size_divisor <= 0`: all anchors valid.
-
-    Args: img_shape `[B, 2] int` (h, w) of the resized image. Returns `[B, N] bool`.
-    """
-    img_shape = jnp.asarray(img_shape)
-    batch = img_shape.shape[0]
-    flags = []
-    for (h, w), s in zip(feat_shapes, strides, strict=True):
-        if size_divisor <= 0:
-            flags.append(jnp.ones((batch, h * w * num_anchors), bool))
-            continue
-        pad = jnp.ceil(img_shape.astype(jnp.float32) / size_divisor) * size_divisor
-        vh = jnp.minimum(jnp.ceil(pad[:, 0] / s), h)
-        vw = jnp.minimum(jnp.ceil(pad[:, 1] / s), w)
-        ok_y = jnp.arange(h)[None, :] < vh[:, None]
-        ok_x = jnp.arange(w)[None, :] < vw[:, None]
-        ok = ok_y[:, :, None] & ok_x[:, None, :]  # [B, h, w]
-        ok = jnp.broadcast_to(ok[..., None], (batch, h, w, num_anchors))
-        flags.append(ok.reshape(batch, -1))
-    return jnp.concatenate(flags, axis=1)
-
-
-def flatten_levels(maps: Sequence[Array], last: int) -> Array:
-    """`[B, H_l, W_l, A*last]` per level -> `[B, sum_l H_l*W_l*A, last]` (index (y*W+x)*A+a)."""
-    return jnp.concatenate([m.reshape(m.shape[0], -1, last) for m in maps], axis=1)
 
 
 # ------------------------------------------------------------------------------------ loss
@@ -151,11 +168,11 @@ def retina_targets(
     gt_labels: Array,
     gt_valid: Array,
     num_classes: int,
-    pos_iou_thr: float = 0.5,
-    neg_iou_thr: float = 0.4,
-    min_pos_iou: float = 0.0,
-    target_means: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
-    target_stds: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+    pos_iou_thr: float = _TRAIN.pos_iou_thr,
+    neg_iou_thr: float = _TRAIN.neg_iou_thr,
+    min_pos_iou: float = _TRAIN.min_pos_iou,
+    target_means: Sequence[float] = _HEAD.target_means,
+    target_stds: Sequence[float] = _HEAD.target_stds,
 ) -> dict[str, Array]:
     """Targets of ONE image (vmap for a batch), mmdetection `AnchorHead._get_targets_single`
     with `MaxIoUAssigner` and no sampling.
@@ -196,16 +213,16 @@ def retina_loss(
     gt_labels: Array,
     gt_valid: Array,
     num_classes: int,
-    pos_iou_thr: float = 0.5,
-    neg_iou_thr: float = 0.4,
-    min_pos_iou: float = 0.0,
-    target_means: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
-    target_stds: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
-    focal_gamma: float = 2.0,
-    focal_alpha: float = 0.25,
-    loss_cls_weight: float = 1.0,
-    loss_bbox_weight: float = 1.0,
-    loss_norm_group: int = 0,
+    pos_iou_thr: float = _TRAIN.pos_iou_thr,
+    neg_iou_thr: float = _TRAIN.neg_iou_thr,
+    min_pos_iou: float = _TRAIN.min_pos_iou,
+    target_means: Sequence[float] = _HEAD.target_means,
+    target_stds: Sequence[float] = _HEAD.target_stds,
+    focal_gamma: float = _HEAD.focal_gamma,
+    focal_alpha: float = _HEAD.focal_alpha,
+    loss_cls_weight: float = _HEAD.loss_cls_weight,
+    loss_bbox_weight: float = _HEAD.loss_bbox_weight,
+    loss_norm_group: int = _TRAIN.loss_norm_group,
 ) -> dict[str, Array]:
     """mmdetection 2.11 `AnchorHead.loss` for RetinaNet (focal + L1, no sampling).
 
@@ -217,7 +234,6 @@ def retina_loss(
         groups of g images normalised separately, then averaged (see the module docstring).
     Returns: {'loss_cls', 'loss_bbox'} float32 scalars.
     """
-    batch = cls_scores.shape[0]
     t = jax.vmap(
         lambda v, b, l, gv: retina_targets(
             anchors,
@@ -225,12 +241,12 @@ def retina_loss(
             b,
             l,
             gv,
-            num_classes,
-            pos_iou_thr,
-            neg_iou_thr,
-            min_pos_iou,
-            target_means,
-            target_stds,
+            num_classes=num_classes,
+            pos_iou_thr=pos_iou_thr,
+            neg_iou_thr=neg_iou_thr,
+            min_pos_iou=min_pos_iou,
+            target_means=target_means,
+            target_stds=target_stds,
         )
     )(anchor_valid, gt_boxes, gt_labels, gt_valid)
     onehot = jax.nn.one_hot(t["labels"], num_classes, dtype=jnp.float32)  # bg -> all zero
@@ -242,22 +258,11 @@ def retina_loss(
     l1 = jnp.abs(bbox_preds.astype(jnp.float32) - t["bbox_targets"])
     bbox_per_img = jnp.sum(l1 * t["pos"][..., None].astype(jnp.float32), axis=(1, 2))
     norm_per_img = jnp.maximum(jnp.sum(t["pos"], axis=1), 1).astype(jnp.float32)
-
-    g = batch if loss_norm_group <= 0 else loss_norm_group
-    if batch % g:
-        raise ValueError(
-            f"retina_loss: batch size {batch} is not a multiple of loss_norm_group {g} "
-            "(model config train_cfg.loss_norm_group)"
-        )
-
-    def grouped(per_img: Array) -> Array:
-        num = per_img.reshape(-1, g).sum(1)
-        den = norm_per_img.reshape(-1, g).sum(1)
-        return jnp.mean(num / den)
-
     return dict(
-        loss_cls=loss_cls_weight * grouped(cls_per_img),
-        loss_bbox=loss_bbox_weight * grouped(bbox_per_img),
+        loss_cls=loss_cls_weight
+        * group_mean(cls_per_img, norm_per_img, loss_norm_group, who="retina_loss"),
+        loss_bbox=loss_bbox_weight
+        * group_mean(bbox_per_img, norm_per_img, loss_norm_group, who="retina_loss"),
     )
 
 
@@ -269,14 +274,14 @@ def retina_postprocess(
     img_shape: Array,
     scale_factor: Array,
     num_classes: int,
-    target_means: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
-    target_stds: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
-    wh_ratio_clip: float = 16 / 1000,
-    nms_pre: int = 1000,
-    score_thr: float = 0.05,
-    iou_threshold: float = 0.5,
-    max_per_img: int = 100,
-    max_candidates: int = 4000,
+    target_means: Sequence[float] = _HEAD.target_means,
+    target_stds: Sequence[float] = _HEAD.target_stds,
+    wh_ratio_clip: float = _HEAD.wh_ratio_clip,
+    nms_pre: int = _TEST.nms_pre,
+    score_thr: float = _TEST.score_thr,
+    iou_threshold: float = _TEST.iou_threshold,
+    max_per_img: int = _TEST.max_per_img,
+    max_candidates: int = _TEST.max_candidates,
 ) -> dict[str, Array]:
     """mmdetection 2.11 `AnchorHead._get_bboxes` (rescale=True) + `multiclass_nms`, static.
 
@@ -284,10 +289,7 @@ def retina_postprocess(
       cls_scores / bbox_preds: per level `[B, H, W, A*C]` logits / `[B, H, W, A*4]` deltas.
       anchors: per level `[H*W*A, 4]`. img_shape: `[B, 2]` (h, w) of the resized image.
       scale_factor: `[B, 4]` (w, h, w, h).
-      max_candidates: (box, class) pairs passed to NMS: the highest-scoring ones above
-        `score_thr`. mmdetection passes all of them; the result is the same whenever the
-        `max_per_img`-th kept detection is among the first `max_candidates` (always when at
-        most `max_candidates` pairs pass `score_thr`).
+      nms_pre ... max_candidates: see `DenseTestCfg`.
     Returns: dict(boxes `[B, K, 4]` xyxy in original-image pixels, scores `[B, K]`,
       labels `[B, K] int32`, valid `[B, K] bool`), K = max_per_img, sorted by score.
     """
@@ -312,51 +314,35 @@ def retina_postprocess(
     boxes = jnp.concatenate(all_boxes, axis=1) / scale_factor[:, None, :]  # [B, M, 4]
     scores = jnp.concatenate(all_scores, axis=1)  # [B, M, C]
     return jax.vmap(
-        lambda b, s: _without_index(
+        lambda b, s: without_index(
             nms_ops.multiclass_nms(
-                b, s, None, score_thr, iou_threshold, max_per_img, max_candidates=max_candidates
+                b,
+                s,
+                None,
+                score_thr=score_thr,
+                iou_threshold=iou_threshold,
+                max_num=max_per_img,
+                max_candidates=max_candidates,
             )
         )
     )(boxes, scores)
-
-
-def _without_index(dets: dict[str, Array]) -> dict[str, Array]:
-    """The detector API's keys (boxes, scores, labels, valid)."""
-    return {k: v for k, v in dets.items() if k != "index"}
 
 
 # -------------------------------------------------------------------------------- detector
 class RetinaNet(nn.Module):
     """mmdetection 2.x `RetinaNet` implementing the detector API of docs/contracts.md.
 
-    Build with `RetinaNet.from_config(fgd_jax.config.retinanet_model(...))` or by hand.
+    Build with `RetinaNet.from_config(fgd_jax.config.retinanet_model(...))` or by hand. The
+    model config's groups are its parts: `backbone`, `neck`, `head` (-> `bbox_head`, a
+    `RetinaHead`, with `num_classes`), `train_cfg` (`RetinaTrainCfg`), `test_cfg`
+    (`DenseTestCfg`); their defaults are those classes' field defaults.
     """
 
     backbone: nn.Module
     neck: nn.Module
     bbox_head: RetinaHead
-    num_classes: int = 80
-    strides: Sequence[int] = (8, 16, 32, 64, 128)
-    octave_base_scale: float = 4.0
-    scales_per_octave: int = 3
-    ratios: Sequence[float] = (0.5, 1.0, 2.0)
-    target_means: Sequence[float] = (0.0, 0.0, 0.0, 0.0)
-    target_stds: Sequence[float] = (1.0, 1.0, 1.0, 1.0)
-    wh_ratio_clip: float = 16 / 1000
-    focal_gamma: float = 2.0
-    focal_alpha: float = 0.25
-    loss_cls_weight: float = 1.0
-    loss_bbox_weight: float = 1.0
-    pos_iou_thr: float = 0.5
-    neg_iou_thr: float = 0.4
-    min_pos_iou: float = 0.0
-    size_divisor: int = 32
-    loss_norm_group: int = 0
-    nms_pre: int = 1000
-    score_thr: float = 0.05
-    iou_threshold: float = 0.5
-    max_per_img: int = 100
-    max_candidates: int = 4000
+    train_cfg: RetinaTrainCfg = RetinaTrainCfg()
+    test_cfg: DenseTestCfg = DenseTestCfg()
 
     @classmethod
     def from_config(cls, model_cfg: ml_collections.ConfigDict, dtype: Any = None) -> RetinaNet:
@@ -367,48 +353,28 @@ class RetinaNet(nn.Module):
         for key in ("backbone", "neck", "head", "num_classes"):
             if key not in model_cfg:
                 raise ValueError(f"retinanet model config: missing key {key!r}")
-        head = model_cfg.head
-        train_cfg = model_cfg.get("train_cfg", ml_collections.ConfigDict())
-        test_cfg = model_cfg.get("test_cfg", ml_collections.ConfigDict())
-        num_anchors = len(head.ratios) * head.scales_per_octave
-        bbox_head = RetinaHead(
-            num_classes=model_cfg.num_classes,
-            num_anchors=num_anchors,
-            feat_channels=head.feat_channels,
-            stacked_convs=head.stacked_convs,
-            dtype=dtype,
-        )
+        check_keys(cls, model_cfg, "", allowed=("type", "num_classes", "head"))
         return cls(
             backbone=build_backbone(model_cfg.backbone, dtype=dtype),
             neck=build_neck(model_cfg.neck, dtype=dtype),
-            bbox_head=bbox_head,
-            num_classes=model_cfg.num_classes,
-            strides=tuple(head.strides),
-            octave_base_scale=float(head.octave_base_scale),
-            scales_per_octave=int(head.scales_per_octave),
-            ratios=tuple(float(r) for r in head.ratios),
-            target_means=tuple(head.target_means),
-            target_stds=tuple(head.target_stds),
-            wh_ratio_clip=float(head.get("wh_ratio_clip", 16 / 1000)),
-            focal_gamma=float(head.focal_gamma),
-            focal_alpha=float(head.focal_alpha),
-            loss_cls_weight=float(head.loss_cls_weight),
-            loss_bbox_weight=float(head.loss_bbox_weight),
-            pos_iou_thr=float(train_cfg.get("pos_iou_thr", 0.5)),
-            neg_iou_thr=float(train_cfg.get("neg_iou_thr", 0.4)),
-            min_pos_iou=float(train_cfg.get("min_pos_iou", 0.0)),
-            size_divisor=int(train_cfg.get("size_divisor", 32)),
-            loss_norm_group=int(train_cfg.get("loss_norm_group", 0)),
-            nms_pre=int(test_cfg.get("nms_pre", 1000)),
-            score_thr=float(test_cfg.get("score_thr", 0.05)),
-            iou_threshold=float(test_cfg.get("iou_threshold", 0.5)),
-            max_per_img=int(test_cfg.get("max_per_img", 100)),
-            max_candidates=int(test_cfg.get("max_candidates", 4000)),
+            bbox_head=build_module(
+                RetinaHead, model_cfg.head, "head", num_classes=model_cfg.num_classes, dtype=dtype
+            ),
+            train_cfg=build_module(RetinaTrainCfg, model_cfg.get("train_cfg"), "train_cfg"),
+            test_cfg=build_module(DenseTestCfg, model_cfg.get("test_cfg"), "test_cfg"),
         )
 
     @property
+    def num_classes(self) -> int:
+        return self.bbox_head.num_classes
+
+    @property
+    def strides(self) -> Sequence[int]:
+        return self.bbox_head.strides
+
+    @property
     def num_anchors(self) -> int:
-        return len(self.ratios) * self.scales_per_octave
+        return self.bbox_head.anchors_per_cell
 
     def extract_feat(self, images: Array, train: bool = False) -> tuple[Array, ...]:
         """`[B, H, W, 3]` -> FPN maps P3..P7, NHWC, finest first."""
@@ -422,8 +388,13 @@ class RetinaNet(nn.Module):
 
     def anchors(self, feat_shapes: Sequence[tuple[int, int]]) -> list[Array]:
         """Anchors per level for the given feature shapes (no parameters needed)."""
+        head = self.bbox_head
         return retina_anchors(
-            feat_shapes, self.strides, self.octave_base_scale, self.scales_per_octave, self.ratios
+            feat_shapes,
+            strides=head.strides,
+            octave_base_scale=head.octave_base_scale,
+            scales_per_octave=head.scales_per_octave,
+            ratios=head.ratios,
         )
 
     def loss(self, outs: dict[str, Any], batch: dict[str, Array]) -> dict[str, Array]:
@@ -431,30 +402,31 @@ class RetinaNet(nn.Module):
         for key in ("boxes", "labels", "valid", "img_shape"):
             if key not in batch:
                 raise KeyError(f"RetinaNet.forward_train: batch has no {key!r} (see contracts)")
+        head, tc = self.bbox_head, self.train_cfg
         shapes = [tuple(c.shape[1:3]) for c in outs["cls_scores"]]
         anchors = jnp.concatenate(self.anchors(shapes), axis=0)
         valid = anchor_valid_flags(
-            shapes, self.strides, self.num_anchors, batch["img_shape"], self.size_divisor
+            shapes, head.strides, self.num_anchors, batch["img_shape"], tc.size_divisor
         )
         return retina_loss(
-            flatten_levels(outs["cls_scores"], self.num_classes),
+            flatten_levels(outs["cls_scores"], head.num_classes),
             flatten_levels(outs["bbox_preds"], 4),
             anchors,
             valid,
             batch["boxes"],
             batch["labels"],
             batch["valid"],
-            self.num_classes,
-            self.pos_iou_thr,
-            self.neg_iou_thr,
-            self.min_pos_iou,
-            self.target_means,
-            self.target_stds,
-            self.focal_gamma,
-            self.focal_alpha,
-            self.loss_cls_weight,
-            self.loss_bbox_weight,
-            self.loss_norm_group,
+            num_classes=head.num_classes,
+            pos_iou_thr=tc.pos_iou_thr,
+            neg_iou_thr=tc.neg_iou_thr,
+            min_pos_iou=tc.min_pos_iou,
+            target_means=head.target_means,
+            target_stds=head.target_stds,
+            focal_gamma=head.focal_gamma,
+            focal_alpha=head.focal_alpha,
+            loss_cls_weight=head.loss_cls_weight,
+            loss_bbox_weight=head.loss_bbox_weight,
+            loss_norm_group=tc.loss_norm_group,
         )
 
     def forward_train(
@@ -476,6 +448,7 @@ class RetinaNet(nn.Module):
         self, outs: dict[str, Any], img_shape: Array, scale_factor: Array
     ) -> dict[str, Array]:
         """`retina_postprocess` with this model's settings on `__call__` outputs."""
+        head, tc = self.bbox_head, self.test_cfg
         shapes = [tuple(c.shape[1:3]) for c in outs["cls_scores"]]
         return retina_postprocess(
             outs["cls_scores"],
@@ -483,13 +456,13 @@ class RetinaNet(nn.Module):
             self.anchors(shapes),
             img_shape,
             scale_factor,
-            self.num_classes,
-            self.target_means,
-            self.target_stds,
-            self.wh_ratio_clip,
-            self.nms_pre,
-            self.score_thr,
-            self.iou_threshold,
-            self.max_per_img,
-            self.max_candidates,
+            num_classes=head.num_classes,
+            target_means=head.target_means,
+            target_stds=head.target_stds,
+            wh_ratio_clip=head.wh_ratio_clip,
+            nms_pre=tc.nms_pre,
+            score_thr=tc.score_thr,
+            iou_threshold=tc.iou_threshold,
+            max_per_img=tc.max_per_img,
+            max_candidates=tc.max_candidates,
         )

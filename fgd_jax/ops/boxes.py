@@ -196,17 +196,3 @@ def rescale_boxes(boxes: ArrayLike, scale_factor: ArrayLike) -> Array:
     boxes = jnp.asarray(boxes, jnp.float32)
     sf = jnp.asarray(scale_factor, jnp.float32)
     return boxes / sf[..., None, :]
-
-
-def box_xyxy_to_cxcywh(boxes: ArrayLike) -> Array:
-    """`[..., 4]` xyxy -> `[..., 4]` (cx, cy, w, h)."""
-    b = jnp.asarray(boxes)
-    return jnp.stack(
-        [
-            (b[..., 0] + b[..., 2]) * 0.5,
-            (b[..., 1] + b[..., 3]) * 0.5,
-            b[..., 2] - b[..., 0],
-            b[..., 3] - b[..., 1],
-        ],
-        axis=-1,
-    )

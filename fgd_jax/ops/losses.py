@@ -1,7 +1,8 @@
 """Detection losses, elementwise (`reduction='none'`), with mmdetection 2.x formulas.
 
-Callers apply weights and normalize as mmdetection does, e.g. with `weight_reduce`:
-RetinaNet `loss_cls = weight_reduce(sigmoid_focal_loss(...), label_weights, avg_factor=num_pos)`.
+Callers weight, sum and normalize them as mmdetection does (e.g. RetinaNet: the focal loss
+summed over positive and negative anchors, divided by the number of positives; per group of
+images with `fgd_jax.models.dense_heads.group_mean`).
 All functions take float32 arrays and are numerically stable for large logits.
 """
 
@@ -87,29 +88,3 @@ def iou_loss(pred: Array, target: Array, mode: str = "log", eps: float = 1e-6) -
 def giou_loss(pred: Array, target: Array, eps: float = 1e-7) -> Array:
     """mmdet `giou_loss`: `1 - giou(pred, target)`, boxes `[..., 4]` xyxy -> `[...]`."""
     return 1.0 - box_iou_aligned(pred, target, mode="giou", eps=eps)
-
-
-def weight_reduce(
-    loss: Array,
-    weight: Array | None = None,
-    avg_factor: Array | float | None = None,
-    reduction: str = "mean",
-) -> Array:
-    """mmdet `weight_reduce_loss`: `loss * weight`, then 'none' | 'sum' | 'mean'.
-
-    With `avg_factor` and reduction 'mean' the result is `sum / avg_factor` (mmdetection's
-    normalization by the number of positives); otherwise 'mean' averages over all elements.
-    `weight` must broadcast to `loss` (padded entries: weight 0).
-    """
-    loss = jnp.asarray(loss, jnp.float32)
-    if weight is not None:
-        loss = loss * jnp.asarray(weight, jnp.float32)
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return jnp.sum(loss)
-    if reduction != "mean":
-        raise ValueError(f"fgd_jax.ops.losses.weight_reduce: unknown reduction {reduction!r}")
-    if avg_factor is None:
-        return jnp.mean(loss)
-    return jnp.sum(loss) / avg_factor

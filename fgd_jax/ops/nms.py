@@ -81,7 +81,7 @@ def nms(
     def tile_body(state):
         i, alive, count = state
         start = i * t
-        tb = lax.dynamic_slice(sboxes, (start, 0), (t, 4))
+        tb = lax.dynamic_slice(sboxes, (start, jnp.int32(0)), (t, 4))
         ta = lax.dynamic_slice(alive, (start,), (t,))
         sup_tt = (_pair_iou(tb, tb) > iou_threshold) & lower
 
@@ -95,13 +95,13 @@ def nms(
         later = pos >= start + t
         sup = jnp.any(keep[:, None] & (_pair_iou(tb, sboxes) > iou_threshold), axis=0)
         alive = alive & ~(sup & later)
-        return i + 1, alive, count + jnp.sum(keep)
+        return i + 1, alive, count + jnp.sum(keep, dtype=jnp.int32)
 
     def tile_cond(state):
         i, _, count = state
         return (i < num_tiles) & (count < max_output)
 
-    i_end, alive, count = lax.while_loop(tile_cond, tile_body, (0, alive, jnp.int32(0)))
+    i_end, alive, count = lax.while_loop(tile_cond, tile_body, (jnp.int32(0), alive, jnp.int32(0)))
     keep = alive & (pos < i_end * t)  # tiles after an early stop were never finalized
     (kept_pos,) = jnp.nonzero(keep, size=max_output, fill_value=0)
     out_valid = jnp.arange(max_output) < jnp.minimum(count, max_output)

@@ -98,3 +98,18 @@ def random_sample(
     sample_valid = slots < num_pos + num_neg
     idx = jnp.where(sample_valid, idx, 0)
     return idx, is_pos, sample_valid
+
+
+def sample_assigned(
+    assigned: Array, num: int, pos_fraction: float, key: Array
+) -> tuple[Array, Array, Array]:
+    """mmdetection `RandomSampler` (neg_pos_ub=-1) on one image's assignment.
+
+    Args: assigned `[N] int32` (`fgd_jax.ops.assign` encoding: k >= 0 positive, -1 negative,
+      -2 ignored/padding); num, pos_fraction: sampler settings; key: PRNG key.
+    Returns: (inds `[num] int32` into N, positives first; valid `[num] bool`; pos `[num] bool`).
+      Exactly `min(#pos, int(num*pos_fraction))` positives and `min(#neg, num - n_pos)`
+      negatives are valid; ignored entries are never sampled.
+    """
+    inds, pos, valid = random_sample(assigned, None, num=num, pos_fraction=pos_fraction, key=key)
+    return inds.astype(jnp.int32), valid, pos & valid
