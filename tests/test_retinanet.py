@@ -187,13 +187,15 @@ def torch_mmdet_get_bboxes(cls_levels, reg_levels, anchor_levels, img_hw, scale_
     return boxes[kept].numpy(), scores[kept].numpy(), labels[kept].numpy()
 
 
-def check_detections(ours: dict, i: int, ref_boxes, ref_scores, ref_labels) -> None:
+def check_detections(
+    ours: dict, i: int, ref_boxes, ref_scores, ref_labels, score_rtol: float = 1e-5
+) -> None:
     valid = np.asarray(ours["valid"][i])
     n = int(valid.sum())
     assert n == len(ref_scores), (n, len(ref_scores))
     assert n > 10  # a meaningful number of detections
     assert valid[:n].all() and not valid[n:].any()
-    np.testing.assert_allclose(np.asarray(ours["scores"][i][:n]), ref_scores, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(ours["scores"][i][:n]), ref_scores, rtol=score_rtol)
     np.testing.assert_array_equal(np.asarray(ours["labels"][i][:n]), ref_labels)
     np.testing.assert_allclose(np.asarray(ours["boxes"][i][:n]), ref_boxes, rtol=1e-5, atol=1e-3)
 
@@ -451,8 +453,17 @@ def test_full_model_matches_torchvision_retinanet():
     det = jax.jit(
         lambda v, im: model.apply(v, im, np.array([[h, w]]), np.ones((1, 4)), method="predict")
     )(variables, jnp.asarray(x.permute(0, 2, 3, 1).numpy()))
+    # The scores are sigmoids of logits asserted above to 1e-4 relative (float32 noise of two
+    # ResNet-50 + FPN + head implementations): comparing them at 1e-5 measured the CPU's rounding
+    # (passed on an Intel Xeon, 1.07e-5 on an AMD EPYC), so they get the logits' tolerance.
+    # Post-processing alone, on identical inputs, keeps 1e-5 (test above).
     check_detections(
-        det, 0, det_t["boxes"].numpy(), det_t["scores"].numpy(), det_t["labels"].numpy()
+        det,
+        0,
+        det_t["boxes"].numpy(),
+        det_t["scores"].numpy(),
+        det_t["labels"].numpy(),
+        score_rtol=1e-4,
     )
 
 
