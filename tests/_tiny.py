@@ -15,6 +15,16 @@ from fgd_jax.models import build_detector
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "shapes_demo.py")
 
+# The regime of the tests that compare two runs which should agree (one process vs two, 8
+# devices vs 1): `tiny_config(root, variant, steps=STABLE_STEPS, **STABLE)`. There the tiny
+# run trains stably (baseline on the shapes data: loss 3.26 -> 2.56, gradient norm 6.8 -> 4.4
+# over the 4 steps), so float32 reduction-order noise stays at the level of one step's
+# (~1e-5 of the tree's scale, tests/_compare.py). At the default lr 0.004 the gradient norm
+# grows 6.8 -> 33 in 6 steps and the same noise grows to ~1e-2: a comparison then measures
+# chaos (issue 23).
+STABLE_STEPS = 4
+STABLE = {"train.base_lr": 0.001}
+
 
 def tiny_config(
     data_root: str, variant: str = "baseline", steps: int = 6, **overrides
