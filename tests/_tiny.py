@@ -26,6 +26,22 @@ STABLE_STEPS = 4
 STABLE = {"train.base_lr": 0.001}
 
 
+def cpu_env(devices: int | None = None, **extra: str) -> dict:
+    """The environment for a test's JAX subprocess on CPU with `devices` forced host devices
+    (None: JAX's default, one): this process' environment, its `XLA_FLAGS` kept (e.g.
+    `--xla_cpu_max_isa=AVX2` for a run with another rounding) except a device count."""
+    flags = [
+        f
+        for f in os.environ.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
+    if devices is not None:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
+    env["XLA_FLAGS"] = " ".join(flags)
+    return env
+
+
 def tiny_config(
     data_root: str, variant: str = "baseline", steps: int = 6, **overrides
 ) -> ConfigDict:

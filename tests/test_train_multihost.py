@@ -7,7 +7,6 @@ norms), and the parameters are compared with `_compare.assert_trees_close`: each
 difference relative to max(its max, the tree's rms), tolerance 1e-4 (measured ~1e-5: float32,
 different reduction order over 2 hosts)."""
 
-import os
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from fgd_jax.export import load_model
 from fgd_jax.logging_utils import read_metrics
 
 from ._compare import assert_stable, assert_trees_close
-from ._tiny import REPO, STABLE_STEPS
+from ._tiny import REPO, STABLE_STEPS, cpu_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -43,8 +42,7 @@ def _cmd(workdir, data):
 
 def test_two_processes_agree_with_one(tmp_path):
     data = str(tmp_path / "data")
-    base_env = dict(os.environ, JAX_PLATFORMS="cpu")
-    base_env.pop("XLA_FLAGS", None)
+    base_env = cpu_env()  # one device per process
     r = subprocess.run(
         _cmd(tmp_path / "single", data),
         cwd=REPO,
