@@ -28,7 +28,13 @@ STEPS = 2
 
 
 def main(data_root: str) -> None:
-    cfg = tiny_config(data_root, "fgd", steps=STABLE_STEPS, **STABLE)
+    # lr 2e-4, below STABLE's 1e-3: the one update's float32 noise is proportional to it, and
+    # on the student's conv1 kernel (its gradient sums 8x32x32 positions of noise images with
+    # much cancellation) it measured 4.6e-5 (default ISA) and 1.3e-4 (--xla_cpu_max_isa=SSE4_2)
+    # of the tree's scale at 1e-3; the losses and BN statistics (6e-7) are the finer check.
+    cfg = tiny_config(
+        data_root, "fgd", steps=STABLE_STEPS, **dict(STABLE, **{"train.base_lr": 2e-4})
+    )
     cfg.train.batch_size = 8
     exp = Experiment(cfg)
     rng = np.random.default_rng(0)

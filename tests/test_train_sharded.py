@@ -3,7 +3,9 @@ equal the same steps on 1 device with the same global batch (reference: the 1-de
 
 The run trains in the stable regime of `_tiny.STABLE` (asserted), and params, BN statistics and
 every step's losses are compared with `_compare.tree_difference` (each leaf relative to
-max(its max, the tree's rms)), tolerance 1e-4: float32, different reduction orders."""
+max(its max, the tree's rms)), tolerance 1e-4: float32, different reduction orders. Measured
+on a 2-core AMD EPYC (AVX2): params 1.1e-7 (2.3e-5 with XLA_FLAGS=--xla_cpu_max_isa=SSE4_2, on
+the student's conv1 kernel), BN statistics 6e-7, losses 6e-7."""
 
 import json
 import os
