@@ -24,7 +24,7 @@ from fgd_jax.eval import main as eval_main
 from fgd_jax.evaluation import val_annotation_file
 from fgd_jax.models import build_detector
 
-from ._tiny import REPO
+from ._tiny import REPO, cpu_env
 
 pytestmark = pytest.mark.slow
 
@@ -164,8 +164,7 @@ def test_eval_on_8_devices_equals_1_device(fgd_run, tmp_path):
     outs = {}
     for n in (1, 8):
         out = tmp_path / f"eval{n}"
-        env = dict(os.environ, JAX_PLATFORMS="cpu", FGD_JAX_COMPILATION_CACHE="")
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
+        env = cpu_env(devices=n, FGD_JAX_COMPILATION_CACHE="")
         r = subprocess.run(
             [
                 sys.executable, "-m", "fgd_jax.eval", "--ckpt", workdir, "--out", str(out),

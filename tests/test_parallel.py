@@ -1,7 +1,8 @@
 """Mesh / sharding helpers, and data parallelism on 8 forced CPU devices.
 
 Reference for the 8-device test: the same jitted toy train step on a 1-device mesh with the
-same global batch (losses and updated params within 1e-5; measured ~3e-8).
+same global batch (losses and updated params within 1e-5, params by `_compare`'s tree-floored
+measure; measured ~3e-8).
 """
 
 import os
@@ -15,6 +16,9 @@ import pytest
 
 from fgd_jax import parallel
 
+from ._compare import assert_trees_close
+from ._tiny import cpu_env
+
 WORKER = os.path.join(os.path.dirname(__file__), "_mp_worker.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,12 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 def test_eight_devices_equal_one_device(tmp_path):
     out = tmp_path / "d8.npz"
-    env = dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=ROOT,
-    )
+    env = cpu_env(devices=8, PYTHONPATH=ROOT)
     proc = subprocess.run(
         [sys.executable, WORKER, "devices8", "--out", str(out), "--steps", "4"],
         env=env,
@@ -40,8 +39,7 @@ def test_eight_devices_equal_one_device(tmp_path):
     np.testing.assert_allclose(d["losses8"], d["losses1"], rtol=1e-5, atol=1e-6)
     keys = [k[3:] for k in d.files if k.startswith("p1/")]
     assert keys
-    for k in keys:
-        np.testing.assert_allclose(d["p8/" + k], d["p1/" + k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert_trees_close({k: d["p8/" + k] for k in keys}, {k: d["p1/" + k] for k in keys}, 1e-5)
     # The run actually trained: params moved from their init (not a vacuous comparison).
     assert not np.allclose(d["losses8"][0], d["losses8"][-1])
 
