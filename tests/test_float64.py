@@ -1,7 +1,8 @@
 """float64 runs (`jax.enable_x64`).
 
 1. Every detector runs end to end in float64: init, forward_train (finite losses) and predict
-   (finite detections with the API's dtypes). The NMS `while_loop` once carried int32 in and
+   (finite detections with the API's dtypes); every loss and every floating predict output is
+   float64 (heads, ops and losses compute in `ops.dtypes.float_dtype`, float64 here). The NMS `while_loop` once carried int32 in and
    int64 out under x64 and failed.
 2. ResNet-101 + FPN in float64 equals torchvision's in float64 (`.double()`, random weights,
    converted by `fgd_jax.convert`) to 1e-12 relative."""
@@ -48,6 +49,18 @@ def _models() -> dict[str, C.ConfigDict]:
 MODELS = _models()
 
 
+def _assert_float64(tree, what: str) -> None:
+    """Every floating leaf of `tree` is float64 (nothing fell back to float32 on the way)."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    assert leaves, what
+    narrow = [
+        f"{jax.tree_util.keystr(p)}: {v.dtype}"
+        for p, v in leaves
+        if jnp.issubdtype(v.dtype, jnp.floating) and v.dtype != jnp.float64
+    ]
+    assert not narrow, f"{what}: not float64: {narrow}"
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_detector_runs_in_float64(name):
     with jax.enable_x64(True):
@@ -64,11 +77,13 @@ def test_detector_runs_in_float64(name):
         )(variables, batch)
         assert all(f.dtype == jnp.float64 for f in feats)
         assert losses and all(np.isfinite(float(v)) for v in losses.values())
+        _assert_float64(losses, f"{name} losses")
         det = jax.jit(
             lambda v, b: model.apply(
                 v, b["image"], b["img_shape"], b["scale_factor"], method="predict"
             )
         )(variables, batch)
+        _assert_float64(det, f"{name} predict")
         assert det["boxes"].shape == (2, 100, 4) and det["labels"].dtype == jnp.int32
         assert det["valid"].dtype == jnp.bool_
         assert np.isfinite(np.asarray(det["boxes"])).all()

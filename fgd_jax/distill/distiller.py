@@ -27,6 +27,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from fgd_jax.distill.fgd import FGDLoss
 from fgd_jax.models.build import build_module
+from fgd_jax.ops.dtypes import float_dtype
 
 Array = jax.Array
 log = logging.getLogger(__name__)
@@ -84,8 +85,9 @@ class DistillLosses(nn.Module):
                 box_scale=self.box_scale,
                 name=name,
             )(
-                feats_s[i].astype(jnp.float32),  # FGD in float32 under mixed precision
-                feats_t[i].astype(jnp.float32),
+                # FGD in float32 under mixed precision (float64 in a float64 run)
+                feats_s[i].astype(float_dtype(feats_s[i])),
+                feats_t[i].astype(float_dtype(feats_t[i])),
                 batch["boxes"],
                 batch["valid"],
                 batch["img_shape"],
@@ -126,7 +128,8 @@ class FGDDistiller(nn.Module):
 def total_loss(losses: Mapping[str, Array]) -> Array:
     """Sum of the loss terms that train: every `loss*` key without a `/` (parts are logs)."""
     terms = [v for k, v in losses.items() if k.startswith("loss") and "/" not in k]
-    return jnp.sum(jnp.stack([jnp.asarray(t, jnp.float32) for t in terms]))
+    dt = float_dtype(*terms)
+    return jnp.sum(jnp.stack([jnp.asarray(t, dt) for t in terms]))
 
 
 def teacher_features(teacher: nn.Module, teacher_vars: Mapping, images: Array) -> tuple[Array, ...]:

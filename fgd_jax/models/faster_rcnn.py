@@ -53,6 +53,7 @@ from fgd_jax.models.rpn import (
     rpn_proposals,
     rpn_targets,
 )
+from fgd_jax.ops.dtypes import float_dtype
 from fgd_jax.ops.sampling import sample_assigned
 
 Array = jax.Array
@@ -238,7 +239,7 @@ class FasterRCNN(nn.Module):
             props = dict(
                 boxes=jnp.zeros((b, k, 4)), scores=jnp.zeros((b, k)), valid=jnp.zeros((b, k), bool)
             )
-            roi_feats = jnp.zeros((b, k, s, s, feats[0].shape[-1]), jnp.float32)
+            roi_feats = jnp.zeros((b, k, s, s, feats[0].shape[-1]), float_dtype(feats[0]))
         else:
             props = self.proposals(rpn_cls, rpn_reg, img_shape, train=False)
             roi_feats = self.roi_feats(feats, props["boxes"])
@@ -262,7 +263,7 @@ class FasterRCNN(nn.Module):
                 raise KeyError(f"FasterRCNN.forward_train: batch has no {key!r} (see contracts)")
         tc = self.train_cfg
         img_shape = jnp.asarray(batch["img_shape"])
-        gt_boxes = jnp.asarray(batch["boxes"], jnp.float32)
+        gt_boxes = jnp.asarray(batch["boxes"], float_dtype(batch["boxes"]))
         gt_labels = jnp.asarray(batch["labels"], jnp.int32)
         gt_valid = jnp.asarray(batch["valid"], bool)
         key_rpn, key_rcnn = jax.random.split(self.make_rng("sampler"))

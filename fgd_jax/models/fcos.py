@@ -71,6 +71,7 @@ from fgd_jax.models.dense_heads import (
 from fgd_jax.models.layers import ConvModule, head_out_conv, head_tower
 from fgd_jax.ops import anchors as anchor_ops
 from fgd_jax.ops import boxes as box_ops
+from fgd_jax.ops import dtypes
 from fgd_jax.ops import losses as loss_ops
 from fgd_jax.ops import nms as nms_ops
 
@@ -189,13 +190,14 @@ class FCOSHead(nn.Module):
                 c = conv(c)
             for conv in reg_convs:
                 r = conv(r)
-            cls_scores.append(conv_cls(c).astype(jnp.float32))
+            cls = conv_cls(c)
+            cls_scores.append(cls.astype(dtypes.float_dtype(cls)))
             ctr = conv_centerness(r if self.centerness_on_reg else c)
-            centernesses.append(ctr.astype(jnp.float32))
+            centernesses.append(ctr.astype(dtypes.float_dtype(ctr)))
             reg = conv_reg(r)
             if scales is not None:
                 reg = scales[lvl](reg)
-            reg = reg.astype(jnp.float32)
+            reg = reg.astype(dtypes.float_dtype(reg))
             bbox_preds.append(nn.relu(reg) if self.norm_on_bbox else jnp.exp(reg))
         return tuple(cls_scores), tuple(bbox_preds), tuple(centernesses)
 
@@ -343,7 +345,8 @@ def fcos_loss(
       gt_boxes `[B, G, 4]`, gt_labels `[B, G] int32`, gt_valid `[B, G] bool`.
       loss_bbox_type: 'giou' (`1 - GIoU`) or 'iou' (`-log(max(IoU, eps))`, mmdetection
         `IoULoss` mode 'log').
-    Returns: {'loss_cls', 'loss_bbox', 'loss_centerness'} float32 scalars.
+    Returns: {'loss_cls', 'loss_bbox', 'loss_centerness'} float32 scalars (float64 in a float64
+      run).
     """
     if loss_bbox_type not in LOSS_BBOX:
         raise ValueError(f"fcos_loss: loss_bbox {loss_bbox_type!r} must be one of {LOSS_BBOX}")
@@ -363,20 +366,21 @@ def fcos_loss(
     if norm_on_bbox:
         targets = targets / point_strides[None, :, None]
     pos = labels < num_classes  # [B, N]
-    posf = pos.astype(jnp.float32)
+    dt = dtypes.float_dtype(cls_scores, bbox_preds, centernesses, gt_boxes)
+    posf = pos.astype(dt)
     num_pos = jnp.maximum(jnp.sum(posf), 1.0)
 
-    onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)  # background -> zeros
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=dt)  # background -> zeros
     focal = loss_ops.sigmoid_focal_loss(
-        cls_scores.astype(jnp.float32), onehot, gamma=focal_gamma, alpha=focal_alpha
+        cls_scores.astype(dt), onehot, gamma=focal_gamma, alpha=focal_alpha
     )
-    focal = focal * point_valid[..., None].astype(jnp.float32)
+    focal = focal * point_valid[..., None].astype(dt)
     loss_cls = jnp.sum(focal) / num_pos
 
     # Off the positives the targets may be anything (even negative): replace them by a unit
     # box so neither the values nor the gradients can become nan; their weight is 0 anyway.
     safe_t = jnp.where(pos[..., None], targets, 1.0)
-    safe_p = jnp.where(pos[..., None], bbox_preds.astype(jnp.float32), 1.0)
+    safe_p = jnp.where(pos[..., None], bbox_preds.astype(dt), 1.0)
     ctr_t = jax.lax.stop_gradient(jnp.where(pos, centerness_target(safe_t), 0.0))
     pts = jnp.broadcast_to(points[None], safe_p.shape[:2] + (2,))
     pred_boxes = box_ops.distance2bbox(pts, safe_p)
@@ -388,7 +392,7 @@ def fcos_loss(
     ctr_denorm = jnp.maximum(jnp.sum(ctr_t), 1e-6)
     loss_bbox = jnp.sum(per_point * ctr_t) / ctr_denorm
 
-    bce = loss_ops.binary_cross_entropy_with_logits(centernesses.astype(jnp.float32), ctr_t)
+    bce = loss_ops.binary_cross_entropy_with_logits(centernesses.astype(dt), ctr_t)
     loss_centerness = jnp.sum(bce * posf) / num_pos
     return dict(
         loss_cls=loss_cls_weight * loss_cls,
@@ -435,15 +439,16 @@ def fcos_postprocess(
     if score_style not in SCORE_STYLES:
         raise ValueError(f"fcos_postprocess: score_style {score_style!r} not in {SCORE_STYLES}")
     img_shape = jnp.asarray(img_shape)
-    scale_factor = jnp.asarray(scale_factor, jnp.float32)
+    dt = dtypes.float_dtype(*cls_scores, *bbox_preds, *centernesses)
+    scale_factor = jnp.asarray(scale_factor, dt)
     batch = cls_scores[0].shape[0]
     all_boxes, all_cls, all_ctr, all_sel = [], [], [], []
     for cls, reg, ctr, pts, s in zip(
         cls_scores, bbox_preds, centernesses, points, strides, strict=True
     ):
-        scores = jax.nn.sigmoid(cls.reshape(batch, -1, num_classes).astype(jnp.float32))
-        cent = jax.nn.sigmoid(ctr.reshape(batch, -1).astype(jnp.float32))
-        dist = reg.reshape(batch, -1, 4).astype(jnp.float32)
+        scores = jax.nn.sigmoid(cls.reshape(batch, -1, num_classes).astype(dt))
+        cent = jax.nn.sigmoid(ctr.reshape(batch, -1).astype(dt))
+        dist = reg.reshape(batch, -1, 4).astype(dt)
         if norm_on_bbox:
             dist = dist * float(s)
         pts = jnp.broadcast_to(pts[None], (batch, *pts.shape))
@@ -659,7 +664,7 @@ class FCOS(nn.Module):
             point_valid_flags(
                 shapes, head.strides, batch["img_shape"], self.train_cfg.size_divisor
             ),
-            jnp.asarray(batch["boxes"], jnp.float32),
+            jnp.asarray(batch["boxes"], dtypes.float_dtype(batch["boxes"])),
             jnp.asarray(batch["labels"]),
             jnp.asarray(batch["valid"], bool),
             num_classes=head.num_classes,

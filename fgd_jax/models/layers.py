@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen.dtypes import promote_dtype
 
+from fgd_jax.ops.dtypes import float_dtype
+
 Array = jax.Array
 
 # PyTorch's kaiming_normal_(mode='fan_out', nonlinearity='relu'), mmdetection's ResNet conv init.
@@ -114,7 +116,7 @@ class TorchBatchNorm(nn.Module):
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
         else:
-            xf = x.astype(jnp.float32)
+            xf = x.astype(float_dtype(x))
             axes = tuple(range(x.ndim - 1))
             mean = jnp.mean(xf, axes)
             var = jnp.mean(jnp.square(xf - mean), axes)

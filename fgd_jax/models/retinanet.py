@@ -45,6 +45,7 @@ from fgd_jax.models.layers import ConvModule, head_out_conv, head_tower
 from fgd_jax.ops import anchors as anchor_ops
 from fgd_jax.ops import assign as assign_ops
 from fgd_jax.ops import boxes as box_ops
+from fgd_jax.ops import dtypes
 from fgd_jax.ops import losses as loss_ops
 from fgd_jax.ops import nms as nms_ops
 
@@ -60,7 +61,8 @@ class RetinaHead(nn.Module):
     `-log((1 - prior_prob) / prior_prob)`. The head also holds the settings of its anchors,
     box coder and losses (as mmdetection's head does); the detector reads them from here.
     Call: tuple of NHWC maps `[B, H_l, W_l, in_ch]` -> (cls_scores, bbox_preds), tuples of
-      `[B, H_l, W_l, A*C]` and `[B, H_l, W_l, A*4]` float32 logits / deltas.
+      `[B, H_l, W_l, A*C]` and `[B, H_l, W_l, A*4]` float32 (float64 in a float64 run)
+      logits / deltas.
     """
 
     num_classes: int
@@ -120,8 +122,9 @@ class RetinaHead(nn.Module):
                 c = conv(c)
             for conv in reg_convs:
                 r = conv(r)
-            cls_scores.append(retina_cls(c).astype(jnp.float32))
-            bbox_preds.append(retina_reg(r).astype(jnp.float32))
+            cls, reg = retina_cls(c), retina_reg(r)
+            cls_scores.append(cls.astype(dtypes.float_dtype(cls)))
+            bbox_preds.append(reg.astype(dtypes.float_dtype(reg)))
         return tuple(cls_scores), tuple(bbox_preds)
 
 
@@ -232,7 +235,7 @@ def retina_loss(
       gt_boxes `[B, G, 4]`, gt_labels `[B, G] int32`, gt_valid `[B, G] bool`.
       loss_norm_group: 0 -> one normaliser `sum_i max(pos_i, 1)` over the batch; g > 0 ->
         groups of g images normalised separately, then averaged (see the module docstring).
-    Returns: {'loss_cls', 'loss_bbox'} float32 scalars.
+    Returns: {'loss_cls', 'loss_bbox'} float32 scalars (float64 in a float64 run).
     """
     t = jax.vmap(
         lambda v, b, l, gv: retina_targets(
@@ -249,15 +252,16 @@ def retina_loss(
             target_stds=target_stds,
         )
     )(anchor_valid, gt_boxes, gt_labels, gt_valid)
-    onehot = jax.nn.one_hot(t["labels"], num_classes, dtype=jnp.float32)  # bg -> all zero
+    dt = dtypes.float_dtype(cls_scores, bbox_preds, gt_boxes)
+    onehot = jax.nn.one_hot(t["labels"], num_classes, dtype=dt)  # bg -> all zero
     focal = loss_ops.sigmoid_focal_loss(
-        cls_scores.astype(jnp.float32), onehot, gamma=focal_gamma, alpha=focal_alpha
+        cls_scores.astype(dt), onehot, gamma=focal_gamma, alpha=focal_alpha
     )
-    weight = (t["pos"] | t["neg"]).astype(jnp.float32)
+    weight = (t["pos"] | t["neg"]).astype(dt)
     cls_per_img = jnp.sum(focal * weight[..., None], axis=(1, 2))
-    l1 = jnp.abs(bbox_preds.astype(jnp.float32) - t["bbox_targets"])
-    bbox_per_img = jnp.sum(l1 * t["pos"][..., None].astype(jnp.float32), axis=(1, 2))
-    norm_per_img = jnp.maximum(jnp.sum(t["pos"], axis=1), 1).astype(jnp.float32)
+    l1 = jnp.abs(bbox_preds.astype(dt) - t["bbox_targets"])
+    bbox_per_img = jnp.sum(l1 * t["pos"][..., None].astype(dt), axis=(1, 2))
+    norm_per_img = jnp.maximum(jnp.sum(t["pos"], axis=1), 1).astype(dt)
     return dict(
         loss_cls=loss_cls_weight
         * group_mean(cls_per_img, norm_per_img, loss_norm_group, who="retina_loss"),
@@ -294,12 +298,13 @@ def retina_postprocess(
       labels `[B, K] int32`, valid `[B, K] bool`), K = max_per_img, sorted by score.
     """
     img_shape = jnp.asarray(img_shape)
-    scale_factor = jnp.asarray(scale_factor, jnp.float32)
+    dt = dtypes.float_dtype(*cls_scores, *bbox_preds)
+    scale_factor = jnp.asarray(scale_factor, dt)
     batch = cls_scores[0].shape[0]
     all_boxes, all_scores = [], []
     for cls, reg, anc in zip(cls_scores, bbox_preds, anchors, strict=True):
-        scores = jax.nn.sigmoid(cls.reshape(batch, -1, num_classes).astype(jnp.float32))
-        deltas = reg.reshape(batch, -1, 4).astype(jnp.float32)
+        scores = jax.nn.sigmoid(cls.reshape(batch, -1, num_classes).astype(dt))
+        deltas = reg.reshape(batch, -1, 4).astype(dt)
         anc = jnp.broadcast_to(anc[None], (batch, *anc.shape))
         if 0 < nms_pre < scores.shape[1]:
             _, idx = jax.lax.top_k(scores.max(-1), nms_pre)  # [B, nms_pre]

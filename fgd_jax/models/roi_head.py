@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from fgd_jax.models.dense_heads import group_mean, without_index
 from fgd_jax.ops import assign as assign_ops
 from fgd_jax.ops import boxes as box_ops
+from fgd_jax.ops import dtypes
 from fgd_jax.ops import losses as loss_ops
 from fgd_jax.ops import nms as nms_ops
 from fgd_jax.ops import roi_align as roi_ops
@@ -86,7 +87,7 @@ class Shared2FCBBoxHead(nn.Module):
             kernel_init=nn.initializers.normal(0.001),
             name="fc_reg",
         )(x)
-        return cls.astype(jnp.float32), reg.astype(jnp.float32)
+        return cls.astype(dtypes.float_dtype(cls)), reg.astype(dtypes.float_dtype(reg))
 
 
 class StandardRoIHead(nn.Module):
@@ -164,13 +165,13 @@ def extract_roi_feats(
 
     Args: feats: the first `len(strides)` FPN maps `[B, H_l, W_l, C]`; rois `[B, R, 4]` xyxy
       pixels of the network input (padded RoIs are zeros; their features are discarded by the
-      callers). Returns `[B, R, S, S, C]` float32.
+      callers). Returns `[B, R, S, S, C]` float32 (float64 in a float64 run).
     """
     if len(feats) != len(strides):
         raise ValueError(f"extract_roi_feats: {len(feats)} feature maps, {len(strides)} strides")
     out = roi_ops.multi_level_roi_align(
-        [f.astype(jnp.float32) for f in feats],
-        jnp.asarray(rois, jnp.float32),
+        [f.astype(dtypes.float_dtype(f)) for f in feats],
+        jnp.asarray(rois, dtypes.float_dtype(*feats, rois)),
         strides=tuple(strides),
         output_size=(output_size, output_size),
         sampling_ratio=sampling_ratio,
@@ -210,8 +211,9 @@ def rcnn_targets(
       `valid [num]`, `pos [num]`, `labels [num] int32` (class, or
       `num_classes` for background and padding), `bbox_targets [num, 4]`.
     """
-    proposals = jnp.asarray(proposals, jnp.float32)
-    gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
+    dt = dtypes.float_dtype(proposals, gt_boxes)
+    proposals = jnp.asarray(proposals, dt)
+    gt_boxes = jnp.asarray(gt_boxes, dt)
     gt_labels = jnp.asarray(gt_labels, jnp.int32)
     gt_valid = jnp.asarray(gt_valid, bool)
     assigned, overlaps = assign_ops.max_iou_assign(
@@ -255,9 +257,10 @@ def rcnn_loss(
     Returns {'loss_cls': CE over sampled RoIs / #sampled, 'loss_bbox': L1 of the GT class's
       deltas over positives / #sampled}.
     """
-    valid = jnp.asarray(targets["valid"]).astype(jnp.float32)
-    pos = jnp.asarray(targets["pos"]).astype(jnp.float32)
-    bbox_pred = jnp.asarray(bbox_pred, jnp.float32)
+    dt = dtypes.float_dtype(cls_score, bbox_pred)
+    valid = jnp.asarray(targets["valid"]).astype(dt)
+    pos = jnp.asarray(targets["pos"]).astype(dt)
+    bbox_pred = jnp.asarray(bbox_pred, dt)
     ce = loss_ops.softmax_cross_entropy(cls_score, targets["labels"])  # [B, R]
     cls_per_img = jnp.sum(ce * valid, axis=1)
     b, r = bbox_pred.shape[:2]
@@ -301,15 +304,16 @@ def rcnn_postprocess(
     Returns dict(boxes `[B, K, 4]` original-image pixels, scores, labels int32, valid), K =
       max_per_img, sorted by score.
     """
-    scores = jax.nn.softmax(cls_score.astype(jnp.float32), axis=-1)[..., :num_classes]
+    dt = dtypes.float_dtype(cls_score, bbox_pred)
+    scores = jax.nn.softmax(cls_score.astype(dt), axis=-1)[..., :num_classes]
     scores = jnp.where(roi_valid[..., None], scores, 0.0)
     boxes = jax.vmap(
         lambda r, d, s: box_ops.delta_decode(r, d, target_means, target_stds, max_shape=s)
-    )(rois, bbox_pred.astype(jnp.float32), jnp.asarray(img_shape))
+    )(rois, bbox_pred.astype(dt), jnp.asarray(img_shape))
     b, r = boxes.shape[:2]
     boxes = boxes.reshape(b, r, num_classes, 4)
     if rescale:
-        sf = jnp.asarray(scale_factor, jnp.float32)
+        sf = jnp.asarray(scale_factor, dt)
         boxes = boxes / sf[:, None, None, :]
 
     def one(bx, sc):  # class-specific boxes [R, C, 4], scores [R, C]

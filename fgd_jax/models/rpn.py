@@ -31,6 +31,7 @@ from fgd_jax.models.dense_heads import group_mean
 from fgd_jax.ops import anchors as anchor_ops
 from fgd_jax.ops import assign as assign_ops
 from fgd_jax.ops import boxes as box_ops
+from fgd_jax.ops import dtypes
 from fgd_jax.ops import losses as loss_ops
 from fgd_jax.ops import nms as nms_ops
 from fgd_jax.ops.sampling import sample_assigned
@@ -95,8 +96,9 @@ class RPNHead(nn.Module):
         cls_scores, bbox_preds = [], []
         for x in feats:
             h = nn.relu(rpn_conv(x))
-            cls_scores.append(rpn_cls(h).astype(jnp.float32))
-            bbox_preds.append(rpn_reg(h).astype(jnp.float32))
+            cls, reg = rpn_cls(h), rpn_reg(h)
+            cls_scores.append(cls.astype(dtypes.float_dtype(cls)))
+            bbox_preds.append(reg.astype(dtypes.float_dtype(reg)))
         return tuple(cls_scores), tuple(bbox_preds)
 
 
@@ -176,8 +178,9 @@ def rpn_targets(
       anchors, positives first), `valid [num] bool`,
       `pos [num] bool`, `bbox_targets [num, 4]` (0 off positives), `num_pos`, `num_neg` scalars.
     """
-    anchors = jnp.asarray(anchors, jnp.float32)
-    gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
+    dt = dtypes.float_dtype(anchors, gt_boxes)
+    anchors = jnp.asarray(anchors, dt)
+    gt_boxes = jnp.asarray(gt_boxes, dt)
     assigned, _ = assign_ops.max_iou_assign(
         anchors,
         gt_boxes,
@@ -213,10 +216,11 @@ def rpn_batch_targets(
 ) -> dict[str, Array]:
     """`rpn_targets` for a batch: anchors `[N, 4]` (shared), anchor_valid `[B, N]`,
     gt_boxes `[B, G, 4]`, gt_valid `[B, G]`, key: one PRNG key (split per image)."""
-    anchors = jnp.asarray(anchors, jnp.float32)
+    dt = dtypes.float_dtype(anchors, gt_boxes)
+    anchors = jnp.asarray(anchors, dt)
     keys = jax.random.split(key, jnp.shape(gt_boxes)[0])
     return jax.vmap(lambda v, b, gv, k: rpn_targets(anchors, v, b, gv, k, **target_kw))(
-        jnp.asarray(anchor_valid, bool), jnp.asarray(gt_boxes, jnp.float32), gt_valid, keys
+        jnp.asarray(anchor_valid, bool), jnp.asarray(gt_boxes, dt), gt_valid, keys
     )
 
 
@@ -234,18 +238,19 @@ def rpn_loss(
     Returns {'loss_rpn_cls', 'loss_rpn_bbox'}: sums over sampled anchors divided by
       `sum_i max(pos_i, 1) + max(neg_i, 1)` (mmdetection's `num_total_samples`).
     """
-    cls_scores = jnp.asarray(cls_scores, jnp.float32)
-    bbox_preds = jnp.asarray(bbox_preds, jnp.float32)
+    dt = dtypes.float_dtype(cls_scores, bbox_preds)
+    cls_scores = jnp.asarray(cls_scores, dt)
+    bbox_preds = jnp.asarray(bbox_preds, dt)
     logits = jnp.take_along_axis(cls_scores, targets["inds"], axis=1)  # [B, num]
     deltas = jnp.take_along_axis(bbox_preds, targets["inds"][..., None], axis=1)  # [B, num, 4]
-    w = targets["valid"].astype(jnp.float32)
-    pos = targets["pos"].astype(jnp.float32)
+    w = targets["valid"].astype(dt)
+    pos = targets["pos"].astype(dt)
     bce = loss_ops.binary_cross_entropy_with_logits(logits, pos)
     cls_per_img = jnp.sum(bce * w, axis=1)
     l1 = loss_ops.l1_loss(deltas, targets["bbox_targets"])
     bbox_per_img = jnp.sum(l1 * pos[..., None], axis=(1, 2))
     den = jnp.maximum(targets["num_pos"], 1) + jnp.maximum(targets["num_neg"], 1)
-    den = den.astype(jnp.float32)
+    den = den.astype(dt)
     return dict(
         loss_rpn_cls=loss_cls_weight
         * group_mean(cls_per_img, den, loss_norm_group, who="faster_rcnn loss"),
@@ -283,8 +288,9 @@ def rpn_proposals(
     batch = cls_scores[0].shape[0]
     all_boxes, all_scores, all_valid, all_ids = [], [], [], []
     for lvl, (cls, reg, anc) in enumerate(zip(cls_scores, bbox_preds, anchors, strict=True)):
-        logits = jax.lax.stop_gradient(cls.reshape(batch, -1).astype(jnp.float32))
-        deltas = jax.lax.stop_gradient(reg.reshape(batch, -1, 4).astype(jnp.float32))
+        dt = dtypes.float_dtype(cls, reg)
+        logits = jax.lax.stop_gradient(cls.reshape(batch, -1).astype(dt))
+        deltas = jax.lax.stop_gradient(reg.reshape(batch, -1, 4).astype(dt))
         ok = (
             jnp.ones(logits.shape, bool)
             if anchor_valid is None

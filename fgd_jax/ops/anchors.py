@@ -2,7 +2,8 @@
 
 Anchor order inside one location: ratio-major, scale-fastest (`a = ratio_idx * S + scale_idx`).
 Order over a level: location-major, `index = (y * W + x) * A + a`; levels are concatenated
-finest first. All outputs are float32 xyxy in pixels of the network-input image.
+finest first. All outputs are float32 xyxy in pixels of the network-input image (also in a float64
+run, like mmdetection's generator under `.double()`; the box ops promote them).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from fgd_jax.ops.boxes import box_iou
+from fgd_jax.ops.dtypes import float_dtype
 
 NEGATIVE = -1
 IGNORE = -2
@@ -51,8 +52,9 @@ def max_iou_assign(
       assigned: `[N]` int32 (see the module docstring); max_overlaps: `[N]` float32, the max IoU
       over valid GTs (0 when there is no valid GT, -1 for ignore-box anchors).
     """
-    anchors = jnp.asarray(anchors, jnp.float32)
-    gt = jnp.asarray(gt, jnp.float32)
+    dt = float_dtype(anchors, gt)
+    anchors = jnp.asarray(anchors, dt)
+    gt = jnp.asarray(gt, dt)
     gt_valid = jnp.asarray(gt_valid, bool)
     if anchors.ndim != 2 or gt.ndim != 2 or gt_valid.shape != gt.shape[:1]:
         raise ValueError(
@@ -61,11 +63,11 @@ def max_iou_assign(
         )
     n, g = anchors.shape[0], gt.shape[0]
     if g == 0:
-        return jnp.full((n,), NEGATIVE, jnp.int32), jnp.zeros((n,), jnp.float32)
+        return jnp.full((n,), NEGATIVE, jnp.int32), jnp.zeros((n,), dt)
 
     overlaps = box_iou(gt, anchors)  # [G, N]
     if ignore_boxes is not None and ignore_iof_thr > 0:
-        iof = box_iou(anchors, jnp.asarray(ignore_boxes, jnp.float32), mode="iof")  # [N, I]
+        iof = box_iou(anchors, jnp.asarray(ignore_boxes, dt), mode="iof")  # [N, I]
         if ignore_valid is not None:
             iof = jnp.where(jnp.asarray(ignore_valid, bool)[None, :], iof, -1.0)
         ignored = jnp.max(iof, axis=1, initial=-1.0) > ignore_iof_thr
@@ -131,10 +133,11 @@ def batched_max_iou_assign(
     ignore_boxes `[B, I, 4]`, ignore_valid `[B, I]`, anchor_valid `[B, N]` when given.
     Returns `(assigned [B, N] int32, max_overlaps [B, N] float32)`.
     """
-    anchors = jnp.asarray(anchors, jnp.float32)
+    dt = float_dtype(anchors, gt)
+    anchors = jnp.asarray(anchors, dt)
     extra = {}
     if ignore_boxes is not None:
-        extra["ignore_boxes"] = jnp.asarray(ignore_boxes, jnp.float32)
+        extra["ignore_boxes"] = jnp.asarray(ignore_boxes, dt)
         if ignore_valid is not None:
             extra["ignore_valid"] = jnp.asarray(ignore_valid, bool)
     if anchor_valid is not None:

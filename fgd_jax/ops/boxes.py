@@ -1,6 +1,7 @@
 """Box utilities with mmdetection 2.x semantics (no "+1" anywhere).
 
-Boxes are `xyxy` float32 in absolute pixels of the resized image (see docs/contracts.md).
+Boxes are `xyxy` float32 (float64 in a float64 run, see `ops.dtypes`) in absolute pixels of the
+resized image (see docs/contracts.md).
 Every function is a pure `jnp` function, jittable, and broadcasts over leading batch dims.
 """
 
@@ -11,6 +12,8 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
+
+from fgd_jax.ops.dtypes import float_dtype
 
 ArrayLike = Array | np.ndarray
 
@@ -32,8 +35,9 @@ def box_iou(a: ArrayLike, b: ArrayLike, mode: str = "iou", eps: float = _EPS) ->
       eps: the union (or area(a), or the enclosing area) is clamped to at least `eps`.
     Returns: `[..., N, M]` float32.
     """
-    a = jnp.asarray(a, jnp.float32)
-    b = jnp.asarray(b, jnp.float32)
+    dt = float_dtype(a, b)
+    a = jnp.asarray(a, dt)
+    b = jnp.asarray(b, dt)
     return _overlaps(a[..., :, None, :], b[..., None, :, :], mode, eps)
 
 
@@ -42,7 +46,8 @@ def box_iou_aligned(a: ArrayLike, b: ArrayLike, mode: str = "iou", eps: float = 
 
     mmdetection `bbox_overlaps(a, b, mode, is_aligned=True)`; `mode` as in `box_iou`.
     """
-    return _overlaps(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), mode, eps)
+    dt = float_dtype(a, b)
+    return _overlaps(jnp.asarray(a, dt), jnp.asarray(b, dt), mode, eps)
 
 
 def giou(a: ArrayLike, b: ArrayLike, eps: float = _EPS) -> Array:
@@ -87,8 +92,9 @@ def delta_encode(
     normalized as `(delta - means) / stds`. Degenerate proposals give inf/nan, as mmdetection;
     callers mask them out with their positive mask (use `jnp.where` before the loss).
     """
-    p = jnp.asarray(proposals, jnp.float32)
-    g = jnp.asarray(gt, jnp.float32)
+    dt = float_dtype(proposals, gt)
+    p = jnp.asarray(proposals, dt)
+    g = jnp.asarray(gt, dt)
     px = (p[..., 0] + p[..., 2]) * 0.5
     py = (p[..., 1] + p[..., 3]) * 0.5
     pw = p[..., 2] - p[..., 0]
@@ -100,7 +106,7 @@ def delta_encode(
     deltas = jnp.stack(
         [(gx - px) / pw, (gy - py) / ph, jnp.log(gw / pw), jnp.log(gh / ph)], axis=-1
     )
-    return (deltas - jnp.asarray(means, jnp.float32)) / jnp.asarray(stds, jnp.float32)
+    return (deltas - jnp.asarray(means, dt)) / jnp.asarray(stds, dt)
 
 
 def delta_decode(
@@ -121,13 +127,14 @@ def delta_decode(
       wh_ratio_clip: dw, dh are clamped to `+-|log(wh_ratio_clip)|`.
     Returns: `[..., N, 4 * K]` xyxy float32.
     """
-    rois = jnp.asarray(rois, jnp.float32)
-    deltas = jnp.asarray(deltas, jnp.float32)
+    dt = float_dtype(rois, deltas)
+    rois = jnp.asarray(rois, dt)
+    deltas = jnp.asarray(deltas, dt)
     if deltas.shape[-1] % 4 != 0:
         raise ValueError(f"fgd_jax.ops.boxes.delta_decode: deltas last dim {deltas.shape[-1]} % 4")
     k = deltas.shape[-1] // 4
     d = deltas.reshape(deltas.shape[:-1] + (k, 4))
-    d = d * jnp.asarray(stds, jnp.float32) + jnp.asarray(means, jnp.float32)
+    d = d * jnp.asarray(stds, dt) + jnp.asarray(means, dt)
     dx, dy, dw, dh = d[..., 0], d[..., 1], d[..., 2], d[..., 3]
     px = ((rois[..., 0] + rois[..., 2]) * 0.5)[..., None]
     py = ((rois[..., 1] + rois[..., 3]) * 0.5)[..., None]
@@ -142,7 +149,7 @@ def delta_decode(
     gy = py + ph * dy
     boxes = jnp.stack([gx - gw * 0.5, gy - gh * 0.5, gx + gw * 0.5, gy + gh * 0.5], axis=-1)
     if max_shape is not None:
-        ms = jnp.asarray(max_shape, jnp.float32)[..., :2]
+        ms = jnp.asarray(max_shape, dt)[..., :2]
         # (h, w) -> per-coordinate upper bound (w, h, w, h), broadcast over [N, K].
         upper = jnp.stack([ms[..., 1], ms[..., 0], ms[..., 1], ms[..., 0]], axis=-1)
         upper = upper[..., None, None, :]
@@ -158,8 +165,9 @@ def distance2bbox(
     """mmdetection `distance2bbox`: `points [..., N, 2]` (x, y) and `distance [..., N, 4]`
     (left, top, right, bottom) -> boxes `[..., N, 4]` xyxy, clipped to `[0, w] x [0, h]` when
     `max_shape = (h, w)` (or `[..., 2]` per batch element) is given."""
-    p = jnp.asarray(points, jnp.float32)
-    d = jnp.asarray(distance, jnp.float32)
+    dt = float_dtype(points, distance)
+    p = jnp.asarray(points, dt)
+    d = jnp.asarray(distance, dt)
     x, y = p[..., 0], p[..., 1]
     boxes = jnp.stack([x - d[..., 0], y - d[..., 1], x + d[..., 2], y + d[..., 3]], axis=-1)
     if max_shape is not None:
@@ -172,8 +180,9 @@ def bbox2distance(
 ) -> Array:
     """mmdetection `bbox2distance`: `points [..., 2]`, `bbox [..., 4]` -> `[..., 4]` (l, t, r, b),
     clamped to `[0, max_dis - eps]` when `max_dis` is given."""
-    p = jnp.asarray(points, jnp.float32)
-    b = jnp.asarray(bbox, jnp.float32)
+    dt = float_dtype(points, bbox)
+    p = jnp.asarray(points, dt)
+    b = jnp.asarray(bbox, dt)
     x, y = p[..., 0], p[..., 1]
     d = jnp.stack([x - b[..., 0], y - b[..., 1], b[..., 2] - x, b[..., 3] - y], axis=-1)
     if max_dis is not None:
@@ -184,8 +193,9 @@ def bbox2distance(
 def clip_boxes(boxes: ArrayLike, max_shape: ArrayLike | Sequence[int]) -> Array:
     """Clip `boxes [..., N, 4]` xyxy to `[0, w] x [0, h]`; `max_shape` is `(h, w)` or `[..., 2]`
     (one per leading batch element)."""
-    boxes = jnp.asarray(boxes, jnp.float32)
-    ms = jnp.asarray(max_shape, jnp.float32)[..., :2]
+    dt = float_dtype(boxes)
+    boxes = jnp.asarray(boxes, dt)
+    ms = jnp.asarray(max_shape, dt)[..., :2]
     upper = jnp.stack([ms[..., 1], ms[..., 0], ms[..., 1], ms[..., 0]], axis=-1)[..., None, :]
     return jnp.minimum(jnp.maximum(boxes, 0.0), upper)
 
@@ -193,6 +203,7 @@ def clip_boxes(boxes: ArrayLike, max_shape: ArrayLike | Sequence[int]) -> Array:
 def rescale_boxes(boxes: ArrayLike, scale_factor: ArrayLike) -> Array:
     """Map boxes from the resized image back to the original: `boxes [..., N, 4] / scale_factor`
     where `scale_factor` is `(w, h, w, h)` `[4]` or `[..., 4]` per leading batch element."""
-    boxes = jnp.asarray(boxes, jnp.float32)
-    sf = jnp.asarray(scale_factor, jnp.float32)
+    dt = float_dtype(boxes, scale_factor)
+    boxes = jnp.asarray(boxes, dt)
+    sf = jnp.asarray(scale_factor, dt)
     return boxes / sf[..., None, :]

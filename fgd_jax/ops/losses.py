@@ -3,7 +3,8 @@
 Callers weight, sum and normalize them as mmdetection does (e.g. RetinaNet: the focal loss
 summed over positive and negative anchors, divided by the number of positives; per group of
 images with `fgd_jax.models.dense_heads.group_mean`).
-All functions take float32 arrays and are numerically stable for large logits.
+All functions compute in float32 (float64 for float64 inputs under x64, `ops.dtypes`) and are
+numerically stable for large logits.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import jax.numpy as jnp
 from jax import Array
 
 from fgd_jax.ops.boxes import box_iou_aligned
+from fgd_jax.ops.dtypes import float_dtype
 
 
 def binary_cross_entropy_with_logits(logits: Array, targets: Array) -> Array:
     """Elementwise `-(t log sigmoid(x) + (1 - t) log(1 - sigmoid(x)))`; any matching shapes."""
-    x = jnp.asarray(logits, jnp.float32)
-    t = jnp.asarray(targets, jnp.float32)
+    dt = float_dtype(logits, targets)
+    x = jnp.asarray(logits, dt)
+    t = jnp.asarray(targets, dt)
     # softplus = logaddexp(x, 0): stable, and its derivative is exactly sigmoid(x) (also at 0).
     return jax.nn.softplus(x) - x * t
 
@@ -32,8 +35,9 @@ def sigmoid_focal_loss(
     loss = bce * (alpha t + (1 - alpha)(1 - t)) * (1 - p_t) ** gamma, p_t = p t + (1-p)(1-t).
     `alpha < 0` disables the alpha weighting (torchvision convention).
     """
-    x = jnp.asarray(logits, jnp.float32)
-    t = jnp.asarray(targets, jnp.float32)
+    dt = float_dtype(logits, targets)
+    x = jnp.asarray(logits, dt)
+    t = jnp.asarray(targets, dt)
     p = jax.nn.sigmoid(x)
     ce = binary_cross_entropy_with_logits(x, t)
     p_t = p * t + (1.0 - p) * (1.0 - t)
@@ -48,7 +52,7 @@ def softmax_cross_entropy(logits: Array, labels: Array) -> Array:
 
     Labels outside `[0, C)` (e.g. -1 for padding) give loss 0, like torch's `ignore_index`.
     """
-    logits = jnp.asarray(logits, jnp.float32)
+    logits = jnp.asarray(logits, float_dtype(logits))
     labels = jnp.asarray(labels, jnp.int32)
     c = logits.shape[-1]
     ok = (labels >= 0) & (labels < c)
@@ -59,7 +63,8 @@ def softmax_cross_entropy(logits: Array, labels: Array) -> Array:
 
 def l1_loss(pred: Array, target: Array) -> Array:
     """Elementwise `|pred - target|`."""
-    return jnp.abs(jnp.asarray(pred, jnp.float32) - jnp.asarray(target, jnp.float32))
+    dt = float_dtype(pred, target)
+    return jnp.abs(jnp.asarray(pred, dt) - jnp.asarray(target, dt))
 
 
 def smooth_l1_loss(pred: Array, target: Array, beta: float = 1.0) -> Array:

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
+from fgd_jax.ops.dtypes import float_dtype
+
 
 def _pair_iou(a: Array, b: Array) -> Array:
     """IoU `[T, 4] x [M, 4] -> [T, M]`, torchvision's nms kernel formula (0 where union <= 0)."""
@@ -54,8 +56,8 @@ def nms(
       indices: `[max_output]` int32 indices into `boxes`, kept boxes in descending score order;
         padded slots hold 0. valid: `[max_output]` bool, True for the kept slots.
     """
-    boxes = jnp.asarray(boxes, jnp.float32)
-    scores = jnp.asarray(scores, jnp.float32)
+    boxes = jnp.asarray(boxes, float_dtype(boxes))
+    scores = jnp.asarray(scores, float_dtype(scores))
     if boxes.ndim != 2 or boxes.shape[-1] != 4 or scores.shape != boxes.shape[:1]:
         raise ValueError(
             f"fgd_jax.ops.nms.nms: expected boxes [N, 4] and scores [N]; got {boxes.shape}, "
@@ -73,7 +75,7 @@ def nms(
     t = min(tile_size, n)
     num_tiles = -(-n // t)
     npad = num_tiles * t
-    sboxes = jnp.zeros((npad, 4), jnp.float32).at[:n].set(boxes[order])
+    sboxes = jnp.zeros((npad, 4), boxes.dtype).at[:n].set(boxes[order])
     alive = jnp.zeros((npad,), bool).at[:n].set(score_valid[order])
     pos = jnp.arange(npad)
     lower = jnp.arange(t)[:, None] < jnp.arange(t)[None, :]  # [j, k]: j ranks before k
@@ -125,7 +127,7 @@ def batched_nms(
     different classes never overlap; then one `nms`. Args as `nms`, plus `labels [N]` int.
     Returns `(indices [max_output] int32, valid [max_output] bool)` in descending score order.
     """
-    boxes = jnp.asarray(boxes, jnp.float32)
+    boxes = jnp.asarray(boxes, float_dtype(boxes))
     n = boxes.shape[0]
     valid = jnp.ones((n,), bool) if valid is None else jnp.asarray(valid, bool)
     if class_agnostic:
@@ -133,7 +135,7 @@ def batched_nms(
     else:
         max_coord = jnp.max(jnp.where(valid[:, None], boxes, -jnp.inf), initial=-jnp.inf)
         max_coord = jnp.where(jnp.isfinite(max_coord), max_coord, 0.0)
-        offsets = jnp.asarray(labels).astype(jnp.float32) * (max_coord + 1.0)
+        offsets = jnp.asarray(labels).astype(boxes.dtype) * (max_coord + 1.0)
         shifted = boxes + offsets[:, None]
     return nms(shifted, scores, iou_threshold, max_output, valid, tile_size)
 
@@ -178,8 +180,8 @@ def multiclass_nms(
     Returns dict: boxes `[max_num, 4]`, scores `[max_num]`, labels `[max_num]` int32,
       index `[max_num]` int32 (row in `boxes`), valid `[max_num]` bool; descending score.
     """
-    scores = jnp.asarray(scores, jnp.float32)
-    boxes = jnp.asarray(boxes, jnp.float32)
+    scores = jnp.asarray(scores, float_dtype(scores))
+    boxes = jnp.asarray(boxes, float_dtype(boxes))
     n, c = scores.shape
     valid = jnp.ones((n,), bool) if valid is None else jnp.asarray(valid, bool)
     flat = scores.reshape(-1)  # index = row * C + class

@@ -24,18 +24,20 @@ import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
+from fgd_jax.ops.dtypes import float_dtype
+
 
 def map_roi_levels(rois: Array, num_levels: int = 4, finest_scale: float = 56.0) -> Array:
     """mmdet `SingleRoIExtractor.map_roi_levels`: `rois [..., 4]` xyxy image pixels -> level
     `[...]` int32 = clamp(floor(log2(sqrt(w * h) / finest_scale + 1e-6)), 0, num_levels - 1)."""
-    rois = jnp.asarray(rois, jnp.float32)
+    rois = jnp.asarray(rois, float_dtype(rois))
     scale = jnp.sqrt((rois[..., 2] - rois[..., 0]) * (rois[..., 3] - rois[..., 1]))
     lvl = jnp.floor(jnp.log2(scale / finest_scale + 1e-6))
     return jnp.clip(lvl, 0, num_levels - 1).astype(jnp.int32)
 
 
 def _geometry(rois, scale, height, width, out_h, out_w, sampling_ratio, aligned):
-    """Per-RoI sampling geometry, in torchvision's order of float32 operations."""
+    """Per-RoI sampling geometry, in torchvision's order of operations (in the RoIs' dtype)."""
     off = 0.5 if aligned else 0.0
     x1 = rois[:, 0] * scale - off
     y1 = rois[:, 1] * scale - off
@@ -54,14 +56,14 @@ def _geometry(rois, scale, height, width, out_h, out_w, sampling_ratio, aligned)
     else:
         gh = jnp.ceil(roi_h / out_h).astype(jnp.int32)
         gw = jnp.ceil(roi_w / out_w).astype(jnp.int32)
-    count = jnp.maximum(gh * gw, 1).astype(jnp.float32)
+    count = jnp.maximum(gh * gw, 1).astype(rois.dtype)
     return x1, y1, bin_h, bin_w, gh, gw, count
 
 
 def _axis(start, bin_size, grid, i, n_bins, size):
     """Sample coordinate along one axis for all bins: `[R, n_bins]` low/high index, weights."""
-    p = jnp.arange(n_bins, dtype=jnp.float32)[None, :]
-    g = jnp.maximum(grid, 1).astype(jnp.float32)[:, None]
+    p = jnp.arange(n_bins, dtype=start.dtype)[None, :]
+    g = jnp.maximum(grid, 1).astype(start.dtype)[:, None]
     c = start[:, None] + p * bin_size[:, None] + (i[:, None] + 0.5) * bin_size[:, None] / g
     size_f = size[:, None]
     inside = (c >= -1.0) & (c <= size_f)
@@ -83,12 +85,12 @@ def _corners(geom, s, out_h, out_w, sampling_ratio, aligned):
         rois, scale, height, width, out_h, out_w, sampling_ratio, aligned
     )
     gw1 = jnp.maximum(gw, 1)
-    iy = (s // gw1).astype(jnp.float32)
-    ix = (s % gw1).astype(jnp.float32)
+    iy = (s // gw1).astype(rois.dtype)
+    ix = (s % gw1).astype(rois.dtype)
     active = (gh > 0) & (gw > 0) & (s < gh * gw)  # [R]
     yl, yh, wyl, wyh, vy = _axis(y1, bin_h, gh, iy, out_h, height)
     xl, xh, wxl, wxh, vx = _axis(x1, bin_w, gw, ix, out_w, width)
-    mask = (vy[:, :, None] & vx[:, None, :] & active[:, None, None]).astype(jnp.float32)
+    mask = (vy[:, :, None] & vx[:, None, :] & active[:, None, None]).astype(rois.dtype)
     base = offset.astype(jnp.int32)[:, None, None]
     w_int = width.astype(jnp.int32)[:, None, None]
     out = []
@@ -114,7 +116,8 @@ def _make_core(out_h: int, out_w: int, sampling_ratio: int, aligned: bool):
     def forward(flat, geom):
         total, count = _num_samples(geom, out_h, out_w, sampling_ratio, aligned)
         r = geom[0].shape[0]
-        acc0 = jnp.zeros((r, out_h, out_w, flat.shape[1]), jnp.float32)  # fp32 accumulation
+        acc_dtype = float_dtype(flat)  # fp32 accumulation (fp64 in a float64 run)
+        acc0 = jnp.zeros((r, out_h, out_w, flat.shape[1]), acc_dtype)
 
         def body(c):
             s, acc = c
@@ -136,8 +139,8 @@ def _make_core(out_h: int, out_w: int, sampling_ratio: int, aligned: bool):
         geom, p = res
         total, count = _num_samples(geom, out_h, out_w, sampling_ratio, aligned)
         dtype = g.dtype
-        g = g.astype(jnp.float32) / count[:, None, None, None]
-        grad0 = jnp.zeros((p, g.shape[-1]), jnp.float32)
+        g = g.astype(float_dtype(g)) / count[:, None, None, None]
+        grad0 = jnp.zeros((p, g.shape[-1]), g.dtype)
 
         def body(c):
             s, grad = c
@@ -171,13 +174,13 @@ def roi_align(
     """RoIAlign of one feature map.
 
     Args:
-      features: `[H, W, C]` (or `[B, H, W, C]` with rois `[B, R, 4]`, vmapped) float32.
+      features: `[H, W, C]` (or `[B, H, W, C]` with rois `[B, R, 4]`, vmapped).
       rois: `[R, 4]` xyxy in image pixels; `spatial_scale` = 1 / stride maps them to the map.
       output_size: `(out_h, out_w)`. sampling_ratio: samples per bin side; <= 0 adaptive.
     Returns: `[R, out_h, out_w, C]` (or `[B, R, out_h, out_w, C]`).
     """
     features = jnp.asarray(features)
-    rois = jnp.asarray(rois, jnp.float32)
+    rois = jnp.asarray(rois, float_dtype(features, rois))
     _check(features, rois, "roi_align")
     if features.ndim == 4:
         fn = functools.partial(
@@ -187,7 +190,7 @@ def roi_align(
         return jax.vmap(fn)(features, rois)
     h, w, c = features.shape
     r = rois.shape[0]
-    full = lambda v: jnp.full((r,), v, jnp.float32)  # noqa: E731
+    full = lambda v: jnp.full((r,), v, rois.dtype)  # noqa: E731
     geom = (rois, full(spatial_scale), full(h), full(w), full(0))
     core = _make_core(int(output_size[0]), int(output_size[1]), int(sampling_ratio), aligned)
     return core(features.reshape(h * w, c), geom)
@@ -210,7 +213,7 @@ def multi_level_roi_align(
     Returns: `[R, out_h, out_w, C]` (or `[B, R, out_h, out_w, C]`).
     """
     features = [jnp.asarray(f) for f in features]
-    rois = jnp.asarray(rois, jnp.float32)
+    rois = jnp.asarray(rois, float_dtype(*features, rois))
     if len(features) != len(strides):
         raise ValueError(
             f"fgd_jax.ops.roi_align.multi_level_roi_align: {len(features)} maps, "
@@ -227,7 +230,7 @@ def multi_level_roi_align(
     lvl = map_roi_levels(rois, len(features), finest_scale)
     sizes = [f.shape[0] * f.shape[1] for f in features]
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-    pick = lambda vals: jnp.asarray(vals, jnp.float32)[lvl]  # noqa: E731
+    pick = lambda vals: jnp.asarray(vals, rois.dtype)[lvl]  # noqa: E731
     geom = (
         rois,
         pick([1.0 / s for s in strides]),

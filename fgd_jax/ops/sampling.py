@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from fgd_jax.ops.assign import IGNORE, NEGATIVE
+from fgd_jax.ops.dtypes import float_dtype
 
 
 def add_gt_as_proposals(
@@ -36,12 +37,11 @@ def add_gt_as_proposals(
     gt_valid = jnp.asarray(gt_valid, bool)
     g = gt_valid.shape[0]
     gt_assigned = jnp.where(gt_valid, jnp.arange(g, dtype=jnp.int32), IGNORE)
-    boxes = jnp.concatenate([jnp.asarray(gt, jnp.float32), jnp.asarray(proposals, jnp.float32)])
+    dt = float_dtype(gt, proposals)
+    boxes = jnp.concatenate([jnp.asarray(gt, dt), jnp.asarray(proposals, dt)])
     valid = jnp.concatenate([gt_valid, jnp.asarray(proposal_valid, bool)])
     assigned = jnp.concatenate([gt_assigned, jnp.asarray(assigned, jnp.int32)])
-    max_overlaps = jnp.concatenate(
-        [gt_valid.astype(jnp.float32), jnp.asarray(max_overlaps, jnp.float32)]
-    )
+    max_overlaps = jnp.concatenate([gt_valid.astype(dt), jnp.asarray(max_overlaps, dt)])
     is_gt = jnp.concatenate([gt_valid, jnp.zeros(jnp.shape(proposal_valid), bool)])
     return boxes, valid, assigned, max_overlaps, is_gt
 
