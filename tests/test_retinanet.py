@@ -153,13 +153,14 @@ def torch_mmdet_loss(
 
 def torch_mmdet_get_bboxes(cls_levels, reg_levels, anchor_levels, img_hw, scale_factor, cfg):
     """mmdetection 2.11 AnchorHead._get_bboxes (sigmoid, rescale=True) + multiclass_nms for one
-    image; inputs per level [H*W*A, C] logits, [H*W*A, 4] deltas, [H*W*A, 4] anchors."""
+    image; inputs per level [H*W*A, C] logits, [H*W*A, 4] deltas, [H*W*A, 4] anchors. Computes
+    in the dtype of the deltas (anchors and scale factor cast to it)."""
     max_ratio = abs(math.log(16 / 1000))
     boxes_all, scores_all = [], []
     for cls, reg, anc in zip(cls_levels, reg_levels, anchor_levels, strict=True):
         scores = torch.sigmoid(torch.as_tensor(np.asarray(cls)))
         reg = torch.as_tensor(np.asarray(reg))
-        anc = torch.as_tensor(np.asarray(anc), dtype=torch.float32)
+        anc = torch.as_tensor(np.asarray(anc), dtype=reg.dtype)
         if 0 < cfg["nms_pre"] < scores.shape[0]:
             _, topk = scores.max(-1)[0].topk(cfg["nms_pre"])
             scores, reg, anc = scores[topk], reg[topk], anc[topk]
@@ -175,7 +176,8 @@ def torch_mmdet_get_bboxes(cls_levels, reg_levels, anchor_levels, img_hw, scale_
         y2 = (gy + gh * 0.5).clamp(0, img_hw[0])
         boxes_all.append(torch.stack([x1, y1, x2, y2], -1))
         scores_all.append(scores)
-    boxes = torch.cat(boxes_all) / torch.as_tensor(np.asarray(scale_factor, np.float32))
+    boxes = torch.cat(boxes_all)
+    boxes = boxes / torch.as_tensor(np.asarray(scale_factor), dtype=boxes.dtype)
     scores = torch.cat(scores_all)
     num_classes = scores.shape[1]
     boxes = boxes[:, None, :].expand(-1, num_classes, 4)
@@ -188,7 +190,14 @@ def torch_mmdet_get_bboxes(cls_levels, reg_levels, anchor_levels, img_hw, scale_
 
 
 def check_detections(
-    ours: dict, i: int, ref_boxes, ref_scores, ref_labels, score_rtol: float = 1e-5
+    ours: dict,
+    i: int,
+    ref_boxes,
+    ref_scores,
+    ref_labels,
+    score_rtol: float = 1e-5,
+    box_rtol: float = 1e-5,
+    box_atol: float = 1e-3,
 ) -> None:
     valid = np.asarray(ours["valid"][i])
     n = int(valid.sum())
@@ -197,7 +206,9 @@ def check_detections(
     assert valid[:n].all() and not valid[n:].any()
     np.testing.assert_allclose(np.asarray(ours["scores"][i][:n]), ref_scores, rtol=score_rtol)
     np.testing.assert_array_equal(np.asarray(ours["labels"][i][:n]), ref_labels)
-    np.testing.assert_allclose(np.asarray(ours["boxes"][i][:n]), ref_boxes, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(
+        np.asarray(ours["boxes"][i][:n]), ref_boxes, rtol=box_rtol, atol=box_atol
+    )
 
 
 # ----------------------------------------------------------------------------------- tests
@@ -330,6 +341,29 @@ def test_loss_matches_torch_mmdet_transcription(group):
     np.testing.assert_allclose(float(ours["loss_bbox"]), ref_bbox, rtol=1e-5)
 
 
+def test_loss_matches_torch_mmdet_transcription_in_float64():
+    """Under x64 with float64 logits, deltas and GT boxes the loss is computed in float64
+    (targets, focal, L1, normalisation) and equals the float64 torch transcription to 1e-10
+    (in float32 the same comparison is bounded by float32 rounding, 1e-5 above)."""
+    num_classes = 3
+    cls, reg, anchors, shapes, img_shapes, boxes, labels, valid = _loss_inputs(1, num_classes)
+    cls, reg, boxes = (x.astype(np.float64) for x in (cls, reg, boxes))
+    with jax.enable_x64(True):
+        flags = anchor_valid_flags(shapes, STRIDES, 9, img_shapes, 32)
+        ours = jax.jit(
+            lambda c, r, f, b, l, v: retina_loss(
+                c, r, jnp.asarray(anchors), f, b, l, v, num_classes, loss_norm_group=2
+            )
+        )(cls, reg, flags, boxes, labels, valid)
+        assert all(v.dtype == jnp.float64 for v in ours.values())
+    ref_cls, ref_bbox = torch_mmdet_loss(
+        cls, reg, anchors, shapes, img_shapes, boxes, labels, valid, num_classes, 2
+    )
+    assert ref_bbox > 0
+    np.testing.assert_allclose(float(ours["loss_cls"]), ref_cls, rtol=1e-10)
+    np.testing.assert_allclose(float(ours["loss_bbox"]), ref_bbox, rtol=1e-10)
+
+
 def test_zero_gt_and_padded_gt_never_matched():
     num_classes = 3
     cls, reg, anchors, shapes, img_shapes, boxes, labels, valid = _loss_inputs(
@@ -361,21 +395,27 @@ def test_zero_gt_and_padded_gt_never_matched():
     assert float(jnp.abs(grads[1]).max()) == 0.0
 
 
-def test_postprocess_matches_mmdet_get_bboxes():
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_postprocess_matches_mmdet_get_bboxes(dtype):
+    """float32: scores 1e-5, boxes 1e-5 / 1e-3 px. float64 (x64, float64 logits / deltas /
+    scale factors): every output is float64 and scores and boxes agree to 1e-10."""
     rng = np.random.default_rng(3)
     num_classes, b = 4, 2
     shapes = feat_shapes(128, 160)
     anchors = retina_anchors(shapes)
-    cls = [rng.normal(-3.5, 1.5, (b, h, w, 9 * num_classes)).astype(np.float32) for h, w in shapes]
-    reg = [rng.normal(0, 0.4, (b, h, w, 36)).astype(np.float32) for h, w in shapes]
+    cls = [rng.normal(-3.5, 1.5, (b, h, w, 9 * num_classes)).astype(dtype) for h, w in shapes]
+    reg = [rng.normal(0, 0.4, (b, h, w, 36)).astype(dtype) for h, w in shapes]
     img_shape = np.array([[120, 150], [100, 160]], np.int32)
-    scale_factor = np.array([[1.5, 1.25, 1.5, 1.25], [0.5, 0.5, 0.5, 0.5]], np.float32)
+    scale_factor = np.array([[1.5, 1.25, 1.5, 1.25], [0.5, 0.5, 0.5, 0.5]], dtype)
     cfg = dict(nms_pre=300, score_thr=0.05, iou_threshold=0.5, max_per_img=100)
-    ours = jax.jit(
-        lambda c, r: retina_postprocess(
-            c, r, anchors, img_shape, scale_factor, num_classes, max_candidates=4000, **cfg
-        )
-    )(cls, reg)
+    with jax.enable_x64(dtype == np.float64):
+        ours = jax.jit(
+            lambda c, r: retina_postprocess(
+                c, r, anchors, img_shape, scale_factor, num_classes, max_candidates=4000, **cfg
+            )
+        )(cls, reg)
+    assert ours["scores"].dtype == ours["boxes"].dtype == dtype
+    tol = dict(score_rtol=1e-10, box_rtol=1e-10, box_atol=1e-9) if dtype == np.float64 else {}
     for i in range(b):
         ref = torch_mmdet_get_bboxes(
             [c[i].reshape(-1, num_classes) for c in cls],
@@ -386,7 +426,7 @@ def test_postprocess_matches_mmdet_get_bboxes():
             cfg,
         )
         assert len(ref[1]) == 100
-        check_detections(ours, i, *ref)
+        check_detections(ours, i, *ref, **tol)
 
 
 def _tv_randomize(model: torch.nn.Module, seed: int) -> None:
