@@ -149,6 +149,10 @@ class ResNet(nn.Module):
     strides: Sequence[int] = (1, 2, 2, 2)
     dilations: Sequence[int] = (1, 1, 1, 1)
     dtype: Any = None
+    # rematerialize each trained block in the backward pass (`nn.remat`): only block inputs
+    # are kept for the gradient, the rest is recomputed (less memory, about one more
+    # backbone forward of time); same numbers either way
+    remat: bool = False
 
     def _check(self) -> None:
         if self.depth not in ARCH_SETTINGS:
@@ -199,10 +203,13 @@ class ResNet(nn.Module):
                 )
                 out_ch = planes if block_type == "basic" else planes * 4
                 down = j == 0 and (stride != 1 or in_ch != out_ch)
+                block_cls = BasicBlock if block_type == "basic" else Bottleneck
+                if self.remat and train and i + 1 > self.frozen_stages:
+                    block_cls = nn.remat(block_cls)
                 if block_type == "basic":
-                    block = BasicBlock(downsample=down, **common)
+                    block = block_cls(downsample=down, **common)
                 else:
-                    block = Bottleneck(
+                    block = block_cls(
                         downsample=down,
                         style=self.style,
                         groups=self.groups,
@@ -228,7 +235,7 @@ def build_backbone(cfg: ml_collections.ConfigDict, dtype: Any = None) -> ResNet:
     """`ResNet` from `fgd_jax.config.resnet_backbone(...)` (keys: depth, groups, base_width,
     style, frozen_stages, norm_eval, out_indices)."""
     known = {"depth", "groups", "base_width", "style", "frozen_stages", "norm_eval", "out_indices"}
-    known |= {"strides", "dilations", "type", "norm_requires_grad"}
+    known |= {"strides", "dilations", "type", "norm_requires_grad", "remat"}
     unknown = set(cfg.keys()) - known
     if unknown:
         raise ValueError(f"backbone config: unknown keys {sorted(unknown)}; known {sorted(known)}")
