@@ -54,6 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-torch", action="store_true", help="XLA's numbers only")
     p.add_argument("--skip-jax", action="store_true", help="PyTorch's numbers only")
     p.add_argument(
+        "--torch-steps",
+        type=int,
+        default=2,
+        help="torch steps measured (2: the second holds the momentum buffers too; 1 is faster)",
+    )
+    p.add_argument(
         "--config-override",
         nargs="*",
         default=[],
@@ -139,7 +145,9 @@ def jax_step_memory(
     return out
 
 
-def torch_step_memory(h: int, w: int, batch_size: int, n_boxes: int, dtype: str, gpu: bool):
+def torch_step_memory(
+    h: int, w: int, batch_size: int, n_boxes: int, dtype: str, gpu: bool, steps: int = 2
+):
     """PyTorch's peak bytes for the same step (see the module docstring): dict with `peak`,
     `params` (every parameter of the peer, teacher included) and `trainable` bytes."""
     import torch
@@ -169,9 +177,9 @@ def torch_step_memory(h: int, w: int, batch_size: int, n_boxes: int, dtype: str,
         ]
         shapes = [tuple(int(v) for v in s) for s in batch["img_shape"]]
         t0 = time.perf_counter()
-        for _ in range(2):
+        for _ in range(steps):
             loss = train_step(peer, opt, images, targets, shapes, 35.0, autocast)
-        step_s = (time.perf_counter() - t0) / 2
+        step_s = (time.perf_counter() - t0) / steps
     if not np.isfinite(loss):
         raise FloatingPointError(f"torch step: non-finite loss {loss}")
     params = sum(p.numel() * p.element_size() for p in peer.parameters())
@@ -215,7 +223,7 @@ def report(results: list[dict], env: dict) -> str:
         "included) and trainable bytes (x3 with gradients and momentum) for scale:",
         "",
         "| canvas | dtype | JAX compile s | JAX compile RSS GiB | torch params GiB | torch "
-        "trainable GiB | torch s/step (2 steps, incl. first) |",
+        "trainable GiB | torch s/step (incl. the first) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -245,14 +253,18 @@ def main(argv: list[str] | None = None) -> None:
     jax.config.update("jax_enable_compilation_cache", False)
     if args.gpu:
         device = f"{jax.devices()[0].device_kind} (JAX {jax.default_backend()}; torch cuda)"
-        torch_how = "`torch.cuda.max_memory_allocated()` over building the peer + 2 steps"
+        torch_how = (
+            f"`torch.cuda.max_memory_allocated()` over building the peer + {args.torch_steps} "
+            "step(s)"
+        )
     else:
         from benchmarks.train_step import cpu_info
 
         info = cpu_info()
         device = f"{info['model']}, {args.threads} of {info['machine_cores']} cores, no GPU"
         torch_how = (
-            "RSS high-water over building the peer + 2 steps, above the RSS before (psutil, 2 ms "
+            f"RSS high-water over building the peer + {args.torch_steps} step(s), above the RSS "
+            "before (psutil, 2 ms "
             "sampling; an upper bound of torch's tensors: it includes oneDNN scratch and "
             "allocator slack)"
         )
@@ -275,7 +287,9 @@ def main(argv: list[str] | None = None) -> None:
         for dtype in args.dtypes:
             r = dict(size=size, dtype=dtype)
             if args.skip_jax:
-                t = torch_step_memory(h, w, args.batch, args.boxes, dtype, args.gpu)
+                t = torch_step_memory(
+                    h, w, args.batch, args.boxes, dtype, args.gpu, args.torch_steps
+                )
                 print(
                     f"[{size} {dtype}] torch: peak {t['peak'] / GIB:.3f} GiB, params "
                     f"{t['params'] / GIB:.3f}, trainable {t['trainable'] / GIB:.3f}, "
@@ -293,7 +307,9 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
             if not args.skip_torch:
-                r["torch"] = t = torch_step_memory(h, w, args.batch, args.boxes, dtype, args.gpu)
+                r["torch"] = t = torch_step_memory(
+                    h, w, args.batch, args.boxes, dtype, args.gpu, args.torch_steps
+                )
                 print(f"[{size} {dtype}] torch: peak {t['peak'] / GIB:.3f} GiB", flush=True)
             tp = f"{r['torch']['peak'] / GIB:.3f}" if "torch" in r else "-"
             ratio = f"{r['torch']['peak'] / j['total']:.2f}" if "torch" in r else "-"
