@@ -46,7 +46,8 @@ def resnet_backbone(
     `norm_requires_grad=False` is mmdetection's `norm_cfg=dict(type='BN', requires_grad=False)`
     (the caffe FCOS backbones): every BN scale/bias stays fixed (no update, no decay).
     `remat=True` recomputes each trained block in the backward pass instead of keeping its
-    activations (mmdetection's `with_cp`): less memory, same numbers, more time.
+    activations (mmdetection's `with_cp`): same numbers; JAX then saves block inputs only, but
+    XLA:CPU's memory plan does not shrink (benchmarks/results/train_step_memory_cpu.md).
     """
     return ConfigDict(
         dict(

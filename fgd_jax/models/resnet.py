@@ -149,9 +149,9 @@ class ResNet(nn.Module):
     strides: Sequence[int] = (1, 2, 2, 2)
     dilations: Sequence[int] = (1, 1, 1, 1)
     dtype: Any = None
-    # rematerialize each trained block in the backward pass (`nn.remat`): only block inputs
-    # are kept for the gradient, the rest is recomputed (less memory, about one more
-    # backbone forward of time); same numbers either way
+    # rematerialize each trained block in the backward pass (`nn.remat`): JAX keeps only block
+    # inputs for the gradient; same numbers. XLA:CPU's memory plan does not shrink with it
+    # (benchmarks/results/train_step_memory_cpu.md); GPU untested
     remat: bool = False
 
     def _check(self) -> None:
