@@ -106,6 +106,18 @@ def parse_train_step(out: str) -> list[Row]:
     return rows
 
 
+def parse_memory(out: str) -> list[Row]:
+    """`SUMMARY memory | workload | GiB | fgd-jax | torch | torch/jax` lines of memory.py;
+    the speed-up column is torch / fgd-jax (> 1: fgd-jax holds less)."""
+    rows = []
+    pat = r"^SUMMARY memory \| (.+?) \| (\S+) \| ([\d.]+) \| ([\d.]+|-) \| ([\d.]+|-)$"
+    for m in re.finditer(pat, out, re.MULTILINE):
+        t = None if m.group(4) == "-" else float(m.group(4))
+        j = float(m.group(3))
+        rows.append(Row(f"FGD R101->R50 {m.group(1)}", m.group(2), j, t, t / j if t else None))
+    return rows
+
+
 @dataclass
 class Bench:
     name: str
@@ -145,6 +157,13 @@ BENCHES = [
         ["--sizes", "256x256", "--steps", "1"],
         ["--sizes", "512x512", "--steps", "2"],
         parse_train_step,
+        ["--gpu"],
+    ),
+    Bench(
+        "memory",
+        ["--sizes", "256x256"],
+        ["--sizes", "512x512", "800x1344"],
+        parse_memory,
         ["--gpu"],
     ),
     Bench(
@@ -243,7 +262,8 @@ def main(argv: list[str] | None = None) -> None:
         f" ({time.perf_counter() - t_all:.0f} s in all; load average at the end {load:.1f})",
         "",
         "Speed-up = fgd-jax throughput / PyTorch throughput (> 1: fgd-jax faster); for ms/step "
-        "rows it is torch ms / fgd-jax ms. PyTorch peers: torchvision models, the original FGD "
+        "rows it is torch ms / fgd-jax ms, for GiB rows (memory) torch GiB / fgd-jax GiB (> 1: "
+        "fgd-jax holds less). PyTorch peers: torchvision models, the original FGD "
         "loss (`benchmarks/fgd_torch_reference.py`), `benchmarks/torch_fgd_peer.py`.",
         "",
         "| benchmark | workload | unit | fgd-jax | PyTorch | speed-up | script wall s | status |",

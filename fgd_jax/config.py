@@ -38,12 +38,16 @@ def resnet_backbone(
     norm_eval: bool = True,
     out_indices: Sequence[int] = (0, 1, 2, 3),
     norm_requires_grad: bool = True,
+    remat: bool = False,
 ) -> ConfigDict:
     """ResNet / ResNeXt backbone (mmdetection `ResNet` / `ResNeXt` arguments).
 
     ResNeXt-101 32x4d is `depth=101, groups=32, base_width=4`; 64x4d is `groups=64`.
     `norm_requires_grad=False` is mmdetection's `norm_cfg=dict(type='BN', requires_grad=False)`
     (the caffe FCOS backbones): every BN scale/bias stays fixed (no update, no decay).
+    `remat=True` recomputes each trained block in the backward pass instead of keeping its
+    activations (mmdetection's `with_cp`): same numbers; JAX then saves block inputs only, but
+    XLA:CPU's memory plan does not shrink (benchmarks/results/train_step_memory_cpu.md).
     """
     return ConfigDict(
         dict(
@@ -55,6 +59,7 @@ def resnet_backbone(
             norm_eval=norm_eval,
             out_indices=tuple(out_indices),
             norm_requires_grad=norm_requires_grad,
+            remat=remat,
         )
     )
 

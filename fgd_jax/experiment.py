@@ -210,21 +210,34 @@ def make_train_step(exp: Experiment, tx: optax.GradientTransformation, schedule:
 
     def step_fn(state: TrainState, teacher_vars, batch):
         rng, step_rng = jax.random.split(state.rng)
+        # Differentiate the trainable leaves only: frozen ones (frozen backbone stages, and
+        # with them everything below the first trainable stage) get no gradient computation
+        # at all, instead of gradients the optimizer then zeroes.
+        leaves, treedef = jax.tree.flatten(state.params)
+        trainable = treedef.flatten_up_to(trainable_params_mask(exp, state.params))
 
-        def loss_fn(params):
+        def loss_fn(trained):
+            it = iter(trained)
+            full = [next(it) if t else x for x, t in zip(leaves, trainable, strict=True)]
+            params = jax.tree.unflatten(treedef, full)
             losses, model_state = exp.apply_losses(
                 params, state.model_state, teacher_vars, batch, step_rng
             )
             return distiller_lib.total_loss(losses), (losses, model_state)
 
-        (loss, (losses, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params
+        trained = [x for x, t in zip(leaves, trainable, strict=True) if t]
+        (loss, (losses, model_state)), grads_t = jax.value_and_grad(loss_fn, has_aux=True)(trained)
+        it = iter(grads_t)
+        grads = jax.tree.unflatten(
+            treedef,
+            [next(it) if t else jnp.zeros_like(x) for x, t in zip(leaves, trainable, strict=True)],
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(losses)
         metrics["loss"] = loss
-        metrics["grad_norm"] = optax.global_norm(grads)
+        # the norm mmdetection logs and clips: over the parameters that require grad
+        metrics["grad_norm"] = optax.global_norm(grads_t)
         metrics["lr"] = schedule(state.step)
         new_state = state.replace(
             step=state.step + 1,
@@ -238,6 +251,19 @@ def make_train_step(exp: Experiment, tx: optax.GradientTransformation, schedule:
     return step_fn
 
 
+def trainable_params_mask(exp: Experiment, params: Any) -> Any:
+    """Bool tree shaped like the TrainState's `params`: False for the frozen leaves (frozen
+    backbone stages, `model.backbone.frozen_stages` / `norm_requires_grad`); FGD params train
+    like the student's. Depends on the tree's paths only (works on tracers and shapes)."""
+    student_params = params["student"] if exp.distilling else params
+    mask = trainable_mask(student_params, exp.cfg.model)
+    if exp.distilling:
+        mask = dict(
+            student=mask, distill_losses=jax.tree.map(lambda _: True, params["distill_losses"])
+        )
+    return mask
+
+
 def run_optimizer(
     exp: Experiment, params: Any, steps_per_epoch: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -245,12 +271,7 @@ def run_optimizer(
     `params` with the run's trainable mask: frozen backbone stages and nothing else excluded
     (FGD params train like the student's)."""
     cfg = exp.cfg
-    student_params = params["student"] if exp.distilling else params
-    mask = trainable_mask(student_params, cfg.model)
-    if exp.distilling:
-        mask = dict(
-            student=mask, distill_losses=jax.tree.map(lambda _: True, params["distill_losses"])
-        )
+    mask = trainable_params_mask(exp, params)
     schedule = optim.make_lr_schedule(cfg.train, steps_per_epoch)
     tx = optim.make_optimizer(cfg.train, steps_per_epoch, params, trainable_mask=mask)
     return tx, schedule

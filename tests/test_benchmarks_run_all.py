@@ -40,6 +40,13 @@ train   torch             1.14     0.953     1.05
 SUMMARY train_step | distill step, batch 2, 512x512 | img/s | 0.159 | 0.263 | 0.61
 SUMMARY train_step | distill step, batch 2, 800x1344 | img/s | 0.029 | 0.049 | 0.59
 """,
+    # memory.py's lines (2026-12-06); the torch columns of the 512x512 line join the numbers
+    # of a `--skip-jax` run of the same commit (the script prints that layout with both sides)
+    "memory": """\
+[800x1344 float32] fgd-jax: held 4.723 GiB (arguments 0.501, outputs 0.288, aliased 0.288, temporaries 4.223); code 0.0 MiB; compile 135.3 s, +1.00 GiB RSS
+SUMMARY memory | distill step, batch 2, 800x1344, float32 | GiB | 4.723 | - | -
+SUMMARY memory | distill step, batch 2, 512x512, float32 | GiB | 1.590 | 1.575 | 0.99
+""",
 }  # fmt: skip
 
 EXPECTED = {
@@ -53,6 +60,10 @@ EXPECTED = {
     "fcos": [
         ("FCOS train, batch 1, 256x256", 0.95, 1.05),
         ("FCOS infer, batch 1, 256x256", 2.48, 3.48),
+    ],
+    "memory": [
+        ("FGD R101->R50 distill step, batch 2, 800x1344, float32", 4.723, None),
+        ("FGD R101->R50 distill step, batch 2, 512x512, float32", 1.590, 1.575),
     ],
     "train_step": [
         ("FGD R101->R50 distill step, batch 2, 512x512", 0.159, 0.263),
@@ -69,7 +80,7 @@ def test_parsers_read_the_scripts_real_output(name):
     for r in rows:
         if r.torch is None:
             assert r.speedup is None
-        elif r.unit == "ms/step":  # time: torch / jax
+        elif r.unit in ("ms/step", "GiB"):  # time or memory: torch / jax
             assert r.speedup == pytest.approx(r.torch / r.jax)
         else:  # throughput: jax / torch
             assert r.speedup == pytest.approx(r.jax / r.torch)

@@ -115,12 +115,14 @@ RENAMED: dict[str, dict[str, str]] = {"retinanet": _RETINA, "fcos": _FCOS, "fast
 # has ("=other/name": the value of that setting).
 ADDED: dict[str, dict[str, object]] = {
     "retinanet": {
+        "backbone/remat": False,  # rematerialization switch (issue 24), off by default
         "bbox_head/prior_prob": 0.01,
         "bbox_head/in_channels": "=neck/out_channels",
         "bbox_head/num_anchors": None,
     },
-    "fcos": {"bbox_head/in_channels": "=neck/out_channels"},
+    "fcos": {"backbone/remat": False, "bbox_head/in_channels": "=neck/out_channels"},
     "faster_rcnn": {
+        "backbone/remat": False,
         "rpn_head/in_channels": "=neck/out_channels",
         "rpn_head/num_anchors": None,
         # one RPN NMS threshold before (checked equal to the train one), now one per group

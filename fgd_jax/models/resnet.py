@@ -150,6 +150,10 @@ class ResNet(nn.Module):
     strides: Sequence[int] = (1, 2, 2, 2)
     dilations: Sequence[int] = (1, 1, 1, 1)
     dtype: Any = None
+    # rematerialize each trained block in the backward pass (`nn.remat`): JAX keeps only block
+    # inputs for the gradient; same numbers. XLA:CPU's memory plan does not shrink with it
+    # (benchmarks/results/train_step_memory_cpu.md); GPU untested
+    remat: bool = False
 
     def _check(self) -> None:
         if self.depth not in ARCH_SETTINGS:
@@ -200,10 +204,13 @@ class ResNet(nn.Module):
                 )
                 out_ch = planes if block_type == "basic" else planes * 4
                 down = j == 0 and (stride != 1 or in_ch != out_ch)
+                block_cls = BasicBlock if block_type == "basic" else Bottleneck
+                if self.remat and train and i + 1 > self.frozen_stages:
+                    block_cls = nn.remat(block_cls)
                 if block_type == "basic":
-                    block = BasicBlock(downsample=down, **common)
+                    block = block_cls(downsample=down, **common)
                 else:
-                    block = Bottleneck(
+                    block = block_cls(
                         downsample=down,
                         style=self.style,
                         groups=self.groups,
