@@ -10,6 +10,7 @@ export, demo) takes them as `--config.KEY=VALUE` (`split_overrides`, `OVERRIDE_H
 
 from __future__ import annotations
 
+import argparse
 import ast
 import difflib
 import importlib.util
@@ -483,6 +484,18 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
             rest.append(a)
         i += 1
     return rest, overrides
+
+
+def parse_command_line(
+    parser: argparse.ArgumentParser, argv: Sequence[str]
+) -> tuple[argparse.Namespace, list[str]]:
+    """A command's arguments: `(parser's namespace, ["KEY=VALUE", ...])`, the overrides taken
+    out first (`split_overrides`); a malformed override exits through `parser.error`."""
+    try:
+        rest, overrides = split_overrides(argv)
+    except ValueError as e:
+        parser.error(str(e))
+    return parser.parse_args(rest), overrides
 
 
 def eval_settings(batch_size: int = 8) -> ConfigDict:

@@ -27,7 +27,7 @@ import jax
 
 from fgd_jax import checkpoint as ckpt_lib
 from fgd_jax import evaluation
-from fgd_jax.config import OVERRIDE_HELP, ConfigDict, split_overrides
+from fgd_jax.config import OVERRIDE_HELP, ConfigDict, parse_command_line
 from fgd_jax.data import pipeline
 from fgd_jax.demo_runs import (
     CONFIG,
@@ -128,11 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="also train the student with the inheriting init only (no FGD loss); on by default",
     )
-    try:
-        rest, overrides = split_overrides(argv)
-    except ValueError as e:
-        p.error(str(e))
-    args = p.parse_args(rest)
+    args, overrides = parse_command_line(p, argv)
     args.overrides = overrides
     rows = run(args)
     print(json.dumps({n: round(100 * m["AP"], 1) for n, m in rows.items()}))

@@ -21,7 +21,7 @@ import jax
 from flax.errors import FlaxError
 
 from fgd_jax import evaluation
-from fgd_jax.config import OVERRIDE_HELP, apply_overrides, load_config, split_overrides
+from fgd_jax.config import OVERRIDE_HELP, apply_overrides, load_config, parse_command_line
 from fgd_jax.experiment import check_batch_sizes, check_variables, load_model
 from fgd_jax.models import build_detector
 
@@ -46,11 +46,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = parser()
-    try:
-        rest, overrides = split_overrides(argv)
-    except ValueError as e:
-        p.error(str(e))
-    args = p.parse_args(rest)
+    args, overrides = parse_command_line(p, argv)
     overrides = [*args.overrides, *overrides]
     try:
         variables, cfg = load_model(args.ckpt, teacher=args.teacher)

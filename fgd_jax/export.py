@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from fgd_jax import checkpoint as ckpt_lib
-from fgd_jax.config import OVERRIDE_HELP, apply_overrides, split_overrides
+from fgd_jax.config import OVERRIDE_HELP, apply_overrides, parse_command_line
 from fgd_jax.experiment import load_model
 
 
@@ -62,11 +62,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = parser()
-    try:
-        rest, overrides = split_overrides(argv)
-    except ValueError as e:
-        p.error(str(e))
-    args = p.parse_args(rest)
+    args, overrides = parse_command_line(p, argv)
     try:
         variables, cfg = load_model(args.ckpt, teacher=args.teacher)
         apply_overrides(cfg, overrides)

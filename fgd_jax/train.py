@@ -15,7 +15,7 @@ import os
 import sys
 
 from fgd_jax import parallel, trainer
-from fgd_jax.config import OVERRIDE_HELP, load_config, split_overrides
+from fgd_jax.config import OVERRIDE_HELP, load_config, parse_command_line
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,11 +46,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = parser()
-    try:
-        rest, overrides = split_overrides(argv)
-    except ValueError as e:
-        p.error(str(e))
-    args = p.parse_args(rest)
+    args, overrides = parse_command_line(p, argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("fgd_jax").setLevel(logging.INFO)
     parallel.maybe_initialize_distributed(
