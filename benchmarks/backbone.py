@@ -362,13 +362,14 @@ def make_flax(args, form: dict):
     import jax.numpy as jnp
     import numpy as np
 
+    from fgd_jax.models import init_module
     from fgd_jax.models.resnet import ResNet
 
     dtype = form.get("dtype", "float32")
     model = ResNet(depth=50, frozen_stages=-1, norm_eval=True)
     shape = (args.batch, args.size, args.size, 3)
     x = jnp.asarray(np.random.RandomState(0).randn(*shape), jnp.float32)
-    variables = jax.jit(model.init)(jax.random.key(0), x)
+    variables = init_module(model, jax.random.key(0), x)
     params, stats = variables["params"], variables["batch_stats"]
     if form["impl"] == "flax":
         model = ResNet(depth=50, frozen_stages=-1, norm_eval=True, dtype=jnp.dtype(dtype))

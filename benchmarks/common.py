@@ -195,13 +195,13 @@ def detector_sides(
     import optax
     import torch
 
-    from fgd_jax.models import build_detector
+    from fgd_jax.models import build_detector, init_module
 
     ts, (ih, iw) = args.train_size, args.infer_size
     tb, ib = synthetic_batch(2, ts, ts), synthetic_batch(1, ih, iw)
 
     model = build_detector(model_cfg)
-    variables = jax.jit(model.init)(jax.random.key(0), jnp.asarray(tb["image"]))
+    variables = init_module(model, jax.random.key(0), jnp.asarray(tb["image"]))
     params, stats = variables["params"], variables["batch_stats"]
     tx = optax.sgd(lr, momentum=0.9)
 
@@ -290,10 +290,16 @@ def compare_detectors(
     write_report(lines, args.out)
 
 
-def write_report(lines: list[str], out: str) -> None:
-    text = "\n".join(lines) + "\n"
+def write_text(text: str, out: str) -> None:
+    """Print a report and, if `out` is set, write it there (creating its folder)."""
     print(text)
     if out:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         with open(out, "w") as f:
             f.write(text)
         print(f"wrote {out}")
+
+
+def write_report(lines: list[str], out: str) -> None:
+    """`write_text` of the lines joined by newlines."""
+    write_text("\n".join(lines) + "\n", out)

@@ -23,6 +23,7 @@ import os
 import statistics
 import time
 
+from benchmarks import common
 from fgd_jax.config import FGD_WEIGHT_KEYS, fgd_distill
 
 # (alpha, beta, gamma, lambda): the paper's RetinaNet values (fgd_distill's defaults) first,
@@ -121,10 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     per_seed = {s: run_seed(s, args.workdir, args.data_root, SETTINGS) for s in args.seeds}
     text = report(per_seed, SETTINGS, (time.time() - t0) / 60)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    common.write_text(text, args.out)
     return 0
 
 

@@ -63,6 +63,7 @@ def main() -> None:
 
     from benchmarks.fgd_torch_reference import FeatureLossReference
     from fgd_jax.distill.fgd import FGDLoss, fg_bg_masks
+    from fgd_jax.models import init_module
 
     torch.set_num_threads(args.threads)
     tdev = torch.device("cuda" if args.device == "gpu" else "cpu")
@@ -95,7 +96,7 @@ def main() -> None:
     js_feats = [jnp.asarray(f) for f in feats_s]
     jt_feats = [jnp.asarray(f) for f in feats_t]
     params = [
-        jax.jit(m.init)(jax.random.key(i), s, t, jb, jv, js, jp)["params"]
+        init_module(m, jax.random.key(i), s, t, jb, jv, js, jp)["params"]
         for i, (m, s, t) in enumerate(zip(modules, js_feats, jt_feats, strict=True))
     ]
 

@@ -38,6 +38,7 @@ import time
 
 import numpy as np
 
+from benchmarks import common
 from benchmarks.train_step import CONFIG, PeakRSS, make_batch, versions
 
 GIB = 2**30
@@ -322,12 +323,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             results.append(r)
     text = report(results, env)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text)
-        print(f"wrote {args.out}")
+    common.write_text(text, args.out)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,8 @@ import time
 
 import numpy as np
 
+from benchmarks import common
+
 CONFIG = "configs/retina_r101_r50.py"
 
 # Dense peak FLOP/s (tera) of the accelerators this project is lent, per compute dtype.
@@ -243,6 +245,7 @@ def build_jax(args: argparse.Namespace, batch: dict) -> dict:
     from fgd_jax import parallel
     from fgd_jax.config import load_config
     from fgd_jax.experiment import Experiment, init_train_state, make_train_step
+    from fgd_jax.models import init_module
 
     b, h, w = batch["image"].shape[:3]
     cfg = load_config(
@@ -250,7 +253,7 @@ def build_jax(args: argparse.Namespace, batch: dict) -> dict:
     )
     exp = Experiment(cfg)
     t0 = time.perf_counter()
-    teacher_vars = jax.jit(exp.teacher.init)(jax.random.key(1), jnp.asarray(batch["image"][:1]))
+    teacher_vars = init_module(exp.teacher, jax.random.key(1), jnp.asarray(batch["image"][:1]))
     state, tx, schedule = init_train_state(exp, batch, 1000, teacher_vars)
     # As `fgd_jax.trainer.train` does: fresh global arrays on a mesh of every device. (The
     # inherited student leaves are the teacher's own arrays after `init_train_state`, so
@@ -561,12 +564,7 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
     text = report(args, results, env)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text)
-        print(f"wrote {args.out}")
+    common.write_text(text, args.out)
 
 
 if __name__ == "__main__":

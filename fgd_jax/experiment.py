@@ -10,7 +10,6 @@ them is `fgd_jax.trainer`; the commands (`python -m fgd_jax.train|eval|export|de
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import os
 from collections.abc import Mapping
@@ -27,7 +26,7 @@ from fgd_jax import checkpoint as ckpt_lib
 from fgd_jax import optim, parallel
 from fgd_jax.data import classes as data_classes
 from fgd_jax.distill import distiller as distiller_lib
-from fgd_jax.models import build_detector, trainable_mask, variable_shapes
+from fgd_jax.models import build_detector, init_module, trainable_mask, variable_shapes
 
 log = logging.getLogger("fgd_jax.experiment")
 
@@ -86,8 +85,7 @@ class Experiment:
         and an FGD run with the same seed start from the same student) and, when distilling,
         the FGD params under `params/distill_losses`."""
         images = jnp.asarray(batch["image"][:1])
-        # jitted: eager init of a detector runs op by op and is several times slower
-        student_vars = jax.jit(functools.partial(self.student.init, train=False))(rng, images)
+        student_vars = init_module(self.student, rng, images, train=False)
         if not self.distilling:
             return student_vars
         feats = jax.eval_shape(
@@ -99,8 +97,12 @@ class Experiment:
         tc = self.cfg.distill.teacher_channels
         feats_t = tuple(jnp.zeros(f.shape[:-1] + (tc,), f.dtype) for f in feats)
         fgd_rng = jax.random.fold_in(rng, 1)
-        fgd_vars = jax.jit(distiller_lib.build_distill_losses(self.cfg.distill).init)(
-            fgd_rng, feats_s, feats_t, _slice_jnp(batch, 1)
+        fgd_vars = init_module(
+            distiller_lib.build_distill_losses(self.cfg.distill),
+            fgd_rng,
+            feats_s,
+            feats_t,
+            _slice_jnp(batch, 1),
         )
         out = {"params": {"student": student_vars["params"], "distill_losses": fgd_vars["params"]}}
         for col, tree in student_vars.items():

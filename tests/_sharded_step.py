@@ -17,6 +17,7 @@ from jax.sharding import Mesh  # noqa: E402
 
 from fgd_jax import parallel  # noqa: E402
 from fgd_jax.experiment import Experiment, dummy_batch, init_train_state, make_train_step  # noqa: E402
+from fgd_jax.models import init_module
 from tests._compare import tree_difference  # noqa: E402
 from tests._tiny import STABLE, STABLE_STEPS, tiny_config  # noqa: E402
 
@@ -47,7 +48,7 @@ def main(data_root: str) -> None:
         batch["boxes"][i, :n] = np.concatenate([xy, xy + wh], 1)
         batch["labels"][i, :n] = rng.integers(0, 6, n)
         batch["valid"][i, :n] = True
-    teacher = exp.teacher.init(jax.random.PRNGKey(1), jnp.asarray(batch["image"][:1]))
+    teacher = init_module(exp.teacher, jax.random.PRNGKey(1), jnp.asarray(batch["image"][:1]))
 
     results = {}
     for name, devices in (("mesh8", jax.devices()), ("mesh1", jax.devices()[:1])):

@@ -10,7 +10,7 @@ import numpy as np
 
 from fgd_jax import checkpoint as ckpt_lib
 from fgd_jax.config import ConfigDict, apply_overrides, fgd_distill, load_config, shapes_data
-from fgd_jax.models import build_detector
+from fgd_jax.models import build_detector, init_module
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "shapes_demo.py")
@@ -85,7 +85,7 @@ def make_teacher(cfg: ConfigDict, path: str, seed: int = 1) -> dict:
     teacher_cfg = ConfigDict({"model": cfg.teacher.model, "data": cfg.data})
     t = build_detector(cfg.teacher.model)
     h, w = cfg.data.canvases[0]
-    v = t.init(jax.random.PRNGKey(seed), jnp.zeros((1, h, w, 3)))
+    v = init_module(t, jax.random.PRNGKey(seed), jnp.zeros((1, h, w, 3)))
     ckpt_lib.save_variables(path, v, teacher_cfg, overwrite=True)
     cfg.teacher.ckpt = path
     return v

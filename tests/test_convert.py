@@ -28,6 +28,7 @@ from fgd_jax.convert import (
     torchvision_rules,
 )
 from fgd_jax.convert.torchvision_backbone import CLASSIFICATION_BACKBONE_RULES
+from fgd_jax.models import init_module
 from fgd_jax.models.fpn import FPN
 from fgd_jax.models.resnet import ResNet
 
@@ -162,8 +163,8 @@ def test_rename_and_prefix_options():
 # ---------------------------------------------------------------------------- round trips
 def _backbone_neck_init(backbone, neck):
     def init(x):
-        bv = backbone.init(jax.random.key(0), x)
-        nv = neck.init(jax.random.key(1), backbone.apply(bv, x))
+        bv = init_module(backbone, jax.random.key(0), x)
+        nv = init_module(neck, jax.random.key(1), backbone.apply(bv, x))
         return {
             "params": {"backbone": bv["params"], "neck": nv["params"]},
             "batch_stats": {"backbone": bv["batch_stats"]},
@@ -372,7 +373,7 @@ def test_import_backbone_weights_strict_on_the_backbone_only(tmp_path):
     model.neck.out_channels = model.head.in_channels = model.head.feat_channels = 16
     from fgd_jax.models import build_detector
 
-    init = build_detector(model).init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    init = init_module(build_detector(model), jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
     sd = _tv_r18_state_dict()
     path = tmp_path / "r18_dp.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, path)

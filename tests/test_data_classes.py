@@ -10,6 +10,7 @@ from fgd_jax.convert.torch_io import load_torch_meta
 from fgd_jax.data import classes as C
 from fgd_jax.data.coco import load_coco_records
 from fgd_jax.data.pipeline import build_eval_loader
+from fgd_jax.models import init_module
 from tests.test_data_fixtures import write_coco_fixture
 
 # the fixture's json lists categories 7, 2, 40 in that order: mmdetection's labels 0, 1, 2
@@ -109,7 +110,7 @@ def test_teacher_recorded_with_other_classes_is_refused(tmp_path):
     assert run.data.classes == table and table[0] == (1, "circle")
     teacher = build_detector(cfg.teacher.model)
     h, w = cfg.data.canvases[0]
-    v = teacher.init(jax.random.PRNGKey(0), jax.numpy.zeros((1, h, w, 3)))
+    v = init_module(teacher, jax.random.PRNGKey(0), jax.numpy.zeros((1, h, w, 3)))
     exp = Experiment(run)
 
     def save(names):

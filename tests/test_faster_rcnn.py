@@ -41,7 +41,7 @@ from torchvision.models.detection.image_list import ImageList
 
 from fgd_jax import config as C
 from fgd_jax.convert import import_torch_checkpoint
-from fgd_jax.models import build_detector
+from fgd_jax.models import build_detector, init_module
 from fgd_jax.models.faster_rcnn import (
     FasterRCNN,
     extract_roi_feats,
@@ -435,7 +435,7 @@ def test_from_config_shapes_and_names():
 def test_overfits_one_small_batch():
     model = build_detector(_tiny_cfg())
     batch = overfit_batch()
-    variables = jax.jit(model.init)(jax.random.key(0), batch["image"])
+    variables = init_module(model, jax.random.key(0), batch["image"])
     params, stats = variables["params"], variables["batch_stats"]
     tx = optax.adam(3e-3)
     opt = tx.init(params)

@@ -39,7 +39,7 @@ from torchvision.models.detection.image_list import ImageList
 
 from fgd_jax import config as C
 from fgd_jax.data import SHAPES_CLASS_NAMES
-from fgd_jax.models import build_detector
+from fgd_jax.models import build_detector, init_module
 from fgd_jax.models import fcos as fc
 
 STRIDES = (8, 16, 32, 64, 128)
@@ -544,7 +544,7 @@ def _tiny_batch(rng, b=2, size=64):
 def test_tiny_model_api_and_names():
     model = build_detector(_tiny_cfg())
     batch = _tiny_batch(np.random.default_rng(0))
-    variables = jax.jit(model.init)(jax.random.key(0), batch["image"])
+    variables = init_module(model, jax.random.key(0), batch["image"])
     head = variables["params"]["bbox_head"]
     names = {"cls_convs_0", "reg_convs_1", "conv_cls", "conv_reg", "conv_centerness", "scales_4"}
     assert set(head) >= names
@@ -596,7 +596,7 @@ def test_tiny_fcos_overfits_one_batch():
     cfg.backbone.frozen_stages = 4
     model = build_detector(cfg)
     batch = _tiny_batch(np.random.default_rng(3))
-    variables = jax.jit(model.init)(jax.random.key(0), batch["image"])
+    variables = init_module(model, jax.random.key(0), batch["image"])
     params, rest = variables["params"], {k: v for k, v in variables.items() if k != "params"}
     opt = optax.adam(3e-3)
     state = opt.init(params)
@@ -665,7 +665,7 @@ def test_input_shift_gives_mmdet_normalisation_inside_the_image_only():
     model = build_detector(_tiny_caffe_cfg(tricks=False))  # shift (0.5499, 0.3335, 0.9033)
     ref_model = build_detector(_tiny_caffe_cfg(tricks=False, pixel_mean=TRICKS_MEAN))  # none
     assert ref_model.input_shift == (0.0, 0.0, 0.0)
-    variables = jax.jit(model.init)(jax.random.key(0), ours_in)
+    variables = init_module(model, jax.random.key(0), ours_in)
     batch = dict(
         image=ours_in,
         boxes=np.array([[[4.0, 4.0, 30.0, 36.0]]], np.float32),
@@ -930,7 +930,7 @@ def test_fgd_student_variant_trains_with_sgd_and_every_loss_part_falls(tmp_path)
     # ~100x too large and FGD's loss (~1e4) drowns the detector's. So: a few train-mode
     # forward passes to update the running statistics, as a trained teacher would have them.
     exp = experiment_lib.Experiment(cfg)
-    teacher_vars = jax.jit(exp.teacher.init)(jax.random.key(1), batches[0]["image"][:1])
+    teacher_vars = init_module(exp.teacher, jax.random.key(1), batches[0]["image"][:1])
 
     @jax.jit
     def calibrate(v, images):

@@ -17,6 +17,7 @@ import torch
 
 from benchmarks.fgd_torch_reference import FeatureLossReference
 from fgd_jax.distill.fgd import FGDLoss, fg_bg_masks, spatial_channel_attention
+from fgd_jax.models import init_module
 
 CS, CT = 8, 16  # student != teacher channels: `align` exists
 FEAT_HW = (12, 20)
@@ -194,7 +195,8 @@ def test_param_tree_and_init_match_original():
     module = FGDLoss(cs, ct)
     s = jnp.ones((1, 2, 2, cs))
     t = jnp.ones((1, 2, 2, ct))
-    params = jax.jit(module.init)(
+    params = init_module(
+        module,
         jax.random.key(0),
         s,
         t,
@@ -389,8 +391,8 @@ def test_degenerate_boxes_and_empty_batch_jitted_no_nan():
         ],
         jnp.float32,
     )
-    params = jax.jit(module.init)(
-        jax.random.key(1), s, t, degenerate, jnp.ones((2, 3), bool), img_shape, img_shape
+    params = init_module(
+        module, jax.random.key(1), s, t, degenerate, jnp.ones((2, 3), bool), img_shape, img_shape
     )
     # Randomize the zero-init convs so every gradient path is live.
     params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
@@ -423,7 +425,7 @@ def test_batch_size_override_divides_by_global_batch():
     t = jnp.asarray(rng.normal(size=(2, 6, 6, CT)), jnp.float32)
     boxes = jnp.array([[[4.0, 4.0, 20.0, 30.0]], [[0.0, 0.0, 48.0, 48.0]]])
     valid, shp = jnp.ones((2, 1), bool), jnp.array([[48, 48], [48, 48]])
-    params = jax.jit(module.init)(jax.random.key(0), s, t, boxes, valid, shp, shp)
+    params = init_module(module, jax.random.key(0), s, t, boxes, valid, shp, shp)
     apply = jax.jit(lambda p, n: module.apply(p, s, t, boxes, valid, shp, shp, batch_size=n))
     local = apply(params, 2)  # = the default (B), checked against the original above
     glob = apply(params, 8)
@@ -453,11 +455,11 @@ def test_bad_inputs_raise_clear_errors():
     t = jnp.ones((1, 4, 4, CT))
     b, v, shp = jnp.zeros((1, 2, 4)), jnp.ones((1, 2), bool), jnp.array([[32, 32]])
     with pytest.raises(ValueError, match="teacher features have 8 channels"):
-        module.init(jax.random.key(0), s, s, b, v, shp, shp)
+        init_module(module, jax.random.key(0), s, s, b, v, shp, shp)
     with pytest.raises(ValueError, match="differ in \\[B, H, W\\]"):
-        module.init(jax.random.key(0), s, jnp.ones((1, 5, 4, CT)), b, v, shp, shp)
+        init_module(module, jax.random.key(0), s, jnp.ones((1, 5, 4, CT)), b, v, shp, shp)
     with pytest.raises(ValueError, match="box_scale"):
-        FGDLoss(CS, CT, box_scale="pad").init(jax.random.key(0), s, t, b, v, shp, shp)
+        init_module(FGDLoss(CS, CT, box_scale="pad"), jax.random.key(0), s, t, b, v, shp, shp)
     with pytest.raises(ValueError, match="valid must be"):
         fg_bg_masks(b, jnp.ones((1, 3), bool), shp, shp, (4, 4))
 

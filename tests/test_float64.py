@@ -19,7 +19,7 @@ import torch
 from fgd_jax import config as C
 from fgd_jax.convert import convert_state_dict
 from fgd_jax.convert.torchvision_backbone import fpn_rules
-from fgd_jax.models import FPN, ResNet, build_detector
+from fgd_jax.models import FPN, ResNet, build_detector, init_module
 
 from ._tiny import overfit_batch
 
@@ -69,7 +69,7 @@ def test_detector_runs_in_float64(name):
             k: (v.astype(jnp.float64) if jnp.issubdtype(v.dtype, jnp.floating) else v)
             for k, v in overfit_batch().items()
         }
-        variables = model.init(jax.random.key(0), batch["image"])
+        variables = init_module(model, jax.random.key(0), batch["image"])
         variables = jax.tree.map(lambda v: v.astype(jnp.float64), variables)
         rngs = {"sampler": jax.random.key(1)}
         losses, feats = jax.jit(

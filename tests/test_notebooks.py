@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from fgd_jax import analysis
 from fgd_jax.distill.fgd import FGDLoss
+from fgd_jax.models import init_module
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(REPO, "notebooks")
@@ -138,7 +139,7 @@ def test_fgd_level_maps_vs_torch(box_scale):
     batch = dict(boxes=boxes, valid=valid, img_shape=img_shape, pad_shape=pad_shape)
     module = FGDLoss(student_channels=cs, teacher_channels=ct, temp=temp, box_scale=box_scale)
     args = tuple(jnp.asarray(a) for a in (feat_s, feat_t, boxes, valid, img_shape, pad_shape))
-    params = module.init(jax.random.PRNGKey(0), *args)["params"]
+    params = init_module(module, jax.random.PRNGKey(0), *args)["params"]
     maps = analysis.fgd_level_maps(params, feat_s, feat_t, batch, temp, box_scale)
 
     # torch reference, NCHW

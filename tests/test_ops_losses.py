@@ -96,4 +96,3 @@ def test_iou_and_giou_losses_vs_torch():
     np.testing.assert_allclose(np.asarray(g), at.grad[:20].numpy(), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="unknown mode"):
         L.iou_loss(a, b, "cube")
-

@@ -18,7 +18,7 @@ from torchvision.models.resnet import ResNet as TvResNet
 
 from fgd_jax import config as C
 from fgd_jax.convert import convert_state_dict, module_path
-from fgd_jax.models import build_backbone, build_detector, trainable_mask
+from fgd_jax.models import build_backbone, build_detector, init_module, trainable_mask
 from fgd_jax.models.resnet import ResNet, stage_out_channels
 
 RTOL = 1e-4
@@ -195,7 +195,7 @@ def _mmdet_frozen_names(frozen_stages: int) -> set[str]:
 def test_frozen_stages_zero_gradient_and_mask(frozen_stages):
     model = ResNet(depth=18, frozen_stages=frozen_stages)
     x = jax.random.normal(jax.random.key(1), (1, 32, 32, 3))
-    variables = jax.jit(model.init)(jax.random.key(0), x)
+    variables = init_module(model, jax.random.key(0), x)
     params = variables["params"]
 
     def loss(p):

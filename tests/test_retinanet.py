@@ -28,7 +28,7 @@ from torchvision.models.detection import retinanet as tv_retinanet
 from fgd_jax import config as C
 from fgd_jax.convert import convert_state_dict, import_torch_checkpoint
 from fgd_jax.convert.torchvision_retinanet import RENAME_RULES
-from fgd_jax.models import build_detector
+from fgd_jax.models import build_detector, init_module
 from fgd_jax.models.retinanet import (
     RetinaHead,
     RetinaNet,
@@ -284,7 +284,7 @@ def _tower(seq, x):
 def test_head_init_follows_mmdet():
     head = RetinaHead(num_classes=3, num_anchors=9, feat_channels=32)
     feats = [jnp.zeros((1, 8, 8, 32))]
-    params = jax.jit(head.init)(jax.random.key(0), feats)["params"]
+    params = init_module(head, jax.random.key(0), feats)["params"]
     assert set(params) == {f"cls_convs_{i}" for i in range(4)} | {
         f"reg_convs_{i}" for i in range(4)
     } | {"retina_cls", "retina_reg"}
@@ -536,7 +536,7 @@ def test_overfits_one_small_batch():
     cfg.backbone.frozen_stages = 4  # ResNet-18 frozen (features still random): keeps it fast
     model = build_detector(cfg)
     batch = overfit_batch()
-    variables = jax.jit(model.init)(jax.random.key(0), batch["image"])
+    variables = init_module(model, jax.random.key(0), batch["image"])
     params, stats = variables["params"], variables["batch_stats"]
     tx = optax.adam(1e-3)
     opt = tx.init(params)

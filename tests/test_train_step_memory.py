@@ -12,6 +12,7 @@ import pytest
 
 from fgd_jax import experiment as E
 from fgd_jax.distill import distiller as distiller_lib
+from fgd_jax.models import init_module
 from tests._tiny import tiny_config
 
 
@@ -74,7 +75,7 @@ def fgd_setup(tmp_path_factory):
     )
     exp = E.Experiment(cfg)
     batch = _batch(cfg)
-    teacher_vars = jax.jit(exp.teacher.init)(jax.random.key(1), jnp.asarray(batch["image"][:1]))
+    teacher_vars = init_module(exp.teacher, jax.random.key(1), jnp.asarray(batch["image"][:1]))
     state, tx, schedule = E.init_train_state(exp, batch, 10, teacher_vars)
     jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
     # compiled once each, donating the state as the trainer does
@@ -128,8 +129,10 @@ def test_backbone_remat_gives_the_same_outputs_and_gradients(depth):
     x = jax.random.normal(jax.random.key(0), (1, 64, 64, 3))
     plain = ResNet(depth=depth, frozen_stages=1)
     remat = ResNet(depth=depth, frozen_stages=1, remat=True)
-    variables = plain.init(jax.random.key(1), x)
-    assert jax.tree.structure(remat.init(jax.random.key(1), x)) == jax.tree.structure(variables)
+    variables = init_module(plain, jax.random.key(1), x)
+    assert jax.tree.structure(init_module(remat, jax.random.key(1), x)) == jax.tree.structure(
+        variables
+    )
 
     def loss(params, module):
         outs = module.apply({**variables, "params": params}, x, train=True)
