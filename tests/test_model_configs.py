@@ -111,18 +111,26 @@ _FASTER = {
     },
 }
 RENAMED: dict[str, dict[str, str]] = {"retinanet": _RETINA, "fcos": _FCOS, "faster_rcnn": _FASTER}
+# deformable conv2 in the bottlenecks (issue 18), off by default
+_NO_DCN = {"dcn": None, "dcn_deform_groups": 1, "stage_with_dcn": [False, False, False, False]}
 # Settings that did not exist as fields before: name -> the value every model of the type
 # has ("=other/name": the value of that setting).
 ADDED: dict[str, dict[str, object]] = {
     "retinanet": {
         "backbone/remat": False,  # rematerialization switch (issue 24), off by default
+        **{f"backbone/{k}": v for k, v in _NO_DCN.items()},
         "bbox_head/prior_prob": 0.01,
         "bbox_head/in_channels": "=neck/out_channels",
         "bbox_head/num_anchors": None,
     },
-    "fcos": {"backbone/remat": False, "bbox_head/in_channels": "=neck/out_channels"},
+    "fcos": {
+        "backbone/remat": False,
+        **{f"backbone/{k}": v for k, v in _NO_DCN.items()},
+        "bbox_head/in_channels": "=neck/out_channels",
+    },
     "faster_rcnn": {
         "backbone/remat": False,
+        **{f"backbone/{k}": v for k, v in _NO_DCN.items()},
         "rpn_head/in_channels": "=neck/out_channels",
         "rpn_head/num_anchors": None,
         # one RPN NMS threshold before (checked equal to the train one), now one per group
