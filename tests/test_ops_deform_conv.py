@@ -2,8 +2,9 @@
 
 torchvision's kernel is the one mmcv's DeformConv2d / ModulatedDeformConv2d use (same im2col,
 same bilinear boundary rule). Offsets are random, large enough that many samples fall in the
-(-1, 0) / (H-1, H) bands and outside (-1, H) altogether. Forward and the gradients w.r.t. input,
-offset, mask, weight and bias for a random cotangent. float32: both sides in float32, rtol 1e-4
+(-1, 0) / (H-1, H) bands and outside (-1, H) altogether. Forward (both formulations: the forward
+alone and the forward of the gradient pass) and the gradients w.r.t. input, offset, mask, weight
+and bias for a random cotangent. float32: both sides in float32, rtol 1e-4
 (atol 1e-4 times the output scale); float64 (x64 on our side, double in torch): rtol 1e-10.
 """
 
@@ -90,7 +91,10 @@ def _ours(arrs, kw):
         y, vjp = jax.vjp(f, *inputs)
         return y, vjp(cot)
 
-    y, grads = fwd_bwd(inputs, cot)
+    y, grads = fwd_bwd(inputs, cot)  # the forward of the gradient pass (2x2-patch gather)
+    y_fwd = jax.jit(f)(*inputs)  # the forward alone (four point gathers)
+    tol = 1e-5 if y.dtype == jnp.float32 else 1e-12
+    np.testing.assert_allclose(y_fwd, y, rtol=tol, atol=tol * float(np.abs(y).max()))
     back = {
         "x": lambda g: g.transpose(0, 3, 1, 2),
         "offset": lambda g: g.transpose(0, 3, 1, 2),
@@ -140,7 +144,7 @@ def test_boundary_rule_single_pixel():
     off = np.zeros((5, 1, 3, 2), np.float32)
     off[:, :, :, 0] = np.asarray(dys)[:, None, None]
     off[:, :, :, 1] = np.asarray(dxs)[:, None, None]
-    out = DC.deform_conv2d(x, jnp.asarray(off), jnp.ones((1, 1, 1, 1), jnp.float32))
+    out = jax.jit(DC.deform_conv2d)(x, jnp.asarray(off), jnp.ones((1, 1, 1, 1), jnp.float32))
     np.testing.assert_allclose(np.asarray(out[:, 0, 1, 0]), [0.75, 0.0, 0.0, 0.5, 0.0], atol=1e-7)
 
 
