@@ -138,6 +138,18 @@ ADDED: dict[str, dict[str, object]] = {
     },
 }
 
+# Entries added to the golden file after issue 16's reshaping (recorded with today's setting
+# names: RENAMED does not apply; ADDED only re-states values they already hold).
+RECORDED_WITH_TODAYS_NAMES = {
+    f"{config}{part}"
+    for config in (  # issue 18: DCN feature teacher configs, RetinaNet X101 -> R101
+        "faster_rcnn_cascade_x101_r50.py",
+        "faster_rcnn_cascade_x101_r101.py",
+        "retina_x101_r101.py",
+    )
+    for part in ("", "/teacher")
+}
+
 CASES = list(model_cases())
 
 
@@ -152,7 +164,7 @@ def test_config_builds_the_same_model(name, model_cfg):
     assert (got["num_leaves"], got["num_params"]) == (want["num_leaves"], want["num_params"])
     assert got["digest"] == want["digest"]
     kind = model_cfg.type
-    renamed = RENAMED.get(kind, {})
+    renamed = {} if name in RECORDED_WITH_TODAYS_NAMES else RENAMED.get(kind, {})
     settings = {renamed.get(k, k): v for k, v in want["settings"].items()}
     for k, v in ADDED.get(kind, {}).items():
         same_as = isinstance(v, str) and v.startswith("=")
