@@ -109,3 +109,26 @@ def test_the_distiller_takes_a_feature_teacher(tmp_path):
     assert loss.shape == ()
     assert {f"loss_fgd_fpn_{i}" for i in range(5)} <= set(losses)
     assert set(grads["distill_losses"]) == {f"loss_fgd_fpn_{i}" for i in range(5)}
+
+
+@pytest.mark.slow
+def test_converts_the_real_cascade_x101_dcn_teacher_key_set():
+    """The key set (and shapes) of mmdetection's cascade_mask_rcnn_x101_32x4d_fpn_dconv_c3-c5
+    state dict (tests/golden/dcn/cascade_x101_dcn_keys.npz, scripts/oracles/make_dcn_golden.py)
+    converts strictly into `feature_teacher_model()`; exactly the head keys are dropped."""
+    import os
+
+    g = np.load(
+        os.path.join(os.path.dirname(__file__), "golden", "dcn", "cascade_x101_dcn_keys.npz")
+    )
+    sd, pos = {}, 0
+    for key, nd in zip(g["keys"], g["ndims"], strict=True):
+        shape = tuple(int(d) for d in g["shapes"][pos : pos + nd])
+        pos += nd
+        sd[str(key)] = np.broadcast_to(np.float32(0), shape)  # shapes only, no memory
+    _, report = import_torch_checkpoint(sd, C.feature_teacher_model(), return_report=True)
+    heads = sorted(k for k in sd if not k.startswith(("backbone.", "neck.")))
+    assert sorted(report.dropped) == heads and len(heads) == 66
+    assert any(k.startswith("roi_head.mask_head") for k in heads)
+    assert not report.missing and not report.unexpected and not report.mismatched
+    assert sum("conv_offset" in k for k in report.loaded) == 2 * (4 + 23 + 3)

@@ -26,6 +26,12 @@ float32 run) and `out3_f64` (C5 of the same model and input in float64, `model.d
 CPU deformable conv is templated on the float type; C5 depends on every layer), `keys`, `shapes`
 (flattened, with `ndims`), `sums`. About 0.6 MB.
 
+Also writes `tests/golden/dcn/cascade_x101_dcn_keys.npz`: the state-dict keys and shapes (no
+values) of the whole `cascade-mask-rcnn_x101-32x4d-dconv-c3-c5_fpn_1x_coco` detector built from
+mmdetection's own config (2.x name: `cascade_mask_rcnn_x101_32x4d_fpn_dconv_c3-c5_1x_coco`), the
+paper's Faster R-CNN teacher, so the test can check that our feature teacher takes exactly its
+`backbone.*` / `neck.*` keys and drops its cascade / mask heads by name.
+
 mmdetection 3.3 vs 2.11 here: `ResNet` / `ResNeXt` `Bottleneck` build `conv2` the same way
 (`dcn.pop('fallback_on_stride')`, `build_conv_layer(dcn, width, width, 3, stride, padding=
 dilation, dilation, groups, bias=False)`, 'DCN' = mmcv `DeformConv2dPack`); mmcv 2.1's
@@ -76,6 +82,30 @@ def seeded_tensor(key: str, shape: tuple[int, ...]) -> np.ndarray:
     raise ValueError(f"no rule for {key} {shape}")
 
 
+def write_cascade_keys() -> None:
+    """Keys and shapes of the Cascade Mask R-CNN X101-32x4d DCN c3-c5 teacher's state dict."""
+    import mmdet
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    from mmengine.config import Config
+
+    register_all_modules()
+    name = "cascade-mask-rcnn_x101-32x4d-dconv-c3-c5_fpn_1x_coco.py"
+    cfg = Config.fromfile(os.path.join(os.path.dirname(mmdet.__file__), ".mim/configs/dcn", name))
+    cfg.model.backbone.init_cfg = None  # no download
+    sd = MODELS.build(cfg.model).state_dict()
+    keys = list(sd)
+    path = os.path.join(OUT, "cascade_x101_dcn_keys.npz")
+    np.savez_compressed(
+        path,
+        keys=np.array(keys),
+        ndims=np.array([sd[k].ndim for k in keys]),
+        shapes=np.array([d for k in keys for d in sd[k].shape]),
+    )
+    kept = sum(k.startswith(("backbone.", "neck.")) for k in keys)
+    print(f"wrote {path}: {len(keys)} keys, {kept} under backbone./neck.")
+
+
 def main() -> None:
     import mmcv.ops  # noqa: F401  (registers 'DCN' in mmcv's conv layers)
     import torch
@@ -122,6 +152,7 @@ def main() -> None:
     path = os.path.join(OUT, NAME)
     np.savez_compressed(path, **rec)
     print(f"wrote {path} ({os.path.getsize(path) / 1e3:.0f} kB)")
+    write_cascade_keys()
 
 
 if __name__ == "__main__":
