@@ -123,7 +123,7 @@ def test_deform_conv2d_float32_vs_torchvision(i):
         _compare(g[n], g_ref[n], 1e-4)
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=["case0", "case2"])
+@pytest.mark.parametrize("case", [CASES[0]], ids=["case0"])  # (budget: one float64 case)
 def test_deform_conv2d_float64_vs_torchvision(case):
     arrs, kw = _data(np.random.default_rng(7), case, np.float64)
     y_ref, g_ref = _torch(arrs, kw)
