@@ -118,6 +118,17 @@ def parse_memory(out: str) -> list[Row]:
     return rows
 
 
+def parse_deform_conv(out: str) -> list[Row]:
+    """`SUMMARY deform_conv | workload | ms/step | fgd-jax | torch | torch/jax` lines of
+    deform_conv.py; the speed-up column is torch / fgd-jax (> 1: fgd-jax faster)."""
+    rows = []
+    pat = r"^SUMMARY deform_conv \| (.+?) \| (\S+) \| ([\d.]+) \| ([\d.]+) \| [\d.]+$"
+    for m in re.finditer(pat, out, re.MULTILINE):
+        j, t = float(m.group(3)), float(m.group(4))
+        rows.append(Row(m.group(1), m.group(2), j, t, t / j))
+    return rows
+
+
 @dataclass
 class Bench:
     name: str
@@ -168,6 +179,13 @@ BENCHES = [
     ),
     Bench(
         "fcos", ["--size", "256", "--steps", "1"], ["--size", "256", "--steps", "2"], parse_fcos, []
+    ),
+    Bench(
+        "deform_conv",
+        ["--iters", "1", "--size", "25", "42", "--channels", "128"],
+        ["--iters", "3"],
+        parse_deform_conv,
+        ["--gpu"],
     ),
     Bench(
         "faster_rcnn",

@@ -643,3 +643,40 @@ def faster_rcnn_model(
     cfg.train_cfg.rpn.num = rpn_num
     cfg.train_cfg.rcnn.num = rcnn_num
     return cfg
+
+
+def feature_teacher_model(
+    depth: int = 101,
+    groups: int = 32,
+    base_width: int = 4,
+    dcn: str | None = "DCN",
+    stage_with_dcn: Sequence[bool] = (False, True, True, True),
+    dcn_deform_groups: int = 1,
+    fpn_channels: int = 256,
+    start_level: int = 0,
+    add_extra_convs: str | bool = False,
+    num_outs: int = 5,
+) -> ConfigDict:
+    """A teacher that is only the backbone + FPN of an mmdetection detector (model type
+    'features', `fgd_jax.models.feature_teacher`): FGD runs nothing else of the teacher. The
+    defaults are `cascade_mask_rcnn_x101_32x4d_fpn_dconv_c3-c5_1x_coco`'s: ResNeXt-101 32x4d,
+    `dcn=dict(type='DCN', deform_groups=1, fallback_on_stride=False)` in c3-c5, FPN P2..P6 (P6
+    by max-pool)."""
+    backbone = resnet_backbone(depth=depth, groups=groups, base_width=base_width)
+    if dcn is not None:  # only then: a config without DCN keeps the keys it always had
+        backbone.update(
+            dcn=dcn, dcn_deform_groups=dcn_deform_groups, stage_with_dcn=tuple(stage_with_dcn)
+        )
+    return ConfigDict(
+        dict(
+            type="features",
+            backbone=backbone,
+            neck=fpn_neck(
+                in_channels=backbone_out_channels(backbone),
+                out_channels=fpn_channels,
+                start_level=start_level,
+                add_extra_convs=add_extra_convs,
+                num_outs=num_outs,
+            ),
+        )
+    )

@@ -4,10 +4,14 @@
         --config configs/retinanet_r101_baseline.py --out checkpoints/retinanet_r101_2x
 
 With an FGD config (one that has a `teacher`), converts that teacher; with a detector config,
-converts `model`. Strict: every checkpoint key is used exactly once and every parameter is
-filled, or it stops and lists the missing, unexpected and wrongly shaped keys. The result is
-what `teacher.ckpt` of an FGD config points to, and `python -m fgd_jax.eval --ckpt OUT`
-evaluates it. No GPU needed; the `.pth` is read without running code from it.
+converts `model`. A feature teacher (model type 'features', backbone + FPN only, e.g. the
+Cascade Mask R-CNN X101-32x4d-DCN teacher of configs/faster_rcnn_cascade_x101_r50.py) takes the
+checkpoint's `backbone.*` and `neck.*` keys and drops the others, printing how many per part.
+Strict: every (kept) checkpoint key is used exactly once and every parameter is filled, or it
+stops and lists the missing, unexpected and wrongly shaped keys. The result is what
+`teacher.ckpt` of an FGD config points to, and `python -m fgd_jax.eval --ckpt OUT` evaluates
+it (not a feature teacher: it has no heads). No GPU needed; the `.pth` is read without running
+code from it.
 """
 
 from __future__ import annotations
@@ -61,8 +65,18 @@ def convert(src: str, config: str, out: str, overwrite: bool = False) -> dict:
         parameters=n_params,
         mapped_keys=len(report.loaded),
         ignored_keys=len(report.ignored),
+        dropped=_count_by_part(report.dropped),
         checksum=checksum(variables),
     )
+
+
+def _count_by_part(keys: list[str]) -> dict[str, int]:
+    """Dropped keys counted by their top-level part (`roi_head.bbox_head.0...` -> roi_head)."""
+    out: dict[str, int] = {}
+    for k in keys:
+        part = k.split(".", 1)[0]
+        out[part] = out.get(part, 0) + 1
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         f"converted {args.src}: {s['model']} R{s['depth']}, {s['parameters']:,} parameters, "
         f"{s['mapped_keys']} keys mapped ({s['ignored_keys']} ignored), checksum {s['checksum']}"
     )
+    if s["dropped"]:  # a feature teacher ('features'): only backbone + neck are kept
+        parts = ", ".join(f"{k} ({n})" for k, n in sorted(s["dropped"].items()))
+        print(f"dropped {sum(s['dropped'].values())} keys outside backbone/neck: {parts}")
     print(f"wrote {s['out']}")
     return 0
 

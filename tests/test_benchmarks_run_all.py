@@ -47,6 +47,11 @@ SUMMARY train_step | distill step, batch 2, 800x1344 | img/s | 0.029 | 0.049 | 0
 SUMMARY memory | distill step, batch 2, 800x1344, float32 | GiB | 4.723 | - | -
 SUMMARY memory | distill step, batch 2, 512x512, float32 | GiB | 1.590 | 1.575 | 0.99
 """,
+    # deform_conv.py's lines (2026-12-06, a small --size 13 21 --channels 64 run)
+    "deform_conv": """\
+SUMMARY deform_conv | DCN v1 forward, batch 2, 64->64, 13x21, 3x3, groups 1, dg 1 | ms/step | 15.47 | 18.05 | 1.17
+SUMMARY deform_conv | DCN v1 fwd+bwd, batch 2, 64->64, 13x21, 3x3, groups 1, dg 1 | ms/step | 28.93 | 196.44 | 6.79
+""",
 }  # fmt: skip
 
 EXPECTED = {
@@ -64,6 +69,10 @@ EXPECTED = {
     "memory": [
         ("FGD R101->R50 distill step, batch 2, 800x1344, float32", 4.723, None),
         ("FGD R101->R50 distill step, batch 2, 512x512, float32", 1.590, 1.575),
+    ],
+    "deform_conv": [
+        ("DCN v1 forward, batch 2, 64->64, 13x21, 3x3, groups 1, dg 1", 15.47, 18.05),
+        ("DCN v1 fwd+bwd, batch 2, 64->64, 13x21, 3x3, groups 1, dg 1", 28.93, 196.44),
     ],
     "train_step": [
         ("FGD R101->R50 distill step, batch 2, 512x512", 0.159, 0.263),

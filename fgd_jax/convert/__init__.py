@@ -54,6 +54,12 @@ __all__ = [
 ]
 
 
+# A feature teacher (model type 'features': backbone + FPN of any mmdetection detector) takes
+# `backbone.*` and `neck.*` strictly; every other key (heads, e.g. a Cascade Mask R-CNN's
+# `rpn_head.*`, `roi_head.*`) is dropped by name and listed in the report's `dropped`.
+FEATURE_TEACHER_RULES: RenameRules = ((r"^(?!backbone\.|neck\.)", None),)
+
+
 def detect_layout(state_dict: Mapping[str, Any]) -> str:
     """'torchvision' (detection), 'classification' (top-level ResNet) or 'mmdet'."""
     keys = list(state_dict)
@@ -118,7 +124,8 @@ def import_torch_checkpoint(
       prefix: take only keys under it (e.g. 'student.'); removed before matching.
       strict: see `convert_state_dict`. Use `strict=False` for ImageNet backbone weights, with
         `init_variables` (initialized detector variables) to keep the leaves not loaded.
-      rename: extra rules/callable; default: chosen by the detected layout.
+      rename: extra rules/callable; default: chosen by the detected layout (and, for an
+        mmdetection checkpoint into a 'features' model, `FEATURE_TEACHER_RULES`).
     """
     if isinstance(path_or_state_dict, Mapping):
         state_dict = dict(path_or_state_dict)
@@ -140,6 +147,8 @@ def import_torch_checkpoint(
                 state_dict = prepare(state_dict)
         elif layout == "classification":
             rename = CLASSIFICATION_BACKBONE_RULES
+        elif model_cfg.get("type") == "features":
+            rename = FEATURE_TEACHER_RULES
     target = init_variables if init_variables is not None else detector_variable_shapes(model_cfg)
     return convert_state_dict(
         state_dict, target, rename=rename, strict=strict, return_report=return_report

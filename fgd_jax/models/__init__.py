@@ -24,6 +24,8 @@ DETECTORS: dict[str, tuple[str, str]] = {
     "retinanet": ("fgd_jax.models.retinanet", "RetinaNet"),
     "fcos": ("fgd_jax.models.fcos", "FCOS"),
     "faster_rcnn": ("fgd_jax.models.faster_rcnn", "FasterRCNN"),
+    # backbone + FPN only: a feature teacher for FGD (no heads, no predict)
+    "features": ("fgd_jax.models.feature_teacher", "FeatureTeacher"),
 }
 
 __all__ = [

@@ -10,6 +10,11 @@ name rules (`fgd_jax.convert`).
   running statistics and their output passes through `jax.lax.stop_gradient`, so their
   gradients are exactly zero; `trainable_mask` gives the matching optimizer mask.
 - `norm_eval=True`: every BN uses running statistics, also with `train=True`.
+- `dcn='DCN'` / `'DCNv2'` with `stage_with_dcn`: in the chosen stages the bottleneck's 3x3
+  `conv2` is mmcv's `DeformConv2dPack` / `ModulatedDeformConv2dPack` (`models/deform.py`: its own
+  zero-initialized `conv2/conv_offset`, same stride / dilation, ResNeXt groups), as mmdetection
+  2.x's `dcn=dict(type='DCN', deform_groups=dcn_deform_groups, fallback_on_stride=False)`.
+  BasicBlock refuses DCN (mmdetection asserts the same).
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import jax
 import ml_collections
 
 from fgd_jax.models.build import build_module
-from fgd_jax.models.layers import max_pool_torch, torch_batch_norm, torch_conv
+from fgd_jax.models.deform import DeformConv2dPack, ModulatedDeformConv2dPack
+from fgd_jax.models.layers import kaiming_fan_out, max_pool_torch, torch_batch_norm, torch_conv
 
 Array = jax.Array
 
@@ -40,6 +46,7 @@ ARCH_SETTINGS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
     152: ("bottleneck", (3, 8, 36, 3)),
 }
 STYLES = ("pytorch", "caffe")
+DCN_TYPES = {"DCN": DeformConv2dPack, "DCNv2": ModulatedDeformConv2dPack}
 
 
 class BasicBlock(nn.Module):
@@ -88,6 +95,8 @@ class Bottleneck(nn.Module):
     style: str = "pytorch"
     groups: int = 1
     base_width: int = 64
+    dcn: str | None = None  # None, 'DCN' or 'DCNv2': conv2 deformable
+    dcn_deform_groups: int = 1
     use_running_average: bool = True
     dtype: Any = None
 
@@ -103,15 +112,31 @@ class Bottleneck(nn.Module):
         s1, s2 = (1, self.stride) if self.style == "pytorch" else (self.stride, 1)
         out = torch_conv(width, 1, s1, dtype=self.dtype, name="conv1")(x)
         out = nn.relu(bn("bn1")(out))
-        out = torch_conv(
-            width,
-            3,
-            s2,
-            dilation=self.dilation,
-            groups=self.groups,
-            dtype=self.dtype,
-            name="conv2",
-        )(out)
+        if self.dcn is None:
+            conv2 = torch_conv(
+                width,
+                3,
+                s2,
+                dilation=self.dilation,
+                groups=self.groups,
+                dtype=self.dtype,
+                name="conv2",
+            )
+        else:
+            conv2 = DCN_TYPES[self.dcn](
+                width,
+                3,
+                s2,
+                padding=self.dilation,
+                dilation=self.dilation,
+                groups=self.groups,
+                deform_groups=self.dcn_deform_groups,
+                use_bias=False,
+                dtype=self.dtype,
+                kernel_init=kaiming_fan_out,
+                name="conv2",
+            )
+        out = conv2(out)
         out = nn.relu(bn("bn2")(out))
         out = torch_conv(self.planes * 4, 1, 1, dtype=self.dtype, name="conv3")(out)
         out = bn("bn3")(out)
@@ -134,6 +159,9 @@ class ResNet(nn.Module):
       frozen_stages: -1 (none), 0 (stem), k (stem + stages 1..k).
       norm_eval: BN always on running statistics.
       strides, dilations: per stage (mmdetection defaults (1, 2, 2, 2), (1, 1, 1, 1)).
+      dcn: None, 'DCN' (mmcv DeformConv2dPack) or 'DCNv2' (ModulatedDeformConv2dPack) for the
+        bottleneck 3x3 convs of the stages flagged in `stage_with_dcn` (C2..C5), with
+        `dcn_deform_groups` deform groups.
       dtype: computation dtype (e.g. bfloat16); params stay float32.
     Call: `images: [B, H, W, 3] float` -> `tuple([B, H/4, W/4, C2], ..., [B, H/32, W/32, C5])`
       (those in `out_indices`). With `train=True` and `norm_eval=False`, pass
@@ -149,6 +177,9 @@ class ResNet(nn.Module):
     norm_eval: bool = True
     strides: Sequence[int] = (1, 2, 2, 2)
     dilations: Sequence[int] = (1, 1, 1, 1)
+    dcn: str | None = None
+    dcn_deform_groups: int = 1
+    stage_with_dcn: Sequence[bool] = (False, False, False, False)
     dtype: Any = None
     # rematerialize each trained block in the backward pass (`nn.remat`): JAX keeps only block
     # inputs for the gradient; same numbers. XLA:CPU's memory plan does not shrink with it
@@ -170,6 +201,12 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet: groups {self.groups} / base_width {self.base_width} < 1")
         if ARCH_SETTINGS[self.depth][0] == "basic" and (self.groups != 1 or self.base_width != 64):
             raise ValueError("ResNet: BasicBlock (depth 18/34) supports only groups=1, width 64")
+        if self.dcn is not None and self.dcn not in DCN_TYPES:
+            raise ValueError(f"ResNet: dcn {self.dcn!r} must be None or one of {list(DCN_TYPES)}")
+        if len(self.stage_with_dcn) != 4:
+            raise ValueError(f"ResNet: stage_with_dcn {self.stage_with_dcn} needs 4 flags")
+        if self.dcn is not None and ARCH_SETTINGS[self.depth][0] == "basic":
+            raise ValueError("ResNet: DCN needs Bottleneck blocks (depth >= 50), as mmdetection")
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> tuple[Array, ...]:
@@ -215,6 +252,8 @@ class ResNet(nn.Module):
                         style=self.style,
                         groups=self.groups,
                         base_width=self.base_width,
+                        dcn=self.dcn if self.stage_with_dcn[i] else None,
+                        dcn_deform_groups=self.dcn_deform_groups,
                         **common,
                     )
                 x = block(x)
