@@ -217,6 +217,12 @@ def coco_data(
             # differs is refused. A category id of -1 means unknown (mmdetection's
             # meta['CLASSES'] holds names only).
             classes=(),
+            # instance masks (mmdetection LoadAnnotations(with_mask=True, poly2mask=True)):
+            # batches get `masks` [G, mask_grid, mask_grid] uint8 and `mask_regions` [G, 4]
+            # (fgd_jax.data.masks; docs/contracts.md). Off for box-only detectors.
+            with_mask=False,
+            mask_grid=56,  # cells per side of a GT's mask grid (accuracy vs memory: benchmarks)
+            on_bad_mask="error",  # malformed segmentation: 'error' or 'skip' (counted)
             tfds_name="coco/2017",  # source='tfds': the tensorflow-datasets name
             tfds_data_dir="",  # source='tfds': its data_dir ('' = the tfds default)
         )
