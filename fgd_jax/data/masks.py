@@ -214,3 +214,13 @@ def resized_bitmap(
     res = bitmap[np.ix_(nearest_index(bitmap.shape[0], rh), nearest_index(bitmap.shape[1], rw))]
     out[:rh, :rw] = res[:, ::-1] if flipped else res
     return out
+
+
+def encode_rle(masks: np.ndarray) -> list[dict]:
+    """`[N, h, w]` bool masks -> COCO compressed RLEs (`counts` as str, json-ready), for
+    pycocotools' segm evaluation."""
+    masks = np.asfortranarray(np.asarray(masks, dtype=np.uint8).transpose(1, 2, 0))
+    rles = mask_utils.encode(masks)
+    return [
+        dict(size=[int(v) for v in r["size"]], counts=r["counts"].decode("ascii")) for r in rles
+    ]

@@ -13,6 +13,8 @@ around GT boxes of COCO-like polygons) is measured by benchmarks/mask_targets.py
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import Array
@@ -40,6 +42,7 @@ def _axis_weights(
     return w.mean(axis=2).astype(dt)
 
 
+@functools.partial(jax.jit, static_argnames=("out_size", "samples"))
 def mask_targets(
     grids: Array,
     regions: Array,
@@ -79,3 +82,64 @@ def mask_targets(
     ax = _axis_weights(x1, x2, reg[:, 0], reg[:, 2], out_size, cells, samples)
     t = jnp.einsum("pim,pmn,pjn->pij", ay, g, ax, precision=jax.lax.Precision.HIGHEST)
     return (t >= 0.5).astype(dt)
+
+
+@functools.partial(jax.jit, static_argnames=("out_hw", "threshold", "skip_empty"))
+def paste_masks(
+    probs: Array,
+    boxes: Array,
+    out_hw: tuple[int, int],
+    threshold: float = 0.5,
+    skip_empty: bool = False,
+) -> Array:
+    """mmdetection `_do_paste_mask` + threshold: masks `[N, S, S]` (probabilities of each
+    detection's class) pasted into its box of an image `out_hw = (h, w)` (static).
+
+    Pixel (y, x) reads the mask at `((x + 0.5 - x1) / (x2 - x1) * 2 - 1)` in `grid_sample`'s
+    normalised coordinates (`align_corners=False`: mask column `(gx + 1) * S / 2 - 0.5`),
+    bilinear with zeros outside the mask (`padding_mode='zeros'`), in float32 in PyTorch's
+    order of operations; a zero-width box reads the centre (mmdetection's inf -> 0).
+    `skip_empty=True` is mmdetection on CPU (one box per chunk): pixels outside
+    `[floor(x1) - 1, ceil(x2) + 1)` x `[floor(y1) - 1, ceil(y2) + 1)` stay 0; on GPU (False,
+    what COCO results are computed with) the whole image is sampled.
+
+    Args:
+      probs: `[N, S, S]` float in [0, 1].
+      boxes: `[N, 4]` xyxy in the pixels of the image pasted into (original image pixels).
+    Returns:
+      `[N, h, w]` bool, `value >= threshold`.
+    """
+    h, w = int(out_hw[0]), int(out_hw[1])
+    dt = jnp.float32
+    probs = probs.astype(dt)
+    boxes = boxes.astype(dt)
+    s_h, s_w = probs.shape[-2], probs.shape[-1]
+    x1, y1, x2, y2 = (boxes[:, i : i + 1] for i in range(4))
+
+    def grid(n: int, lo: Array, hi: Array, size: int) -> Array:
+        """`[N, n, size]` bilinear weights of output pixels 0..n-1 on the mask's axis."""
+        g = (jnp.arange(n, dtype=dt)[None] + 0.5 - lo) / (hi - lo) * 2 - 1
+        g = jnp.where(jnp.isinf(g), 0.0, g)
+        u = ((g + 1) * size - 1) / 2  # grid_sample unnormalize, align_corners=False
+        lo_i = jnp.floor(u)
+        frac = u - lo_i
+        idx = jnp.arange(size, dtype=dt)
+        wts = (idx == lo_i[..., None]) * (1 - frac)[..., None] + (idx == lo_i[..., None] + 1) * (
+            frac[..., None]
+        )
+        return wts.astype(dt)
+
+    wy = grid(h, y1, y2, s_h)
+    wx = grid(w, x1, x2, s_w)
+    img = jnp.einsum("nym,nmk,nxk->nyx", wy, probs, wx, precision=jax.lax.Precision.HIGHEST)
+    if skip_empty:
+        x0i = jnp.maximum(jnp.floor(x1) - 1, 0)
+        y0i = jnp.maximum(jnp.floor(y1) - 1, 0)
+        x1i = jnp.minimum(jnp.ceil(x2) + 1, w)
+        y1i = jnp.minimum(jnp.ceil(y2) + 1, h)
+        xs = jnp.arange(w, dtype=dt)[None]
+        ys = jnp.arange(h, dtype=dt)[None]
+        inside_x = (xs >= x0i) & (xs < x1i)
+        inside_y = (ys >= y0i) & (ys < y1i)
+        img = jnp.where(inside_y[:, :, None] & inside_x[:, None, :], img, 0.0)
+    return img >= threshold
