@@ -649,3 +649,41 @@ def faster_rcnn_model(
     cfg.train_cfg.rpn.num = rpn_num
     cfg.train_cfg.rcnn.num = rcnn_num
     return cfg
+
+
+def mask_rcnn_model(
+    depth: int = 50,
+    groups: int = 1,
+    base_width: int = 64,
+    num_classes: int = 80,
+    fpn_channels: int = 256,
+    rpn_feat_channels: int = 256,
+    fc_out_channels: int = 1024,
+    mask_channels: int = 256,
+    frozen_stages: int = 1,
+    rpn_num: int = 256,
+    rcnn_num: int = 512,
+) -> ConfigDict:
+    """mmdetection 2.x `mask_rcnn_r50_fpn`: `faster_rcnn_model` plus `roi_head.mask_head`
+    (`FCNMaskHead`: 4 conv3x3 of `mask_channels`, deconv x2, 28x28 per class; RoIAlign 14x14
+    on P2..P5). Train with `data.with_mask=True` (the batch's mask grids)."""
+    from fgd_jax.models.build import module_config
+    from fgd_jax.models.mask_head import FCNMaskHead
+
+    cfg = faster_rcnn_model(
+        depth=depth,
+        groups=groups,
+        base_width=base_width,
+        num_classes=num_classes,
+        fpn_channels=fpn_channels,
+        rpn_feat_channels=rpn_feat_channels,
+        fc_out_channels=fc_out_channels,
+        frozen_stages=frozen_stages,
+        rpn_num=rpn_num,
+        rcnn_num=rcnn_num,
+    )
+    cfg.type = "mask_rcnn"
+    cfg.roi_head.mask_head = module_config(
+        FCNMaskHead, skip=("num_classes",), conv_out_channels=mask_channels
+    )
+    return cfg

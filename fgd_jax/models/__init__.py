@@ -23,6 +23,7 @@ DETECTORS: dict[str, tuple[str, str]] = {
     "retinanet": ("fgd_jax.models.retinanet", "RetinaNet"),
     "fcos": ("fgd_jax.models.fcos", "FCOS"),
     "faster_rcnn": ("fgd_jax.models.faster_rcnn", "FasterRCNN"),
+    "mask_rcnn": ("fgd_jax.models.mask_rcnn", "MaskRCNN"),
 }
 
 __all__ = [

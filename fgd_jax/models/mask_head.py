@@ -41,10 +41,10 @@ class Deconv2x2(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c_in = x.shape[-1]
-        # PyTorch's kaiming fan_out of a ConvTranspose2d weight [C_in, C_out, 2, 2] is
-        # C_in * 4 (its dim 0 times the receptive field)
-        init = nn.initializers.variance_scaling(2.0, "fan_in", "normal", in_axis=(0, 1, 3),
-                                                out_axis=2)  # fmt: skip
+        # mmdetection: kaiming_normal_(fan_out) of the ConvTranspose2d weight [C_in, C_out,
+        # 2, 2], whose "fan_out" is PyTorch's dim 0 x receptive field = C_in * 4: the fan_in
+        # of this [2, 2, C_in, C_out] kernel
+        init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
         kernel = self.param("kernel", init, (2, 2, c_in, self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
