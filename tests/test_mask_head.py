@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from fgd_jax.data.masks import decode_segmentation, encode_rle
 from fgd_jax.models.mask_head import FCNMaskHead, mask_loss
-from fgd_jax.ops.masks import paste_masks
+from fgd_jax.ops.masks import paste_masks, paste_masks_np
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "masks", "masks.npz")
 
@@ -94,6 +94,7 @@ def test_paste_matches_mmdetection(g):
     np.testing.assert_array_equal(cpu, g["paste_masks"])
     full = np.asarray(paste_masks(jnp.asarray(probs), jnp.asarray(boxes), hw))
     np.testing.assert_array_equal(full, _grid_sample_reference(probs, boxes, hw))
+    np.testing.assert_array_equal(paste_masks_np(probs, boxes, hw), full)
 
     rles = encode_rle(full)  # evaluation's encoding round-trips through pycocotools
     assert len(rles) == len(full)

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from fgd_jax import config as C
+from fgd_jax import evaluation
 from fgd_jax.data.pipeline import build_train_loader
 from fgd_jax.models import build_detector, variable_shapes
 from fgd_jax.models.mask_rcnn import MaskRCNN, paste_detections
@@ -86,17 +87,30 @@ def test_mask_branch_overfits_a_shapes_batch(tmp_path):
         return optax.apply_updates(p, upd), o, losses
 
     hist = []
-    for i in range(30):
+    for i in range(25):
         params, opt, losses = step(params, opt, jax.random.key(i))
         hist.append(float(losses["loss_mask"]))
     assert set(losses) == {"loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_bbox", "loss_mask"}
     assert np.all(np.isfinite(hist)) and np.mean(hist[-5:]) < 0.6 * np.mean(hist[:3]), hist
 
-    det = jax.jit(
-        lambda p, im, s, f: model.apply(
-            {"params": p, "batch_stats": stats}, im, s, f, method=MaskRCNN.predict
-        )
-    )(params, batch["image"], batch["img_shape"], batch["scale_factor"])
-    assert det["mask_probs"].shape == (2, 10, 28, 28)
-    pasted = paste_detections(det, 0, (64, 64))
-    assert pasted.shape == (int(det["valid"][0].sum()), 64, 64) and pasted.dtype == bool
+    # evaluation pastes each detection's mask into its original image, RLE-encodes it and
+    # reports the segm metrics beside the bbox ones
+    cfg = C.ConfigDict(dict(data=d, eval=dict(batch_size=2)))
+    variables = {"params": params, "batch_stats": stats}
+    metrics = evaluation.evaluate_variables(model, variables, cfg)
+    assert 0.0 <= metrics["segm_AP"] <= 1.0 and 0.0 <= metrics["AP"] <= 1.0
+    assert set(metrics["segm_per_class_AP"]) == set(metrics["per_class_AP"])
+    results, _ = evaluation.predict_dataset(model, variables, cfg, progress=False)
+    if results:  # the RLEs decode to masks of the original image size
+        assert results[0]["segmentation"]["size"] == [64, 64]
+
+
+def test_paste_detections_only_valid_ones():
+    det = dict(
+        valid=np.array([[True, False, True]]),
+        mask_probs=np.ones((1, 3, 28, 28), np.float32),
+        boxes=np.array([[[2, 3, 10, 12], [0, 0, 5, 5], [20, 20, 30, 25]]], np.float32),
+    )
+    m = paste_detections(det, 0, (32, 40))
+    assert m.shape == (2, 32, 40)
+    assert m[0, 3:12, 2:10].all() and m[0].sum() == 9 * 8 and m[1].sum() == 10 * 5

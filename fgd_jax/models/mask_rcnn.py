@@ -156,5 +156,4 @@ def paste_detections(det: dict[str, Any], i: int, orig_hw: tuple[int, int]) -> n
     boxes = np.asarray(det["boxes"][i])[valid]
     if not len(boxes):
         return np.zeros((0, *orig_hw), bool)
-    hw = (int(orig_hw[0]), int(orig_hw[1]))
-    return np.asarray(mask_ops.paste_masks(jnp.asarray(probs), jnp.asarray(boxes), hw))
+    return mask_ops.paste_masks_np(probs, boxes, (int(orig_hw[0]), int(orig_hw[1])))

@@ -17,6 +17,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 
 from fgd_jax.ops.dtypes import float_dtype
@@ -142,4 +143,40 @@ def paste_masks(
         inside_x = (xs >= x0i) & (xs < x1i)
         inside_y = (ys >= y0i) & (ys < y1i)
         img = jnp.where(inside_y[:, :, None] & inside_x[:, None, :], img, 0.0)
+    return img >= threshold
+
+
+def paste_masks_np(
+    probs: np.ndarray,
+    boxes: np.ndarray,
+    out_hw: tuple[int, int],
+    threshold: float = 0.5,
+) -> np.ndarray:
+    """`paste_masks` (whole image, mmdetection's GPU path) in numpy float32, for the host
+    where every image has its own size (no compilation per size). Same arguments/result."""
+    h, w = int(out_hw[0]), int(out_hw[1])
+    probs = np.asarray(probs, np.float32)
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    n, s_h, s_w = probs.shape
+
+    def grid(m: int, lo: np.ndarray, hi: np.ndarray, size: int) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            g = (np.arange(m, dtype=np.float32)[None] + np.float32(0.5) - lo) / (hi - lo)
+            g = g * np.float32(2) - np.float32(1)
+        g = np.where(np.isinf(g), np.float32(0), g)
+        u = ((g + np.float32(1)) * np.float32(size) - np.float32(1)) / np.float32(2)
+        low = np.floor(u)
+        frac = (u - low).astype(np.float32)
+        low = low.astype(np.int64)
+        out = np.zeros((n, m, size), np.float32)
+        rows = np.broadcast_to(np.arange(n)[:, None], low.shape)
+        cols = np.broadcast_to(np.arange(m)[None], low.shape)
+        for idx, wt in ((low, 1 - frac), (low + 1, frac)):
+            ok = (idx >= 0) & (idx < size)
+            out[rows[ok], cols[ok], idx[ok]] = wt[ok]
+        return out
+
+    wy = grid(h, boxes[:, 1:2], boxes[:, 3:4], s_h)
+    wx = grid(w, boxes[:, 0:1], boxes[:, 2:3], s_w)
+    img = np.matmul(np.matmul(wy, probs), wx.transpose(0, 2, 1))
     return img >= threshold
