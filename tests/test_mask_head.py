@@ -1,4 +1,5 @@
-"""FCNMaskHead, its loss and mask pasting vs real mmdetection (tests/golden/masks/masks.npz,
+"""FCNMaskHead (converted from mmdetection's state dict by the generic rule), its loss and
+mask pasting vs real mmdetection (tests/golden/masks/masks.npz,
 scripts/oracles/make_mask_golden.py): forward at 1e-5, loss at 1e-6 relative, pasted masks
 equal (mmdetection's CPU path, `skip_empty=True`); the GPU path (whole image) against
 PyTorch's `grid_sample` directly."""
@@ -14,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fgd_jax.convert.core import convert_state_dict, export_state_dict
 from fgd_jax.data.masks import decode_segmentation, encode_rle
 from fgd_jax.models.mask_head import FCNMaskHead, mask_loss
 from fgd_jax.ops.masks import paste_masks, paste_masks_np
@@ -26,31 +28,23 @@ def g():
     return dict(np.load(GOLDEN))
 
 
-def _params(g) -> dict:
-    """mmdetection state dict -> our tree (convs: OIHW -> HWIO; upsample: PyTorch
-    ConvTranspose2d [I, O, 2, 2] -> [2, 2, I, O])."""
-    s = {k.split("/", 1)[1]: v for k, v in g.items() if k.startswith("head_state/")}
-    p = {}
-    for i in range(4):
-        w = s[f"convs.{i}.conv.weight"].transpose(2, 3, 1, 0)
-        p[f"convs_{i}"] = {"conv": {"kernel": w, "bias": s[f"convs.{i}.conv.bias"]}}
-    p["upsample"] = {
-        "kernel": s["upsample.weight"].transpose(2, 3, 0, 1),
-        "bias": s["upsample.bias"],
-    }
-    p["conv_logits"] = {
-        "kernel": s["conv_logits.weight"].transpose(2, 3, 1, 0),
-        "bias": s["conv_logits.bias"],
-    }
-    return jax.tree.map(jnp.asarray, p)
+def _params(g, head, feats) -> dict:
+    """mmdetection's state dict through the converter's generic rule (convs OIHW -> HWIO; the
+    ConvTranspose2d weight [I, O, 2, 2] lands on our [2, 2, O, I] kernel by the same rule)."""
+    sd = {k.split("/", 1)[1]: v for k, v in g.items() if k.startswith("head_state/")}
+    target = jax.eval_shape(head.init, jax.random.key(0), feats)
+    params = convert_state_dict(sd, target)["params"]
+    back = export_state_dict({"params": params})  # and back, as the export does
+    assert set(back) == set(sd)
+    for k, v in sd.items():
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
+    return jax.tree.map(jnp.asarray, params)
 
 
 def test_head_forward_and_loss_match_mmdetection(g):
     head = FCNMaskHead(num_classes=3, conv_out_channels=8)
     feats = jnp.asarray(g["head_feats"].transpose(0, 2, 3, 1))
-    shapes = jax.eval_shape(head.init, jax.random.key(0), feats)["params"]
-    params = _params(g)
-    assert jax.tree.map(lambda a: a.shape, shapes) == jax.tree.map(lambda a: a.shape, params)
+    params = _params(g, head, feats)
     out = jax.jit(head.apply)({"params": params}, feats)
     ref = g["head_preds"].transpose(0, 2, 3, 1)
     assert out.shape == ref.shape == (len(ref), 28, 28, 3)

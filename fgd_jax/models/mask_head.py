@@ -5,10 +5,11 @@
   `num_classes` channels (`conv_logits`): RoI features `[..., 14, 14, C]` -> mask logits
   `[..., 28, 28, num_classes]`. Init as mmdetection: every conv kaiming-normal fan_out
   (mmcv `ConvModule` / `FCNMaskHead.init_weights`), biases 0.
-  The transposed conv's `kernel` is `[2, 2, C_in, C_out]`; mmdetection's
-  `upsample.weight` is `[C_in, C_out, 2, 2]` (PyTorch `ConvTranspose2d`): permute (2, 3, 0, 1),
-  no flip (a stride-2 2x2 transposed conv writes each input pixel's 2x2 block:
-  `y[2i + a, 2j + b, o] = sum_c x[i, j, c] W[c, o, a, b] + bias[o]`).
+  The transposed conv's `kernel` is `[2, 2, C_out, C_in]`, so the converter's one conv rule
+  (OIHW -> HWIO, `transpose(2, 3, 1, 0)`) maps mmdetection's `upsample.weight` `[C_in, C_out,
+  2, 2]` (PyTorch `ConvTranspose2d`) onto it, and the export rule back (no flip: a stride-2 2x2
+  transposed conv writes each input pixel's 2x2 block, `y[2i + a, 2j + b, o] = sum_c
+  x[i, j, c] W[c, o, a, b] + bias[o]`).
 - `mask_loss`: mmdetection `CrossEntropyLoss(use_mask=True)` (`mask_cross_entropy`): BCE with
   logits of each positive RoI's GT-class channel against its 28 x 28 target, mean over
   positives x 28 x 28 (0 without positives, as mmdetection's `mask_preds.sum() * 0`).
@@ -33,7 +34,8 @@ Array = jax.Array
 
 class Deconv2x2(nn.Module):
     """PyTorch `ConvTranspose2d(c_in, features, kernel_size=2, stride=2)` on NHWC input:
-    `[..., H, W, C_in]` -> `[..., 2H, 2W, features]`; `kernel [2, 2, C_in, features]`."""
+    `[..., H, W, C_in]` -> `[..., 2H, 2W, features]`; `kernel [2, 2, features, C_in]` (the
+    PyTorch weight `[C_in, features, 2, 2]` transposed (2, 3, 1, 0), as a conv's)."""
 
     features: int
     dtype: Any = None
@@ -42,13 +44,13 @@ class Deconv2x2(nn.Module):
     def __call__(self, x: Array) -> Array:
         c_in = x.shape[-1]
         # mmdetection: kaiming_normal_(fan_out) of the ConvTranspose2d weight [C_in, C_out,
-        # 2, 2], whose "fan_out" is PyTorch's dim 0 x receptive field = C_in * 4: the fan_in
-        # of this [2, 2, C_in, C_out] kernel
-        init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
-        kernel = self.param("kernel", init, (2, 2, c_in, self.features), jnp.float32)
+        # 2, 2], whose "fan_out" is PyTorch's dim 0 x receptive field = C_in * 4: the fan_out
+        # (last axis) of this [2, 2, C_out, C_in] kernel
+        init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+        kernel = self.param("kernel", init, (2, 2, self.features, c_in), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = jnp.einsum("...hwc,abco->...hawbo", x, kernel)
+        y = jnp.einsum("...hwc,aboc->...hawbo", x, kernel)
         *lead, h, a, w, b, o = y.shape
         return y.reshape(*lead, h * a, w * b, o) + bias
 
