@@ -253,8 +253,10 @@ def evaluate_variables(
     ones (`segm_AP`, ..., `segm_per_class_AP`) for a detector predicting masks."""
     results, image_ids = predict_dataset(module, variables, cfg, mesh)
     gt = val_ground_truth(cfg.data)
+    # before the bbox evaluation: pycocotools' loadRes adds box polygons as `segmentation`
+    has_masks = bool(results) and "segmentation" in results[0]
     metrics = coco_evaluate(gt, results, image_ids)
-    if results and "segmentation" in results[0]:
+    if has_masks:
         segm = coco_evaluate(gt, results, image_ids, iou_type="segm")
         metrics["summary"] += "\nsegm:\n" + segm.pop("summary")
         metrics.update({f"segm_{k}": v for k, v in segm.items()})

@@ -7,12 +7,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from fgd_jax import config as C
-from fgd_jax import evaluation
-from fgd_jax.data.pipeline import build_train_loader
 from fgd_jax.models import build_detector, variable_shapes
 from fgd_jax.models.mask_rcnn import MaskRCNN, paste_detections
 
@@ -60,49 +57,47 @@ def test_forward_train_needs_the_mask_keys():
 
 
 @pytest.mark.slow
-def test_mask_branch_overfits_a_shapes_batch(tmp_path):
-    d = C.shapes_data(root=str(tmp_path / "s"), num_train=6, num_val=2, image_size=64)
-    d.with_mask, d.mask_grid, d.num_workers, d.max_boxes = True, 32, 0, 8
-    host = next(build_train_loader(d, 2, seed=0, process_index=0, process_count=1))
-    batch = {k: jnp.asarray(v) for k, v in host.items()}
-    model = build_detector(_tiny_cfg())
-    variables = jax.jit(model.init)(jax.random.key(0), batch["image"])
-    params, stats = variables["params"], variables["batch_stats"]
-    tx = optax.adam(3e-3)
-    opt = tx.init(params)
+def test_fgd_training_decreases_every_loss_part_and_evaluates_segm(tmp_path):
+    """A tiny Mask R-CNN trains under FGD (P2..P5, inheriting) on the shapes' masks through
+    the real trainer: every loss part falls (first vs last 4 of 40 steps; measured: loss_mask
+    1.66 -> 0.70, loss_cls 1.77 -> 0.71, FGD per level about halved), and the final evaluation
+    reports segm metrics beside bbox (pasted, RLE-encoded masks vs the json's)."""
+    from fgd_jax.logging_utils import read_metrics
+    from fgd_jax.trainer import train
 
-    def loss_fn(p, key):
-        losses, _ = model.apply(
-            {"params": p, "batch_stats": stats},
-            batch,
-            method=MaskRCNN.forward_train,
-            rngs={"sampler": key},
-        )
-        return sum(losses.values()), losses
+    from ._tiny import make_teacher, tiny_config
 
-    @jax.jit
-    def step(p, o, key):
-        (_, losses), g = jax.value_and_grad(loss_fn, has_aux=True)(p, key)
-        upd, o = tx.update(g, o, p)
-        return optax.apply_updates(p, upd), o, losses
+    def model():
+        m = C.mask_rcnn_model(
+            depth=18, num_classes=6, fpn_channels=32, rpn_feat_channels=32, fc_out_channels=64,
+            mask_channels=16, frozen_stages=-1, rpn_num=64, rcnn_num=64,
+        )  # fmt: skip
+        m.train_cfg.rpn_proposal.nms_pre = 200
+        m.train_cfg.rpn_proposal.max_per_img = 100
+        m.test_cfg.rpn.nms_pre = 200
+        m.test_cfg.rpn.max_per_img = 100
+        m.backbone.norm_eval = False
+        return m
 
-    hist = []
-    for i in range(25):
-        params, opt, losses = step(params, opt, jax.random.key(i))
-        hist.append(float(losses["loss_mask"]))
-    assert set(losses) == {"loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_bbox", "loss_mask"}
-    assert np.all(np.isfinite(hist)) and np.mean(hist[-5:]) < 0.6 * np.mean(hist[:3]), hist
-
-    # evaluation pastes each detection's mask into its original image, RLE-encodes it and
-    # reports the segm metrics beside the bbox ones
-    cfg = C.ConfigDict(dict(data=d, eval=dict(batch_size=2)))
-    variables = {"params": params, "batch_stats": stats}
-    metrics = evaluation.evaluate_variables(model, variables, cfg)
+    cfg = tiny_config(str(tmp_path / "data"), "fgd", steps=40)
+    cfg.model, cfg.teacher.model = model(), model()
+    cfg.distill.num_levels = 4
+    cfg.data.with_mask, cfg.data.mask_grid = True, 32
+    cfg.train.ckpt_every = 100
+    make_teacher(cfg, str(tmp_path / "teacher"))
+    metrics = train(cfg, str(tmp_path / "work"))
+    recs = [r for r in read_metrics(str(tmp_path / "work")) if "loss" in r]
+    keys = [k for k in recs[0] if k.startswith("loss") and "/" not in k]
+    assert "loss_mask" in keys and "loss_fgd_fpn_3" in keys
+    first = {k: np.mean([r[k] for r in recs[:4]]) for k in keys}
+    last = {k: np.mean([r[k] for r in recs[-4:]]) for k in keys}
+    # loss_bbox exempt as in test_train_detectors.py (early positives are the GT boxes added
+    # as proposals, with zero targets; measured here 0.40 -> 0.34)
+    grew = [k for k in keys if last[k] > first[k] and first[k] > 1e-6 and k != "loss_bbox"]
+    assert not grew, {k: (first[k], last[k]) for k in grew}
+    assert all(np.isfinite(r[k]) for r in recs for k in keys)
     assert 0.0 <= metrics["segm_AP"] <= 1.0 and 0.0 <= metrics["AP"] <= 1.0
     assert set(metrics["segm_per_class_AP"]) == set(metrics["per_class_AP"])
-    results, _ = evaluation.predict_dataset(model, variables, cfg, progress=False)
-    if results:  # the RLEs decode to masks of the original image size
-        assert results[0]["segmentation"]["size"] == [64, 64]
 
 
 def test_paste_detections_only_valid_ones():
