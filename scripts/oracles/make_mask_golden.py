@@ -134,9 +134,7 @@ def main() -> None:
         props = np.array(props, np.float32)
         inds = np.array(inds, np.int64)
         cfg = ConfigDict(mask_size=28)
-        t = mask_target(
-            [torch.from_numpy(props)], [torch.from_numpy(inds)], [masks], cfg
-        ).numpy()
+        t = mask_target([torch.from_numpy(props)], [torch.from_numpy(inds)], [masks], cfg).numpy()
         for k, s in enumerate(img["segms"]):
             if isinstance(s, list):
                 out[f"img{i}_segm{k}_parts"] = np.array([len(p) for p in s], np.int64)
