@@ -42,6 +42,7 @@ def _params(g, head, feats) -> dict:
 
 
 def test_head_forward_and_loss_match_mmdetection(g):
+    ml = jax.jit(mask_loss, static_argnames="loss_norm_group")
     head = FCNMaskHead(num_classes=3, conv_out_channels=8)
     feats = jnp.asarray(g["head_feats"].transpose(0, 2, 3, 1))
     params = _params(g, head, feats)
@@ -51,7 +52,7 @@ def test_head_forward_and_loss_match_mmdetection(g):
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
     n = len(ref)
-    loss = jax.jit(mask_loss)(jnp.asarray(ref), jnp.asarray(g["img0_targets"], jnp.float32),
+    loss = ml(jnp.asarray(ref), jnp.asarray(g["img0_targets"], jnp.float32),
                      jnp.asarray(g["loss_labels"]), jnp.ones((n,), bool))  # fmt: skip
     np.testing.assert_allclose(float(loss), float(g["loss_mask"]), rtol=1e-6)
     # padded / negative RoIs do not count; no positive gives 0
@@ -59,8 +60,18 @@ def test_head_forward_and_loss_match_mmdetection(g):
     tgt = jnp.concatenate([jnp.asarray(g["img0_targets"], jnp.float32), jnp.zeros((2, 28, 28))])
     lab = jnp.concatenate([jnp.asarray(g["loss_labels"]), jnp.array([-1, 5])])
     valid = jnp.arange(n + 2) < n
-    np.testing.assert_allclose(float(mask_loss(pad, tgt, lab, valid)), float(loss), rtol=1e-6)
-    assert float(mask_loss(pad, tgt, lab, jnp.zeros((n + 2,), bool))) == 0.0
+    np.testing.assert_allclose(float(ml(pad, tgt, lab, valid)), float(loss), rtol=1e-6)
+    assert float(ml(pad, tgt, lab, jnp.zeros((n + 2,), bool))) == 0.0
+    # a batch axis: one group = the flattened mean; groups of one image = mean of images
+    k = (n + 2) // 3  # golden: 7 RoIs + 2 padded = 3 images of 3
+    b_args = (pad.reshape(3, k, 28, 28, 3), tgt.reshape(3, k, 28, 28), lab.reshape(3, k))
+    bv = valid.reshape(3, k)
+    np.testing.assert_allclose(float(ml(*b_args, bv)), float(loss), rtol=1e-6)
+    sl = [slice(k * i, k * i + k) for i in range(3)]
+    per_img = [float(ml(pad[s], tgt[s], lab[s], valid[s])) for s in sl]
+    np.testing.assert_allclose(
+        float(ml(*b_args, bv, loss_norm_group=1)), np.mean(per_img), rtol=1e-6
+    )
 
 
 def _grid_sample_reference(probs, boxes, hw):

@@ -12,7 +12,8 @@
   x[i, j, c] W[c, o, a, b] + bias[o]`).
 - `mask_loss`: mmdetection `CrossEntropyLoss(use_mask=True)` (`mask_cross_entropy`): BCE with
   logits of each positive RoI's GT-class channel against its 28 x 28 target, mean over
-  positives x 28 x 28 (0 without positives, as mmdetection's `mask_preds.sum() * 0`).
+  positives x 28 x 28 (0 without positives, as mmdetection's `mask_preds.sum() * 0`), per
+  group of `loss_norm_group` images (mmdetection's per-GPU mean) when given a batch axis.
 Checked against real mmdetection: tests/test_mask_head.py (golden file
 tests/golden/masks/masks.npz).
 """
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
+from fgd_jax.models.dense_heads import group_mean
 from fgd_jax.models.layers import ConvModule, kaiming_fan_out, torch_conv
 from fgd_jax.ops import dtypes
 
@@ -86,23 +88,33 @@ class FCNMaskHead(nn.Module):
         return x.astype(dtypes.float_dtype(x))
 
 
-def mask_loss(mask_logits: Array, targets: Array, labels: Array, valid: Array) -> Array:
+def mask_loss(
+    mask_logits: Array, targets: Array, labels: Array, valid: Array, loss_norm_group: int = 0
+) -> Array:
     """mmdetection `loss_mask` (BCE with logits on the GT class's channel, mean).
 
     Args:
-      mask_logits: `[P, S, S, num_classes]` the head's output for the sampled RoIs.
-      targets: `[P, S, S]` 0. / 1. (`fgd_jax.ops.masks.mask_targets`).
-      labels: `[P] int32` GT class of each RoI (any value where not `valid`).
-      valid: `[P] bool` the positive RoIs (padding and negatives False).
+      mask_logits: `[P, S, S, num_classes]` the head's output for the sampled RoIs, or
+        `[B, P, S, S, num_classes]` per image.
+      targets: `[(B,) P, S, S]` 0. / 1. (`fgd_jax.ops.masks.mask_targets`).
+      labels: `[(B,) P] int32` GT class of each RoI (any value where not `valid`).
+      valid: `[(B,) P] bool` the positive RoIs (padding and negatives False).
+      loss_norm_group: with a batch axis, groups of this many images are each normalised by
+        their own positives and averaged (mmdetection's per-GPU mean with `samples_per_gpu`
+        images; `fgd_jax.models.dense_heads.group_mean`); 0: the whole batch at once.
     Returns:
       scalar: sum over valid RoIs and bins / (number of valid RoIs * S * S); 0 if none.
     """
     dt = dtypes.float_dtype(mask_logits)
     num_classes = mask_logits.shape[-1]
     lab = jnp.clip(labels, 0, num_classes - 1)
-    x = jnp.take_along_axis(mask_logits.astype(dt), lab[:, None, None, None], axis=-1)[..., 0]
+    x = jnp.take_along_axis(mask_logits.astype(dt), lab[..., None, None, None], axis=-1)[..., 0]
     t = targets.astype(dt)
     bce = jnp.maximum(x, 0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))
-    w = valid.astype(dt)[:, None, None]
+    w = valid.astype(dt)[..., None, None]
     per_roi = x.shape[-1] * x.shape[-2]
-    return jnp.sum(bce * w) / jnp.maximum(jnp.sum(valid.astype(dt)) * per_roi, 1.0)
+    if valid.ndim == 1:
+        return jnp.sum(bce * w) / jnp.maximum(jnp.sum(valid.astype(dt)) * per_roi, 1.0)
+    num = jnp.sum((bce * w).reshape(valid.shape[0], -1), axis=1)
+    den = jnp.sum(valid.astype(dt), axis=1) * per_roi
+    return group_mean(num, den, loss_norm_group, "loss_mask")

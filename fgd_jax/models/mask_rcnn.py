@@ -8,8 +8,8 @@
   sampled RoIs (the first `int(num * pos_fraction)` sampled slots: the sampler puts positives
   first and never samples more), mask targets from the batch's mask grids
   (`fgd_jax.ops.masks.mask_targets`, batch keys `masks` / `mask_regions`: `data.with_mask`),
-  `loss_mask` (`fgd_jax.models.mask_head.mask_loss`: mean over every positive of the batch
-  x 28 x 28, as mmdetection on one GPU).
+  `loss_mask` (`fgd_jax.models.mask_head.mask_loss`: mean over the positives x 28 x 28 of each
+  group of `train_cfg.loss_norm_group` images, as mmdetection per GPU, averaged).
 - Inference (`predict`): Faster R-CNN's detections, then the mask head on the detected boxes
   scaled back to the network input (mmdetection `simple_test_mask` with rescale: boxes x
   scale_factor): `mask_probs [B, K, 28, 28]`, the sigmoid of each detection's class channel.
@@ -124,12 +124,12 @@ class MaskRCNN(FasterRCNN):
         mask_t = jax.vmap(
             lambda g, r, ro, gi: mask_ops.mask_targets(g, r, ro, gi, canvas, out_size=out_size)
         )(jnp.asarray(batch["masks"]), jnp.asarray(batch["mask_regions"]), rois, gt_inds)
-        b = logits.shape[0]
         losses["loss_mask"] = mask_loss(
-            logits.reshape(b * p, *logits.shape[2:]),
-            jax.lax.stop_gradient(mask_t).reshape(b * p, out_size, out_size),
-            labels.reshape(-1),
-            pos.reshape(-1),
+            logits,
+            jax.lax.stop_gradient(mask_t),
+            labels,
+            pos,
+            loss_norm_group=self.train_cfg.loss_norm_group,
         )
         return losses, feats
 
