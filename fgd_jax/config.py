@@ -217,6 +217,12 @@ def coco_data(
             # differs is refused. A category id of -1 means unknown (mmdetection's
             # meta['CLASSES'] holds names only).
             classes=(),
+            # instance masks (mmdetection LoadAnnotations(with_mask=True, poly2mask=True)):
+            # batches get `masks` [G, mask_grid, mask_grid] uint8 and `mask_regions` [G, 4]
+            # (fgd_jax.data.masks; docs/contracts.md). Off for box-only detectors.
+            with_mask=False,
+            mask_grid=56,  # cells per side of a GT's mask grid (accuracy vs memory: benchmarks)
+            on_bad_mask="error",  # malformed segmentation: 'error' or 'skip' (counted)
             tfds_name="coco/2017",  # source='tfds': the tensorflow-datasets name
             tfds_data_dir="",  # source='tfds': its data_dir ('' = the tfds default)
         )
@@ -680,3 +686,39 @@ def feature_teacher_model(
             ),
         )
     )
+def mask_rcnn_model(
+    depth: int = 50,
+    groups: int = 1,
+    base_width: int = 64,
+    num_classes: int = 80,
+    fpn_channels: int = 256,
+    rpn_feat_channels: int = 256,
+    fc_out_channels: int = 1024,
+    mask_channels: int = 256,
+    frozen_stages: int = 1,
+    rpn_num: int = 256,
+    rcnn_num: int = 512,
+) -> ConfigDict:
+    """mmdetection 2.x `mask_rcnn_r50_fpn`: `faster_rcnn_model` plus `roi_head.mask_head`
+    (`FCNMaskHead`: 4 conv3x3 of `mask_channels`, deconv x2, 28x28 per class; RoIAlign 14x14
+    on P2..P5). Train with `data.with_mask=True` (the batch's mask grids)."""
+    from fgd_jax.models.build import module_config
+    from fgd_jax.models.mask_head import FCNMaskHead
+
+    cfg = faster_rcnn_model(
+        depth=depth,
+        groups=groups,
+        base_width=base_width,
+        num_classes=num_classes,
+        fpn_channels=fpn_channels,
+        rpn_feat_channels=rpn_feat_channels,
+        fc_out_channels=fc_out_channels,
+        frozen_stages=frozen_stages,
+        rpn_num=rpn_num,
+        rcnn_num=rcnn_num,
+    )
+    cfg.type = "mask_rcnn"
+    cfg.roi_head.mask_head = module_config(
+        FCNMaskHead, skip=("num_classes",), conv_out_channels=mask_channels
+    )
+    return cfg

@@ -67,13 +67,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if jax.process_index() == 0:
         print(metrics.get("summary", ""))
-        print(evaluation.format_table({"model": metrics}))
-        per_class = metrics.get("per_class_AP", {})
-        if per_class:
-            width = max(len(n) for n in per_class)
-            print("\nper-class AP (%):")
-            for name, ap in per_class.items():
-                print(f"  {name:<{width}}  {100 * ap:5.1f}")
+        rows = {"model": metrics}
+        if "segm_AP" in metrics:  # a detector predicting masks (Mask R-CNN)
+            rows["model segm"] = {k: metrics[f"segm_{k}"] for k in evaluation.METRIC_NAMES}
+        print(evaluation.format_table(rows))
+        for kind in ("", "segm_"):
+            per_class = metrics.get(f"{kind}per_class_AP", {})
+            if per_class:
+                width = max(len(n) for n in per_class)
+                print(f"\nper-class {kind.replace('_', ' ')}AP (%):")
+                for name, ap in per_class.items():
+                    print(f"  {name:<{width}}  {100 * ap:5.1f}")
+        if "segm_AP" in metrics:
+            names = evaluation.METRIC_NAMES
+            print(json.dumps({f"segm_{k}": round(100 * metrics[f"segm_{k}"], 1) for k in names}))
         print(json.dumps({k: round(100 * metrics[k], 1) for k in evaluation.METRIC_NAMES}))
         print(f"wrote {out}/metrics.json and {out}/detections.json")
     return 0

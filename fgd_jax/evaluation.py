@@ -1,4 +1,4 @@
-"""COCO bbox evaluation: a detector over the val set -> COCO results json -> AP table.
+"""COCO bbox (and segm) evaluation: a detector over the val set -> COCO results json -> AP table.
 
 - `evaluate_variables(module, variables, cfg)`: jitted inference over the val set
   (`predict_dataset`, data-parallel over the mesh) and pycocotools' metrics; what training's
@@ -7,6 +7,13 @@
 - host-side pieces: `detections_to_coco` (numpy detections, boxes xyxy in ORIGINAL image
   pixels as the detectors' `predict` returns them), `coco_evaluate` (what
   `pycocotools.cocoeval.COCOeval` reports, plus per-class AP), `format_table`, `write_json`.
+- instance masks: a detector whose `predict` returns `mask_probs` (Mask R-CNN) gets each
+  detection's mask pasted into its original image on the host
+  (`fgd_jax.models.mask_rcnn.paste_detections`, mmdetection's `_do_paste_mask`, >= 0.5),
+  RLE-encoded (`fgd_jax.data.masks.encode_rle`) into the result's `segmentation`, and
+  `evaluate_variables` adds the `segm` metrics as `segm_AP`, ..., `segm_per_class_AP`
+  (mmdetection 2.x: the segm results carry no `bbox`, so pycocotools' area ranges use the
+  mask areas).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ def detections_to_coco(
     labels: np.ndarray,
     valid: np.ndarray,
     cat_ids: Sequence[int],
+    segmentations: Sequence[Sequence[dict]] | None = None,
 ) -> list[dict]:
     """Convert a batch of padded detections to COCO result dicts.
 
@@ -48,6 +56,8 @@ def detections_to_coco(
       boxes: [B, K, 4] float xyxy, original-image pixels.
       scores: [B, K] float.  labels: [B, K] int contiguous label.  valid: [B, K] bool.
       cat_ids: contiguous label -> COCO category id.
+      segmentations: optional, per image b the RLEs of its valid detections in order; each
+        result then also has `segmentation`.
     Returns: list of `{'image_id', 'category_id', 'bbox': [x, y, w, h], 'score'}`.
     """
     out = []
@@ -56,16 +66,17 @@ def detections_to_coco(
         if image_ids[b] < 0:
             continue
         keep = np.nonzero(valid[b])[0]
-        for k in keep:
+        for j, k in enumerate(keep):
             x1, y1, x2, y2 = (float(v) for v in boxes[b, k])
-            out.append(
-                dict(
-                    image_id=int(image_ids[b]),
-                    category_id=int(cat_ids[int(labels[b, k])]),
-                    bbox=[round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
-                    score=round(float(scores[b, k]), 5),
-                )
+            res = dict(
+                image_id=int(image_ids[b]),
+                category_id=int(cat_ids[int(labels[b, k])]),
+                bbox=[round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
+                score=round(float(scores[b, k]), 5),
             )
+            if segmentations is not None:
+                res["segmentation"] = segmentations[b][j]
+            out.append(res)
     return out
 
 
@@ -74,8 +85,11 @@ def coco_evaluate(
     results: list[dict],
     image_ids: Iterable[int] | None = None,
     verbose: bool = False,
+    iou_type: str = "bbox",
 ) -> dict:
-    """Run COCOeval (bbox) and return the 12 standard metrics and per-class AP.
+    """Run COCOeval (`iou_type` 'bbox' or 'segm') and return the 12 standard metrics and
+    per-class AP. For 'segm' the results' `segmentation` (RLE) is evaluated and their `bbox`
+    dropped first (mmdetection 2.x), so the area ranges use the mask areas.
 
     `ann_file`: the ground truth, a COCO json path or a pycocotools `COCO` object (the tfds
     source builds one from its examples).
@@ -106,10 +120,14 @@ def coco_evaluate(
         metrics["per_class_AP"] = {name: 0.0 for name in cats.values()}
         metrics["summary"] = "no detections"
         return metrics
+    if iou_type not in ("bbox", "segm"):
+        raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
+    if iou_type == "segm":
+        results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         dt = gt.loadRes(results)
-        ev = COCOeval(gt, dt, "bbox")
+        ev = COCOeval(gt, dt, iou_type)
         if image_ids is not None:
             ev.params.imgIds = sorted(int(i) for i in image_ids)
         ev.evaluate()
@@ -196,9 +214,20 @@ def predict_dataset(
         batch = parallel.host_batch_to_global(host_batch, mesh)
         out = _predict(module, variables, batch["image"], batch["img_shape"], batch["scale_factor"])
         out["image_id"] = batch["image_id"]
+        out["orig_shape"] = batch["orig_shape"]
         out = parallel.fetch(out)
         ids = np.asarray(out["image_id"])
         image_ids.extend(int(i) for i in ids if i >= 0)
+        segms = None
+        if "mask_probs" in out:
+            from fgd_jax.data.masks import encode_rle
+            from fgd_jax.models.mask_rcnn import paste_detections
+
+            hw = np.asarray(out["orig_shape"])
+            segms = [
+                encode_rle(paste_detections(out, b, tuple(hw[b]))) if ids[b] >= 0 else []
+                for b in range(len(ids))
+            ]
         results.extend(
             detections_to_coco(
                 ids,
@@ -207,6 +236,7 @@ def predict_dataset(
                 np.asarray(out["labels"]),
                 np.asarray(out["valid"]),
                 cat_ids,
+                segms,
             )
         )
     return results, image_ids
@@ -219,9 +249,17 @@ def evaluate_variables(
     mesh=None,
     out_dir: str | None = None,
 ) -> dict:
-    """COCO bbox metrics of `module` with `variables` on `cfg.data`'s val set."""
+    """COCO bbox metrics of `module` with `variables` on `cfg.data`'s val set, and the segm
+    ones (`segm_AP`, ..., `segm_per_class_AP`) for a detector predicting masks."""
     results, image_ids = predict_dataset(module, variables, cfg, mesh)
-    metrics = coco_evaluate(val_ground_truth(cfg.data), results, image_ids)
+    gt = val_ground_truth(cfg.data)
+    # before the bbox evaluation: pycocotools' loadRes adds box polygons as `segmentation`
+    has_masks = bool(results) and "segmentation" in results[0]
+    metrics = coco_evaluate(gt, results, image_ids)
+    if has_masks:
+        segm = coco_evaluate(gt, results, image_ids, iou_type="segm")
+        metrics["summary"] += "\nsegm:\n" + segm.pop("summary")
+        metrics.update({f"segm_{k}": v for k, v in segm.items()})
     if out_dir and jax.process_index() == 0:
         write_json(os.path.join(out_dir, "detections.json"), results)
         write_metrics(out_dir, metrics)

@@ -4,6 +4,7 @@ Batches follow docs/contracts.md; see `pipeline` for the design.
 """
 
 from fgd_jax.data.coco import CocoRecords, load_coco_records, read_coco_json
+from fgd_jax.data.masks import BadMaskError
 from fgd_jax.data.pipeline import (
     DetectionLoader,
     build_eval_loader,
@@ -16,6 +17,7 @@ from fgd_jax.data.transforms import BadImageError
 
 __all__ = [
     "BadImageError",
+    "BadMaskError",
     "CocoRecords",
     "DetectionLoader",
     "SHAPES_CLASS_NAMES",

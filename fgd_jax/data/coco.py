@@ -7,6 +7,8 @@ A *record* is a plain dict describing one image before any transform:
   boxes         [n, 4] float32 xyxy, original pixels (COCO xywh -> x2 = x + w, no -1)
   labels        [n] int32, contiguous class index in [0, num_classes)
   ignore_boxes  [m, 4] float32 xyxy, the `iscrowd=1` boxes
+  masks         (only when read `with_mask`) list of n checked COCO segmentations, one per
+                box (polygon parts or RLE; `fgd_jax.data.masks`), decoded when batched
 
 Rules (mmdetection 2.11 `CocoDataset.load_annotations / _parse_ann_info / _filter_imgs`):
   - labels: 0, 1, 2, ... in the order the categories are listed in the json's `categories`
@@ -24,6 +26,13 @@ Rules (mmdetection 2.11 `CocoDataset.load_annotations / _parse_ann_info / _filte
     known category (as mmdetection's `filter_empty_gt`: an image whose annotations are all
     crowd or degenerate is kept, with no GT) and min(h, w) >= `min_size` (32); evaluation keeps
     every image. `fgd_jax.data.tfds_source` applies the same rules.
+  - `with_mask` (mmdetection `LoadAnnotations(with_mask=True)`): each kept GT carries its
+    `segmentation` (crowd ones are ignore boxes and carry none, as mmdetection's `gt_masks`).
+    A segmentation that is missing or malformed (`fgd_jax.data.masks.check_segmentation`)
+    raises `BadMaskError` naming the file, image id and annotation id
+    (`on_bad_mask='error'`), or with 'skip' loses its bad polygon parts, and the annotation is
+    dropped when nothing usable remains; `CocoRecords.num_bad_masks` counts the annotations
+    touched.
 Images are in the json's order (`coco.getImgIds()`).
 """
 
@@ -42,6 +51,8 @@ from typing import Any
 import numpy as np
 from pycocotools.coco import COCO
 
+from fgd_jax.data.masks import ON_BAD_MASK, BadMaskError, check_segmentation
+
 log = logging.getLogger(__name__)
 
 ON_UNKNOWN_CATEGORY = ("warn", "error")
@@ -58,6 +69,8 @@ class CocoRecords:
       coco: the pycocotools `COCO` object (ground truth for evaluation).
       ann_file: path of the annotation json.
       num_skipped: images dropped because their file is missing (`on_bad_image='skip'`).
+      num_bad_masks: annotations whose segmentation was malformed (`on_bad_mask='skip'`):
+        bad polygon parts dropped, or the whole annotation when nothing usable remained.
     """
 
     records: list[dict[str, Any]]
@@ -66,6 +79,7 @@ class CocoRecords:
     coco: COCO
     ann_file: str
     num_skipped: int = 0
+    num_bad_masks: int = 0
 
     @property
     def num_classes(self) -> int:
@@ -128,14 +142,22 @@ def read_coco_json(ann_file: str | os.PathLike) -> COCO:
 
 
 def parse_annotations(
-    anns: list[dict], img_hw: tuple[int, int], cat2label: dict[int, int]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    anns: list[dict],
+    img_hw: tuple[int, int],
+    cat2label: dict[int, int],
+    with_mask: bool = False,
+    on_bad_mask: str = "error",
+    where: str = "",
+) -> tuple:
     """mmdetection `_parse_ann_info` for one image's annotations.
 
-    Returns `(boxes [n, 4] float32 xyxy, labels [n] int32, ignore_boxes [m, 4] float32)`.
+    Returns `(boxes [n, 4] float32 xyxy, labels [n] int32, ignore_boxes [m, 4] float32)`, and
+    with `with_mask` also `masks` (n checked segmentations) and the number of annotations
+    whose segmentation was malformed (`on_bad_mask='skip'`; 'error' raises `BadMaskError`,
+    its message starting with `where` and naming the annotation id).
     """
     img_h, img_w = img_hw
-    boxes, labels, ignore = [], [], []
+    boxes, labels, ignore, masks, bad = [], [], [], [], 0
     for ann in anns:
         if ann.get("ignore", False):
             continue
@@ -151,14 +173,29 @@ def parse_annotations(
         box = [x1, y1, x1 + w, y1 + h]
         if ann.get("iscrowd", False):
             ignore.append(box)
-        else:
-            boxes.append(box)
-            labels.append(cat2label[ann["category_id"]])
-    return (
+            continue
+        if with_mask:
+            if "segmentation" not in ann:
+                segm, problems = None, ["no 'segmentation'"]
+            else:
+                segm, problems = check_segmentation(ann["segmentation"], (img_h, img_w))
+            if problems:
+                msg = f"{where}annotation id {ann.get('id')}: {'; '.join(problems)}"
+                if on_bad_mask != "skip":
+                    raise BadMaskError(msg + " (data.on_bad_mask='skip' drops bad masks)")
+                bad += 1
+                log.warning("bad mask skipped: %s", msg)
+            if segm is None:
+                continue
+            masks.append(segm)
+        boxes.append(box)
+        labels.append(cat2label[ann["category_id"]])
+    out = (
         np.array(boxes, dtype=np.float32).reshape(-1, 4),
         np.array(labels, dtype=np.int32),
         np.array(ignore, dtype=np.float32).reshape(-1, 4),
     )
+    return (*out, masks, bad) if with_mask else out
 
 
 def check_unknown_categories(coco: COCO, ann_file: str, on_unknown_category: str) -> None:
@@ -195,6 +232,8 @@ def load_coco_records(
     check_files: bool = True,
     on_bad_image: str = "error",
     on_unknown_category: str = "warn",
+    with_mask: bool = False,
+    on_bad_mask: str = "error",
 ) -> CocoRecords:
     """Read a COCO split into records (mmdetection 2.x rules, see the module docstring).
 
@@ -207,11 +246,17 @@ def load_coco_records(
       on_bad_image: 'error' (raise) or 'skip' (drop the image with a warning and count it).
       on_unknown_category: 'warn' (skip annotations of category ids `categories` lacks, one
         warning per id with its count) or 'error' (raise); see `check_unknown_categories`.
+      with_mask: records carry `masks` (the GTs' segmentations, checked; module docstring).
+      on_bad_mask: 'error' (raise `BadMaskError`) or 'skip' (drop bad parts / annotations,
+        counted in `num_bad_masks`), for malformed segmentations.
     Raises:
       FileNotFoundError: the annotation file, the image folder or (with 'error') an image file
         is missing.
       ValueError: the annotation file is empty or not COCO.
+      BadMaskError: with `with_mask` and 'error', a malformed segmentation.
     """
+    if on_bad_mask not in ON_BAD_MASK:
+        raise ValueError(f"on_bad_mask must be one of {ON_BAD_MASK}, got {on_bad_mask!r}")
     if on_bad_image not in ("error", "skip"):
         raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
     ann_file, image_dir = os.fspath(ann_file), os.fspath(image_dir)
@@ -233,7 +278,7 @@ def load_coco_records(
             ids_in_cat |= set(coco.catToImgs.get(cid, []))
         ids_in_cat &= ids_with_ann
 
-    records, skipped = [], 0
+    records, skipped, bad_masks = [], 0, 0
     for img_id in coco.getImgIds():
         info = coco.imgs[img_id]
         h, w = int(info["height"]), int(info["width"])
@@ -247,17 +292,27 @@ def load_coco_records(
             log.warning("skipping missing image %s (%d skipped so far)", path, skipped)
             continue
         anns = coco.loadAnns(coco.getAnnIds(imgIds=[img_id]))
-        boxes, labels, ignore = parse_annotations(anns, (h, w), cat2label)
-        records.append(
-            dict(
-                file_name=path,
-                image_id=int(img_id),
-                orig_shape=(h, w),
-                boxes=boxes,
-                labels=labels,
-                ignore_boxes=ignore,
-            )
+        parsed = parse_annotations(
+            anns, (h, w), cat2label, with_mask, on_bad_mask, f"{ann_file}: image id {img_id}, "
         )
+        rec = dict(
+            file_name=path,
+            image_id=int(img_id),
+            orig_shape=(h, w),
+            boxes=parsed[0],
+            labels=parsed[1],
+            ignore_boxes=parsed[2],
+        )
+        if with_mask:
+            rec["masks"] = parsed[3]
+            bad_masks += parsed[4]
+        records.append(rec)
     if not records:
         raise ValueError(f"{ann_file}: no usable images (after filtering, {skipped} missing)")
-    return CocoRecords(records, cat_ids, names, coco, ann_file, skipped)
+    if bad_masks:
+        warnings.warn(
+            f"{ann_file}: {bad_masks} annotation(s) with malformed segmentations: bad polygon "
+            "parts dropped, annotations without a usable part skipped (data.on_bad_mask)",
+            stacklevel=2,
+        )
+    return CocoRecords(records, cat_ids, names, coco, ann_file, skipped, bad_masks)

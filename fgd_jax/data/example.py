@@ -2,6 +2,9 @@
 
 mmdetection 2.x's train pipeline for one image: decode, `Resize(keep_ratio)`, `RandomFlip`,
 `Normalize`, pad to the batch's canvas, GT boxes padded to `max_boxes` with validity masks.
+With `mask_grid > 0` (mmdetection `LoadAnnotations(with_mask=True, poly2mask=True)`) each
+GT's segmentation is decoded and kept as a `mask_grid x mask_grid` grid over its region
+(`fgd_jax.data.masks.mask_grid`): keys `masks` and `mask_regions`.
 Pure numpy; the randomness comes from the `np.random.Generator` the caller passes.
 """
 
@@ -12,12 +15,21 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fgd_jax.data import masks as MK
 from fgd_jax.data import transforms as T
 
 MULTISCALE_MODES = ("value", "range")
 # kinds of boxes ('gt', 'ignore') whose overflow of max_boxes / max_ignore was already warned
 # about in this process: one flag per kind, so one kind cannot hide the other's warning
 _warned_overflow: set[str] = set()
+
+
+def keep_largest(boxes: np.ndarray, n: int) -> np.ndarray:
+    """Indices (in order) of the `n` largest boxes (stable on equal areas), all if <= n."""
+    if len(boxes) <= n:
+        return np.arange(len(boxes))
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return np.sort(np.argsort(-area, kind="stable")[:n])
 
 
 def pad_boxes(
@@ -35,8 +47,7 @@ def pad_boxes(
                 f"(warned once for {kind} boxes)",
                 stacklevel=2,
             )
-        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        keep = np.sort(np.argsort(-area, kind="stable")[:n])
+        keep = keep_largest(boxes, n)
         boxes, labels = boxes[keep], labels[keep]
     k = len(boxes)
     ob = np.zeros((n, 4), np.float32)
@@ -44,6 +55,40 @@ def pad_boxes(
     ov = np.zeros((n,), bool)
     ob[:k], ol[:k], ov[:k] = boxes, labels, True
     return ob, ol, ov
+
+
+def mask_grids(
+    record: dict,
+    boxes: np.ndarray,
+    resized_hw: tuple[int, int],
+    canvas_hw: tuple[int, int],
+    flipped: bool,
+    n: int,
+    grid: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The GT masks of a record as grids, padded like `pad_boxes` (same GTs kept).
+
+    Args:
+      record: with `masks` (one checked segmentation per GT) and `orig_shape`.
+      boxes: `[g, 4]` the GT boxes after resize / flip (canvas pixels).
+    Returns:
+      `(masks [n, grid, grid] uint8, mask_regions [n, 4] float32)`, zeros where padded.
+    """
+    segms = record.get("masks")
+    if segms is None:
+        raise ValueError(
+            f"record of image {record.get('image_id')} has no masks: read it with_mask "
+            "(data.with_mask=True)"
+        )
+    out = np.zeros((n, grid, grid), np.uint8)
+    regions = np.zeros((n, 4), np.float32)
+    hw = tuple(int(v) for v in record["orig_shape"])
+    for slot, i in enumerate(keep_largest(boxes, n)):
+        bitmap = MK.decode_segmentation(segms[i], hw)
+        out[slot], regions[slot] = MK.mask_grid(
+            bitmap, boxes[i], resized_hw, canvas_hw, flipped, grid
+        )
+    return out, regions
 
 
 def load_image(record: dict) -> np.ndarray:
@@ -84,12 +129,15 @@ def make_example(
     rng: np.random.Generator | None = None,
     multiscale_short: Sequence[int] = (),
     multiscale_mode: str = "value",
+    mask_grid: int = 0,
 ) -> dict[str, np.ndarray]:
     """One record -> one example with the per-image keys of the batch contract.
 
     Steps (mmdetection 2.x train pipeline): decode, `Resize(keep_ratio)` at `img_scale` (or,
     with `multiscale_short`, at (max(img_scale), short) with the short side drawn by
-    `sample_short_side`), `RandomFlip`, `Normalize`, pad to `canvas_hw`.
+    `sample_short_side`), `RandomFlip`, `Normalize`, pad to `canvas_hw`. `mask_grid > 0`
+    adds `masks [max_boxes, mask_grid, mask_grid] uint8` and `mask_regions [max_boxes, 4]`
+    (`mask_grids`; the record needs `masks`).
     Raises `transforms.BadImageError` for unreadable images.
     """
     rng = rng if rng is not None else np.random.default_rng(0)
@@ -111,7 +159,7 @@ def make_example(
     ign, _, ign_valid = pad_boxes(
         all_boxes[nb:], np.zeros(len(all_boxes) - nb, np.int32), max_ignore, name, "ignore"
     )
-    return dict(
+    ex = dict(
         image=img,
         boxes=boxes,
         labels=labels,
@@ -125,12 +173,19 @@ def make_example(
         flip=np.array(flipped),
         image_id=np.array(record["image_id"], np.int64),
     )
+    if mask_grid > 0:
+        ex["masks"], ex["mask_regions"] = mask_grids(
+            record, all_boxes[:nb], (h, w), canvas_hw, flipped, max_boxes, mask_grid
+        )
+    return ex
 
 
-def padding_example(canvas_hw, max_boxes: int, max_ignore: int) -> dict[str, np.ndarray]:
+def padding_example(
+    canvas_hw, max_boxes: int, max_ignore: int, mask_grid: int = 0
+) -> dict[str, np.ndarray]:
     """A filler example (last eval batch): zeros, nothing valid, image_id -1, scale 1."""
     hw = np.array(canvas_hw, np.int32)
-    return dict(
+    ex = dict(
         image=np.zeros((*canvas_hw, 3), np.float32),
         boxes=np.zeros((max_boxes, 4), np.float32),
         labels=np.full((max_boxes,), -1, np.int32),
@@ -144,3 +199,7 @@ def padding_example(canvas_hw, max_boxes: int, max_ignore: int) -> dict[str, np.
         flip=np.array(False),
         image_id=np.array(-1, np.int64),
     )
+    if mask_grid > 0:
+        ex["masks"] = np.zeros((max_boxes, mask_grid, mask_grid), np.uint8)
+        ex["mask_regions"] = np.zeros((max_boxes, 4), np.float32)
+    return ex

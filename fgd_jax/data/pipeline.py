@@ -96,6 +96,7 @@ class _BatchMaker:
     max_boxes: int
     max_ignore: int
     on_bad_image: str
+    mask_grid: int = 0  # > 0: `masks` / `mask_regions` keys (data.with_mask, data.mask_grid)
     eval_batches: np.ndarray | None = None
     eval_canvas: np.ndarray | None = None
     steps_per_epoch: int = 0
@@ -148,7 +149,7 @@ class _BatchMaker:
     def _example(self, i, canvas_hw, epoch, slot) -> tuple[dict[str, np.ndarray], int]:
         """(example, number of unreadable images skipped to make it)."""
         if i < 0:
-            return padding_example(canvas_hw, self.max_boxes, self.max_ignore), 0
+            return padding_example(canvas_hw, self.max_boxes, self.max_ignore, self.mask_grid), 0
         tries = 0
         while True:
             rng = np.random.default_rng([self.seed, epoch, slot, tries])
@@ -164,6 +165,7 @@ class _BatchMaker:
                     rng=rng,
                     multiscale_short=self.multiscale_short if self.train else (),
                     multiscale_mode=self.multiscale_mode,
+                    mask_grid=self.mask_grid,
                 )
                 return ex, tries
             except T.BadImageError as e:
@@ -175,7 +177,10 @@ class _BatchMaker:
                     stacklevel=2,
                 )
                 if not self.train:
-                    return padding_example(canvas_hw, self.max_boxes, self.max_ignore), 1
+                    pad = padding_example(
+                        canvas_hw, self.max_boxes, self.max_ignore, self.mask_grid
+                    )
+                    return pad, 1
                 tries += 1
                 group = np.flatnonzero(self.groups == self.groups[i])
                 if tries >= min(16, len(group)):
@@ -373,7 +378,11 @@ def _build(
         max_boxes=int(data_cfg.max_boxes),
         max_ignore=int(data_cfg.max_ignore),
         on_bad_image=data_cfg.on_bad_image,
+        # masks are training targets; evaluation compares with the json's segmentations
+        mask_grid=int(data_cfg.mask_grid) if data_cfg.with_mask and train else 0,
     )
+    if maker.mask_grid and recs.records and "masks" not in recs.records[0]:
+        raise ValueError("data.with_mask: the records given were read without masks")
     T.pixel_stats(maker.pixel_style)  # validates the style before workers start
     if train:
         _, canvas_of_batch = epoch_schedule(groups, len(canvases), global_batch_size, 0, 0)

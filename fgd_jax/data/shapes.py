@@ -16,7 +16,9 @@ Two variants share the rendering (background, clutter, colours, occlusion, boxes
 Each image has a textured, noisy background (gradient + coarse blotches + stripes + pixel
 noise) and distractor clutter that is no class (lines, polylines, thin ellipse outlines,
 dots). Later shapes occlude earlier ones; a shape more than 60% covered is dropped and the box
-of a visible one is the tight box of its visible pixels (COCO convention).
+of a visible one is the tight box of its visible pixels (COCO convention). Its `segmentation`
+is the exact set of its visible pixels as compressed COCO RLE (pycocotools; `iscrowd=0`, as
+mmdetection's `_poly2mask` decodes it), so Mask R-CNN can train and be evaluated on it.
 
 `make_shapes_dataset(root, ...)` writes
   root/annotations/instances_{train,val}.json, root/{train,val}/{id:06d}.png, root/manifest.json
@@ -44,7 +46,7 @@ CLASS_NAMES = _BASIC  # the default variant's
 _CATEGORY_IDS = (1, 2, 3, 5, 7, 9, 10, 11, 13, 15)
 MAX_COVERED = 0.6
 MAX_SIZE_FRAC = 0.6
-_VERSION = 1
+_VERSION = 2  # 2: annotations carry `segmentation` (RLE); images and boxes as in 1
 
 
 def _size_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
@@ -256,9 +258,10 @@ def render_image(
     top_class: int | None = None,
     min_size: float | None = None,
     variant: str = "basic",
-) -> tuple[np.ndarray, list[tuple[int, list[float], int]]]:
+    with_masks: bool = False,
+) -> tuple[np.ndarray, list[tuple]]:
     """One image `[h, w, 3] uint8` of `variant` and its objects `(class, [x, y, bw, bh],
-    area)`.
+    area)`, with `with_masks` `(class, [x, y, bw, bh], area, visible [h, w] bool)`.
 
     `top_class` forces the class of the last (never occluded) shape; shape extents are
     log-uniform in [`min_size` (None: the variant's default), 60% of the short side] px.
@@ -301,8 +304,17 @@ def render_image(
             continue
         ys, xs = np.nonzero(vis)
         x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
-        objects.append((cls, [float(x0), float(y0), float(x1 - x0), float(y1 - y0)], nvis))
+        obj = (cls, [float(x0), float(y0), float(x1 - x0), float(y1 - y0)], nvis)
+        objects.append((*obj, vis) if with_masks else obj)
     return out, objects
+
+
+def encode_rle(mask: np.ndarray) -> dict:
+    """`[h, w]` bool -> compressed COCO RLE `{'size': [h, w], 'counts': str}` (json-ready)."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return dict(size=[int(v) for v in rle["size"]], counts=rle["counts"].decode("ascii"))
 
 
 def _manifest(
@@ -361,13 +373,19 @@ def _write_split(
     for i in range(num):
         rng = np.random.default_rng([seed, split_key, i])
         img, objects = render_image(
-            rng, h, w, top_class=i % len(names), min_size=min_size, variant=variant
+            rng,
+            h,
+            w,
+            top_class=i % len(names),
+            min_size=min_size,
+            variant=variant,
+            with_masks=True,
         )
         img_id = first_id + i
         name = f"{img_id:07d}.png"
         Image.fromarray(img).save(os.path.join(img_dir, name), compress_level=1)
         images.append(dict(id=img_id, file_name=name, height=h, width=w))
-        for cls, bbox, area in objects:
+        for cls, bbox, area, vis in objects:
             anns.append(
                 dict(
                     id=len(anns) + 1 + split_key * 10_000_000,
@@ -376,6 +394,7 @@ def _write_split(
                     bbox=bbox,
                     area=float(area),
                     iscrowd=0,
+                    segmentation=encode_rle(vis),
                 )
             )
     pairs = zip(_CATEGORY_IDS[: len(names)], names, strict=True)

@@ -26,6 +26,8 @@ def load_split(data_cfg: Any, train: bool) -> CocoRecords:
     if cfg.source not in SOURCES:
         raise ValueError(f"data.source must be one of {SOURCES}, got {cfg.source!r}")
     if cfg.source == "tfds":
+        if cfg.with_mask:
+            raise ValueError("data.with_mask: the tfds source carries no segmentations")
         from fgd_jax.data.tfds_source import load_tfds_records
 
         return load_tfds_records(cfg, train=train)
@@ -39,6 +41,8 @@ def load_split(data_cfg: Any, train: bool) -> CocoRecords:
         min_size=int(cfg.min_size),
         on_bad_image=cfg.on_bad_image,
         on_unknown_category=cfg.on_unknown_category,
+        with_mask=bool(cfg.with_mask),
+        on_bad_mask=cfg.on_bad_mask,
     )
 
 

@@ -26,6 +26,7 @@ DETECTORS: dict[str, tuple[str, str]] = {
     "faster_rcnn": ("fgd_jax.models.faster_rcnn", "FasterRCNN"),
     # backbone + FPN only: a feature teacher for FGD (no heads, no predict)
     "features": ("fgd_jax.models.feature_teacher", "FeatureTeacher"),
+    "mask_rcnn": ("fgd_jax.models.mask_rcnn", "MaskRCNN"),
 }
 
 __all__ = [

@@ -258,6 +258,14 @@ class FasterRCNN(nn.Module):
     ) -> tuple[dict[str, Array], tuple[Array, ...]]:
         """Batch dict (docs/contracts.md) -> ({'loss_rpn_cls', 'loss_rpn_bbox', 'loss_cls',
         'loss_bbox'}, FPN features P2..P6). Needs the `'sampler'` rng stream."""
+        losses, feats, _ = self._forward_train(batch, train)
+        return losses, feats
+
+    def _forward_train(
+        self, batch: dict[str, Array], train: bool
+    ) -> tuple[dict[str, Array], tuple[Array, ...], dict[str, Array]]:
+        """`forward_train` plus the sampled RoI targets (`rcnn_targets`, batched), which
+        Mask R-CNN's mask branch reuses."""
         for key in ("image", "boxes", "labels", "valid", "img_shape"):
             if key not in batch:
                 raise KeyError(f"FasterRCNN.forward_train: batch has no {key!r} (see contracts)")
@@ -328,7 +336,7 @@ class FasterRCNN(nn.Module):
                 loss_norm_group=tc.loss_norm_group,
             )
         )
-        return losses, feats
+        return losses, feats, targets
 
     def predict(self, images: Array, img_shape: Array, scale_factor: Array) -> dict[str, Array]:
         """Detections in ORIGINAL image pixels: dict(boxes [B,K,4], scores [B,K],

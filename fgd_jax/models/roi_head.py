@@ -208,8 +208,9 @@ def rcnn_targets(
     Args: proposals `[P, 4]`, proposal_valid `[P]`, gt_boxes `[G, 4]`, gt_labels `[G]`,
       gt_valid `[G]`, key: PRNG key.
     Returns dict: `assigned` (`[G + P]` with GT added, else `[P]`), `rois [num, 4]`,
-      `valid [num]`, `pos [num]`, `labels [num] int32` (class, or
-      `num_classes` for background and padding), `bbox_targets [num, 4]`.
+      `valid [num]`, `pos [num]` (positives come first), `labels [num] int32` (class, or
+      `num_classes` for background and padding), `bbox_targets [num, 4]`, `gt_inds [num]
+      int32` (the GT of each positive; meaningless elsewhere; Mask R-CNN's mask targets).
     """
     dt = dtypes.float_dtype(proposals, gt_boxes)
     proposals = jnp.asarray(proposals, dt)
@@ -238,7 +239,13 @@ def rcnn_targets(
     targets = box_ops.delta_encode(rois, gt_boxes[gt_idx], target_means, target_stds)
     targets = jnp.where(pos[:, None], targets, 0.0)
     return dict(
-        assigned=assigned, rois=rois, valid=valid, pos=pos, labels=labels, bbox_targets=targets
+        assigned=assigned,
+        rois=rois,
+        valid=valid,
+        pos=pos,
+        labels=labels,
+        bbox_targets=targets,
+        gt_inds=gt_idx.astype(jnp.int32),
     )
 
 

@@ -1,0 +1,159 @@
+"""Mask R-CNN (mmdetection 2.x / 2.11 `mask_rcnn_r50_fpn`): Faster R-CNN + a mask branch.
+
+- `MaskRoIHead`: `StandardRoIHead` plus `mask_head` (`FCNMaskHead`, parameters under
+  `roi_head/mask_head/...` as mmdetection's `roi_head.mask_head.*`), RoIAlign 14x14 of the
+  same levels, sampling ratio and alignment as the box branch (mmdetection's
+  `mask_roi_extractor`).
+- Training (`forward_train`): Faster R-CNN's losses, then the mask branch on the positive
+  sampled RoIs (the first `int(num * pos_fraction)` sampled slots: the sampler puts positives
+  first and never samples more), mask targets from the batch's mask grids
+  (`fgd_jax.ops.masks.mask_targets`, batch keys `masks` / `mask_regions`: `data.with_mask`),
+  `loss_mask` (`fgd_jax.models.mask_head.mask_loss`: mean over the positives x 28 x 28 of each
+  group of `train_cfg.loss_norm_group` images, as mmdetection per GPU, averaged).
+- Inference (`predict`): Faster R-CNN's detections, then the mask head on the detected boxes
+  scaled back to the network input (mmdetection `simple_test_mask` with rescale: boxes x
+  scale_factor): `mask_probs [B, K, 28, 28]`, the sigmoid of each detection's class channel.
+  `paste_detections` pastes them into the original image (`_do_paste_mask`, >= 0.5) on the
+  host, where each image's size is known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from fgd_jax.models.build import build_module
+from fgd_jax.models.faster_rcnn import FasterRCNN
+from fgd_jax.models.mask_head import FCNMaskHead, mask_loss
+from fgd_jax.models.roi_head import StandardRoIHead, extract_roi_feats
+from fgd_jax.ops import masks as mask_ops
+from fgd_jax.ops.dtypes import float_dtype
+
+Array = jax.Array
+
+
+class MaskRoIHead(StandardRoIHead):
+    """`StandardRoIHead` with a mask branch (`mask_head`, required for Mask R-CNN)."""
+
+    mask_head: FCNMaskHead | None = None
+
+    def mask_feats(self, feats: Sequence[Array], rois: Array) -> Array:
+        """RoIAlign features `[B, R, S, S, C]` (S = `mask_head.roi_feat_size`) of `rois`."""
+        return extract_roi_feats(
+            feats[: len(self.featmap_strides)],
+            rois,
+            strides=self.featmap_strides,
+            output_size=self.mask_head.roi_feat_size,
+            sampling_ratio=self.sampling_ratio,
+            aligned=self.aligned,
+            finest_scale=self.finest_scale,
+        )
+
+    def masks(self, mask_feats: Array) -> Array:
+        """Mask logits `[..., 2S, 2S, num_classes]`."""
+        return self.mask_head(mask_feats)
+
+
+class MaskRCNN(FasterRCNN):
+    """mmdetection 2.x `MaskRCNN` implementing the detector API of docs/contracts.md, with
+    `mask_loss` in training and `mask_probs` in `predict` (module docstring)."""
+
+    @classmethod
+    def from_config(cls, model_cfg: ml_collections.ConfigDict, dtype: Any = None) -> MaskRCNN:
+        """Build from `fgd_jax.config.mask_rcnn_model(...)`: Faster R-CNN's groups, with
+        `roi_head.mask_head` (`FCNMaskHead` fields but `num_classes`)."""
+        cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+        if "mask_head" not in cfg.roi_head:
+            raise ValueError("mask_rcnn model config: missing roi_head.mask_head")
+        mask_cfg = cfg.roi_head.mask_head
+        del cfg.roi_head["mask_head"]
+        base = super().from_config(cfg, dtype=dtype)
+        mask_head = build_module(
+            FCNMaskHead,
+            mask_cfg,
+            "roi_head/mask_head",
+            num_classes=int(model_cfg.num_classes),
+            dtype=dtype,
+        )
+        roi = base.roi_head
+        fields = {
+            f.name: getattr(roi, f.name)
+            for f in dataclasses.fields(StandardRoIHead)
+            if f.name not in ("parent", "name")
+        }
+        fields["bbox_head"] = roi.bbox_head.clone()
+        return base.clone(roi_head=MaskRoIHead(**fields, mask_head=mask_head))
+
+    @property
+    def max_mask_rois(self) -> int:
+        """Positive RoIs per image the mask branch sees: the sampler's positive quota."""
+        rcnn = self.train_cfg.rcnn
+        return int(rcnn.num * rcnn.pos_fraction)
+
+    def _forward_test(self, images: Array, img_shape: Array) -> dict[str, Any]:
+        outs = super()._forward_test(images, img_shape)
+        if self.is_initializing():  # create the mask head's parameters
+            s, c = self.roi_head.mask_head.roi_feat_size, outs["features"][0].shape[-1]
+            self.roi_head.masks(jnp.zeros((1, 1, s, s, c), float_dtype(outs["features"][0])))
+        return outs
+
+    def forward_train(
+        self, batch: dict[str, Array], train: bool = True
+    ) -> tuple[dict[str, Array], tuple[Array, ...]]:
+        """Faster R-CNN's losses plus `loss_mask`; the batch needs `masks` and
+        `mask_regions` (`data.with_mask=True`)."""
+        for key in ("masks", "mask_regions"):
+            if key not in batch:
+                raise KeyError(
+                    f"MaskRCNN.forward_train: batch has no {key!r}; train with "
+                    "data.with_mask=True (docs/contracts.md)"
+                )
+        losses, feats, targets = self._forward_train(batch, train)
+        p = self.max_mask_rois
+        rois, pos = targets["rois"][:, :p], targets["pos"][:, :p]
+        gt_inds, labels = targets["gt_inds"][:, :p], targets["labels"][:, :p]
+        logits = self.roi_head.masks(self.roi_head.mask_feats(feats, rois))
+        canvas = jnp.asarray(batch["image"].shape[1:3], jnp.int32)
+        out_size = logits.shape[-2]
+        mask_t = jax.vmap(
+            lambda g, r, ro, gi: mask_ops.mask_targets(g, r, ro, gi, canvas, out_size=out_size)
+        )(jnp.asarray(batch["masks"]), jnp.asarray(batch["mask_regions"]), rois, gt_inds)
+        losses["loss_mask"] = mask_loss(
+            logits,
+            jax.lax.stop_gradient(mask_t),
+            labels,
+            pos,
+            loss_norm_group=self.train_cfg.loss_norm_group,
+        )
+        return losses, feats
+
+    def predict(self, images: Array, img_shape: Array, scale_factor: Array) -> dict[str, Array]:
+        """Faster R-CNN's detections (ORIGINAL image pixels) plus `mask_probs [B, K, 28, 28]`
+        float32: the sigmoid of each detection's class channel, for its box."""
+        outs = self._forward_test(images, jnp.asarray(img_shape))
+        det = self.postprocess(outs, img_shape, scale_factor)
+        sf = jnp.asarray(scale_factor, det["boxes"].dtype)[:, None, :]
+        rois = jnp.where(det["valid"][..., None], det["boxes"] * sf, 0.0)
+        logits = self.roi_head.masks(self.roi_head.mask_feats(outs["features"], rois))
+        lab = jnp.clip(det["labels"], 0, self.num_classes - 1)
+        cls_logit = jnp.take_along_axis(logits, lab[:, :, None, None, None], axis=-1)[..., 0]
+        det["mask_probs"] = jax.nn.sigmoid(cls_logit.astype(jnp.float32))
+        return det
+
+
+def paste_detections(det: dict[str, Any], i: int, orig_hw: tuple[int, int]) -> np.ndarray:
+    """Image `i`'s valid detections' masks `[n, h, w]` bool in its original image
+    (`orig_hw`), from `MaskRCNN.predict`'s `mask_probs` and `boxes` (mmdetection
+    `get_seg_masks(rescale=True)` on GPU: whole-image `_do_paste_mask`, `>= 0.5`)."""
+    valid = np.asarray(det["valid"][i])
+    probs = np.asarray(det["mask_probs"][i])[valid]
+    boxes = np.asarray(det["boxes"][i])[valid]
+    if not len(boxes):
+        return np.zeros((0, *orig_hw), bool)
+    return mask_ops.paste_masks_np(probs, boxes, (int(orig_hw[0]), int(orig_hw[1])))
