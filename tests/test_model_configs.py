@@ -146,6 +146,10 @@ RECORDED_WITH_TODAYS_NAMES = {
         "faster_rcnn_cascade_x101_r50.py",
         "faster_rcnn_cascade_x101_r101.py",
         "retina_x101_r101.py",
+        # issue 20: Mask R-CNN configs
+        "mask_rcnn_r50_baseline.py",
+        "mask_rcnn_r101_baseline.py",
+        "mask_rcnn_r101_r50.py",
     )
     for part in ("", "/teacher")
 }
