@@ -12,8 +12,8 @@ Needs:  the teacher converted from mmdetection's mask_rcnn_r101_fpn_2x_coco chec
         COCO 2017 under data/coco (instance masks), and the ImageNet ResNet-50 for the
         student's backbone: --config.train.backbone_init=checkpoints/resnet50-0676ba61.pth
 Should reach: the paper's Mask R-CNN row (R50 student 39.2 -> 42.1 bbox, 35.4 -> 37.8 mask
-        mAP) used a Cascade Mask R-CNN X101-32x4d-DCN teacher, which fgd-jax does not support
-        yet. For this R101 teacher (40.8 / 36.6) the FGD repository publishes no number; expect
+        mAP) used a Cascade Mask R-CNN X101-32x4d-DCN teacher: that is
+        configs/mask_rcnn_cascade_x101_r50.py. For this R101 teacher (40.8 / 36.6) the FGD repository publishes no number; expect
         the student between the baseline and about the teacher's level.
 """
 

@@ -150,6 +150,7 @@ RECORDED_WITH_TODAYS_NAMES = {
         "mask_rcnn_r50_baseline.py",
         "mask_rcnn_r101_baseline.py",
         "mask_rcnn_r101_r50.py",
+        "mask_rcnn_cascade_x101_r50.py",
     )
     for part in ("", "/teacher")
 }
