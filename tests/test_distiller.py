@@ -60,16 +60,18 @@ def test_fgd_weight_zero_reproduces_the_student_loss(tmp_path):
     exp = Experiment(cfg)
     state, _, _ = init_train_state(exp, dummy_batch(cfg.data), 10, teacher_vars=tvars)
     batch = _batch(cfg)
-    losses, _ = exp.apply_losses(
+    losses, _ = jax.jit(exp.apply_losses)(
         state.params, state.model_state, tvars, batch, jax.random.PRNGKey(0)
     )
     assert all(float(losses[f"loss_fgd_fpn_{i}"]) == 0.0 for i in range(5))
     assert float(losses["loss_fgd_fpn_0/fg"]) > 0  # the parts are still computed
     student = build_detector(cfg.model)
     sv = exp.student_variables(state.params, state.model_state)
-    plain, _ = student.apply(
-        sv, batch, train=True, method="forward_train", mutable=["batch_stats"]
-    )[0]
+    plain, _ = jax.jit(
+        lambda v, b: student.apply(
+            v, b, train=True, method="forward_train", mutable=["batch_stats"]
+        )
+    )(sv, batch)[0]
     np.testing.assert_allclose(float(D.total_loss(losses)), float(D.total_loss(plain)), rtol=1e-6)
 
     # gradients w.r.t. the student's params equal the plain detector's too
@@ -83,8 +85,8 @@ def test_fgd_weight_zero_reproduces_the_student_loss(tmp_path):
         )
         return D.total_loss(ls)
 
-    g1 = jax.grad(fgd_total)(state.params)["student"]
-    g2 = jax.grad(plain_total)(sv["params"])
+    g1 = jax.jit(jax.grad(fgd_total))(state.params)["student"]
+    g2 = jax.jit(jax.grad(plain_total))(sv["params"])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g2)
 
 
@@ -99,7 +101,7 @@ def test_teacher_gets_no_gradient_and_fgd_params_do(tmp_path):
         ls, _ = exp.apply_losses(p, state.model_state, t, batch, jax.random.PRNGKey(0))
         return D.total_loss(ls)
 
-    gp, gt = jax.grad(total, argnums=(0, 1))(state.params, tvars)
+    gp, gt = jax.jit(jax.grad(total, argnums=(0, 1)))(state.params, tvars)
     assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(gt))
     g_fgd = gp["distill_losses"]["loss_fgd_fpn_0"]
     # The last GcBlock conv is zero-initialized (as the original), so at init only it (not
@@ -137,10 +139,10 @@ def test_bfloat16_compute_matches_float32(tmp_path):
     cfg16.train.dtype = "bfloat16"
     exp16 = Experiment(cfg16)
     batch = _batch(cfg)
-    l32, _ = exp32.apply_losses(
+    l32, _ = jax.jit(exp32.apply_losses)(
         state.params, state.model_state, tvars, batch, jax.random.PRNGKey(0)
     )
-    l16, _ = exp16.apply_losses(
+    l16, _ = jax.jit(exp16.apply_losses)(
         state.params, state.model_state, tvars, batch, jax.random.PRNGKey(0)
     )
     assert all(v.dtype == jnp.float32 for v in l16.values())
