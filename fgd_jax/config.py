@@ -643,3 +643,47 @@ def faster_rcnn_model(
     cfg.train_cfg.rpn.num = rpn_num
     cfg.train_cfg.rcnn.num = rcnn_num
     return cfg
+
+
+def gfl_model(
+    depth: int = 50,
+    num_classes: int = 80,
+    feat_channels: int = 256,
+    stacked_convs: int = 4,
+    fpn_channels: int = 256,
+    num_groups: int = 32,
+    frozen_stages: int = 1,
+) -> ConfigDict:
+    """mmdetection 2.x `gfl_r50_fpn_1x_coco` (R101 by `depth`): pytorch-style ResNet, FPN
+    P3..P7 with the extra convs on the FPN outputs (no ReLU), `GFLHead` (GN towers, reg_max
+    16, QFL + GIoU 2.0 + DFL 0.25), ATSS top 9, NMS 0.6. `fpn_channels`, `feat_channels`,
+    `stacked_convs`, `num_groups` shrink it for tests. Every other setting is the default of
+    its module (`GFLHead`, `GFLTrainCfg`, `GFLTestCfg` in `fgd_jax.models.gfl`)."""
+    from fgd_jax.models.build import module_config
+    from fgd_jax.models.gfl import GFLHead, GFLTestCfg, GFLTrainCfg
+
+    backbone = resnet_backbone(depth=depth, frozen_stages=frozen_stages)
+    return ConfigDict(
+        dict(
+            type="gfl",
+            num_classes=num_classes,
+            backbone=backbone,
+            neck=fpn_neck(
+                in_channels=backbone_out_channels(backbone),
+                out_channels=fpn_channels,
+                start_level=1,
+                add_extra_convs="on_output",
+                num_outs=5,
+            ),
+            head=module_config(
+                GFLHead,
+                skip=("num_classes",),
+                in_channels=fpn_channels,
+                feat_channels=feat_channels,
+                stacked_convs=stacked_convs,
+                num_groups=num_groups,
+            ),
+            train_cfg=module_config(GFLTrainCfg),
+            test_cfg=module_config(GFLTestCfg),
+        )
+    )

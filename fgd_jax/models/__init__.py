@@ -1,7 +1,7 @@
 """Flax models: backbones, necks, detectors, and the trainable-parameter mask.
 
 `build_detector(model_cfg)` dispatches on `model_cfg.type` ('retinanet', 'fcos',
-'faster_rcnn'); the detector modules are imported lazily. Each detector builds its parts from
+'faster_rcnn', 'gfl'); the detector modules are imported lazily. Each detector builds its parts from
 the model config's groups with `fgd_jax.models.build.build_module`: the defaults are the
 fields of its modules (heads) and settings dataclasses (`train_cfg`, `test_cfg`).
 """
@@ -23,6 +23,7 @@ DETECTORS: dict[str, tuple[str, str]] = {
     "retinanet": ("fgd_jax.models.retinanet", "RetinaNet"),
     "fcos": ("fgd_jax.models.fcos", "FCOS"),
     "faster_rcnn": ("fgd_jax.models.faster_rcnn", "FasterRCNN"),
+    "gfl": ("fgd_jax.models.gfl", "GFL"),
 }
 
 __all__ = [
