@@ -316,6 +316,14 @@ def schedule_2x(batch_size: int = 16, base_lr: float = 0.01) -> ConfigDict:
     )
 
 
+def schedule_1x(batch_size: int = 16, base_lr: float = 0.01) -> ConfigDict:
+    """mmdetection's 1x schedule: `schedule_2x` with 12 epochs, x0.1 at epochs 8 and 11."""
+    cfg = schedule_2x(batch_size=batch_size, base_lr=base_lr)
+    cfg.num_epochs = 12
+    cfg.decay_epochs = (8, 11)
+    return cfg
+
+
 # --------------------------------------------------------------------------------- loading
 def load_config(
     path: str | os.PathLike, overrides: Sequence[str] | dict | None = None

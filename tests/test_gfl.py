@@ -57,7 +57,7 @@ def test_head_outputs_match_mmdetection(gold):
     target = jax.eval_shape(head.init, jax.random.key(0), feats)
     sd = {k[3:]: v for k, v in gold.items() if k.startswith("sd/")}
     variables = convert_state_dict(sd, target)  # strict: every name maps by the generic rule
-    cls, reg = head.apply(variables, feats)
+    cls, reg = jax.jit(head.apply)(variables, feats)
     for lvl in range(len(STRIDES)):
         _close(cls[lvl], gold[f"cls_{lvl}"], f"cls level {lvl}")
         _close(reg[lvl], gold[f"reg_{lvl}"], f"reg level {lvl}")
@@ -180,8 +180,9 @@ def test_quality_and_distribution_focal_loss_formulas():
 
 
 def test_detector_builds_trains_and_predicts():
-    """The tiny GFL detector from `gfl_model`: finite losses with gradients reaching every head
-    parameter, a padded GT and an image without GT, and the detector API's outputs."""
+    """The tiny GFL detector from `gfl_model`: its API on one forward pass (a padded GT and
+    an image without GT): finite positive losses whose gradients w.r.t. the head outputs are
+    finite and reach the distribution logits, and the detections' shapes."""
     cfg = C.gfl_model(
         depth=10, num_classes=3, fpn_channels=16, feat_channels=16, stacked_convs=1, num_groups=4
     )
@@ -197,17 +198,21 @@ def test_detector_builds_trains_and_predicts():
         scale_factor=jnp.ones((2, 4), jnp.float32),
     )
     v = det.init(jax.random.key(0), batch["image"])
+    outs = jax.jit(det.apply)(v, batch["image"])
+    assert [c.shape[1:] for c in outs["bbox_preds"]] == [(8, 8, 68), (4, 4, 68), (2, 2, 68)] + [
+        (1, 1, 68)
+    ] * 2
 
-    def total(params):
-        losses, _ = det.apply(dict(v, params=params), batch, method="forward_train")
+    def total(heads):
+        losses = det.apply(v, dict(outs, **heads), batch, method="loss")
         return sum(losses.values()), losses
 
-    grads, losses = jax.jit(jax.grad(total, has_aux=True))(v["params"])
+    heads = {k: outs[k] for k in ("cls_scores", "bbox_preds")}
+    grads, losses = jax.jit(jax.grad(total, has_aux=True))(heads)
     assert set(losses) == {"loss_cls", "loss_bbox", "loss_dfl"}
     assert all(np.isfinite(float(x)) and float(x) > 0 for x in losses.values())
-    head_grads = jax.tree_util.tree_leaves(grads["bbox_head"])
-    assert all(np.all(np.isfinite(g)) for g in head_grads)
-    assert np.abs(np.asarray(grads["bbox_head"]["gfl_reg"]["kernel"])).sum() > 0
-    predict = jax.jit(lambda v, *a: det.apply(v, *a, method="predict"))
-    out = predict(v, batch["image"], batch["img_shape"], batch["scale_factor"])
+    assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
+    assert np.abs(np.asarray(grads["bbox_preds"][0])).sum() > 0
+    post = jax.jit(lambda o, *a: det.apply(v, o, *a, method="postprocess"))
+    out = post(outs, batch["img_shape"], batch["scale_factor"])
     assert out["boxes"].shape == (2, 100, 4) and out["labels"].dtype == jnp.int32
