@@ -181,41 +181,47 @@ def test_quality_and_distribution_focal_loss_formulas():
 
 @pytest.mark.slow
 def test_detector_builds_trains_and_predicts():
-    """The tiny GFL detector from `gfl_model`: its API on one forward pass (a padded GT and
-    an image without GT): finite positive losses whose gradients w.r.t. the head outputs are
-    finite and reach the distribution logits, and the detections' shapes."""
+    """The tiny GFL detector from `gfl_model`: its output shapes (abstract evaluation), and
+    its `loss` / `postprocess` on random head outputs (a padded GT and an image without GT):
+    finite positive losses whose gradients w.r.t. the head outputs are finite and reach the
+    distribution logits, and the detections' shapes. (The whole forward + backward pass
+    trains in tests/test_train_detectors.py.)"""
     cfg = C.gfl_model(
         depth=10, num_classes=3, fpn_channels=16, feat_channels=16, stacked_convs=1, num_groups=4
     )
     det = build_detector(cfg)
     assert det.test_cfg.iou_threshold == 0.6 and det.bbox_head.reg_max == 16
+    image = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+    shapes = jax.eval_shape(lambda x: det.init_with_output(jax.random.key(0), x)[0], image)
+    sizes = [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]
+    assert [c.shape for c in shapes["bbox_preds"]] == [(2, h, w, 68) for h, w in sizes]
+    assert [c.shape for c in shapes["cls_scores"]] == [(2, h, w, 3) for h, w in sizes]
     rng = np.random.default_rng(0)
+    outs = {
+        k: tuple(jnp.asarray(rng.normal(0, 1, c.shape), jnp.float32) for c in shapes[k])
+        for k in ("cls_scores", "bbox_preds")
+    }
     batch = dict(
-        image=jnp.asarray(rng.normal(0, 1, (2, 64, 64, 3)), jnp.float32),
         boxes=jnp.asarray([[[4.5, 6, 30, 40], [0, 0, 0, 0]], [[0, 0, 0, 0], [0, 0, 0, 0]]]),
         labels=jnp.asarray([[1, -1], [-1, -1]], jnp.int32),
         valid=jnp.asarray([[True, False], [False, False]]),
         img_shape=jnp.asarray([[64, 64], [50, 60]], jnp.int32),
         scale_factor=jnp.ones((2, 4), jnp.float32),
     )
-    v, outs = jax.jit(lambda x: det.init_with_output(jax.random.key(0), x)[::-1])(batch["image"])
-    assert [c.shape[1:] for c in outs["bbox_preds"]] == [(8, 8, 68), (4, 4, 68), (2, 2, 68)] + [
-        (1, 1, 68)
-    ] * 2
 
     def total(heads):
-        losses = det.apply(v, dict(outs, **heads), batch, method="loss")
+        losses = det.apply({}, heads, batch, method="loss")
         return sum(losses.values()), losses
 
-    heads = {k: outs[k] for k in ("cls_scores", "bbox_preds")}
-    grads, losses = jax.jit(jax.grad(total, has_aux=True))(heads)
+    grads, losses = jax.jit(jax.grad(total, has_aux=True))(outs)
     assert set(losses) == {"loss_cls", "loss_bbox", "loss_dfl"}
     assert all(np.isfinite(float(x)) and float(x) > 0 for x in losses.values())
     assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
     assert np.abs(np.asarray(grads["bbox_preds"][0])).sum() > 0
-    post = jax.jit(lambda o, *a: det.apply(v, o, *a, method="postprocess"))
+    post = jax.jit(lambda o, *a: det.apply({}, o, *a, method="postprocess"))
     out = post(outs, batch["img_shape"], batch["scale_factor"])
     assert out["boxes"].shape == (2, 100, 4) and out["labels"].dtype == jnp.int32
+    assert np.asarray(out["valid"]).any()
 
 
 def test_mmdetection_state_dict_round_trip():
