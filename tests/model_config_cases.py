@@ -61,7 +61,7 @@ def _tiny_fcos(tricks: bool) -> C.ConfigDict:  # tests/test_fcos.py's FGD models
 
 def _tiny_gfl() -> C.ConfigDict:  # tests/test_train_detectors.py's tiny_gfl_model
     m = C.gfl_model(
-        depth=18,
+        depth=10,
         num_classes=6,
         fpn_channels=16,
         feat_channels=16,

@@ -66,9 +66,9 @@ def test_fgd_training_decreases_every_loss_part(tmp_path):
 
 def tiny_gfl_model() -> C.ConfigDict:
     """The tiny GFL of `test_gfl_trains_under_fgd_and_every_loss_part_falls` (also recorded
-    in tests/model_config_cases.py): ResNet-18, 16-channel FPN and head, one tower conv."""
+    in tests/model_config_cases.py): ResNet-10, 16-channel FPN and head, one tower conv."""
     m = C.gfl_model(
-        depth=18,
+        depth=10,
         num_classes=len(SHAPES_CLASS_NAMES),
         fpn_channels=16,
         feat_channels=16,
@@ -91,7 +91,7 @@ def test_gfl_trains_under_fgd_and_every_loss_part_falls(tmp_path):
     improve, so the logged `loss_cls` rises early in training (as in mmdetection's GFL logs)
     while the scores do learn. The classification is therefore judged on fixed targets: QFL
     of the first and of the last scores, both against the targets of the last boxes (a weak
-    check: x0.977 measured; see the comment at the assertion)."""
+    check: x0.978 measured; see the comment at the assertion)."""
     import jax
 
     from fgd_jax import experiment as experiment_lib
@@ -130,7 +130,7 @@ def test_gfl_trains_under_fgd_and_every_loss_part_falls(tmp_path):
     last = {k: np.mean([r[k] for r in recs[-n:]]) for k in keys}
     fell = {k: last[k] / first[k] for k in keys}
     print("last / first:", fell)
-    # measured (last / first): FGD levels 0.17-0.45, DFL 0.67, GIoU 0.92
+    # measured (last / first): FGD levels 0.15-0.40, DFL 0.70, GIoU 0.94
     limits = {"loss_bbox": 0.97, "loss_dfl": 0.85, **{k: 0.7 for k in fgd}}
     assert all(fell[k] < lim for k, lim in limits.items()), fell
 
@@ -147,6 +147,6 @@ def test_gfl_trains_under_fgd_and_every_loss_part_falls(tmp_path):
     before = np.mean([float(qfl(start, end, b)) for b in batches])
     after = np.mean([float(qfl(end, end, b)) for b in batches])
     print("QFL on the last boxes' targets, first vs last scores:", before, after)
-    # measured 0.159 -> 0.155 (x0.977): in 36 steps the scores learn slowly, because the IoU
-    # targets stay small until the boxes have improved (the logged QFL grows x156 meanwhile)
+    # measured 0.191 -> 0.187 (x0.978): in 36 steps the scores learn slowly, because the IoU
+    # targets stay small until the boxes have improved (the logged QFL grows x145 meanwhile)
     assert after < 0.99 * before, (before, after)
