@@ -323,6 +323,14 @@ def schedule_2x(batch_size: int = 16, base_lr: float = 0.01) -> ConfigDict:
 
 
 # --------------------------------------------------------------------------------- loading
+def schedule_1x(batch_size: int = 16, base_lr: float = 0.01) -> ConfigDict:
+    """mmdetection's 1x schedule: `schedule_2x` with 12 epochs, x0.1 at epochs 8 and 11."""
+    cfg = schedule_2x(batch_size=batch_size, base_lr=base_lr)
+    cfg.num_epochs = 12
+    cfg.decay_epochs = (8, 11)
+    return cfg
+
+
 def load_config(
     path: str | os.PathLike, overrides: Sequence[str] | dict | None = None
 ) -> ConfigDict:
@@ -686,6 +694,8 @@ def feature_teacher_model(
             ),
         )
     )
+
+
 def mask_rcnn_model(
     depth: int = 50,
     groups: int = 1,
@@ -722,3 +732,47 @@ def mask_rcnn_model(
         FCNMaskHead, skip=("num_classes",), conv_out_channels=mask_channels
     )
     return cfg
+
+
+def gfl_model(
+    depth: int = 50,
+    num_classes: int = 80,
+    feat_channels: int = 256,
+    stacked_convs: int = 4,
+    fpn_channels: int = 256,
+    num_groups: int = 32,
+    frozen_stages: int = 1,
+) -> ConfigDict:
+    """mmdetection 2.x `gfl_r50_fpn_1x_coco` (R101 by `depth`): pytorch-style ResNet, FPN
+    P3..P7 with the extra convs on the FPN outputs (no ReLU), `GFLHead` (GN towers, reg_max
+    16, QFL + GIoU 2.0 + DFL 0.25), ATSS top 9, NMS 0.6. `fpn_channels`, `feat_channels`,
+    `stacked_convs`, `num_groups` shrink it for tests. Every other setting is the default of
+    its module (`GFLHead`, `GFLTrainCfg`, `GFLTestCfg` in `fgd_jax.models.gfl`)."""
+    from fgd_jax.models.build import module_config
+    from fgd_jax.models.gfl import GFLHead, GFLTestCfg, GFLTrainCfg
+
+    backbone = resnet_backbone(depth=depth, frozen_stages=frozen_stages)
+    return ConfigDict(
+        dict(
+            type="gfl",
+            num_classes=num_classes,
+            backbone=backbone,
+            neck=fpn_neck(
+                in_channels=backbone_out_channels(backbone),
+                out_channels=fpn_channels,
+                start_level=1,
+                add_extra_convs="on_output",
+                num_outs=5,
+            ),
+            head=module_config(
+                GFLHead,
+                skip=("num_classes",),
+                in_channels=fpn_channels,
+                feat_channels=feat_channels,
+                stacked_convs=stacked_convs,
+                num_groups=num_groups,
+            ),
+            train_cfg=module_config(GFLTrainCfg),
+            test_cfg=module_config(GFLTestCfg),
+        )
+    )

@@ -59,6 +59,20 @@ def _tiny_fcos(tricks: bool) -> C.ConfigDict:  # tests/test_fcos.py's FGD models
     )
 
 
+def _tiny_gfl() -> C.ConfigDict:  # tests/test_train_detectors.py's tiny_gfl_model
+    m = C.gfl_model(
+        depth=10,
+        num_classes=6,
+        fpn_channels=16,
+        feat_channels=16,
+        stacked_convs=1,
+        num_groups=4,
+        frozen_stages=-1,
+    )
+    m.backbone.norm_eval = False
+    return m
+
+
 def model_cases() -> Iterator[tuple[str, C.ConfigDict]]:
     """(name, model config) for every recorded model."""
     for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))):
@@ -83,6 +97,8 @@ def model_cases() -> Iterator[tuple[str, C.ConfigDict]]:
     yield "tiny_faster_rcnn", _tiny_faster_rcnn()
     yield "tiny_fcos", _tiny_fcos(False)
     yield "tiny_fcos(tricks=True)", _tiny_fcos(True)
+    yield "gfl_model()", C.gfl_model()
+    yield "tiny_gfl", _tiny_gfl()
 
 
 def variable_shapes(model_cfg: C.ConfigDict) -> dict[str, list[int]]:

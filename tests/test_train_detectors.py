@@ -62,3 +62,91 @@ def test_fgd_training_decreases_every_loss_part(tmp_path):
     assert not grew, {k: (first[k], last[k]) for k in grew}
     assert all(np.isfinite(r[k]) for r in recs for k in keys)
     assert 0.0 <= metrics["AP"] <= 1.0
+
+
+def tiny_gfl_model() -> C.ConfigDict:
+    """The tiny GFL of `test_gfl_trains_under_fgd_and_every_loss_part_falls` (also recorded
+    in tests/model_config_cases.py): ResNet-10, 16-channel FPN and head, one tower conv."""
+    m = C.gfl_model(
+        depth=10,
+        num_classes=len(SHAPES_CLASS_NAMES),
+        fpn_channels=16,
+        feat_channels=16,
+        stacked_convs=1,
+        num_groups=4,
+        frozen_stages=-1,
+    )
+    m.backbone.norm_eval = False  # from scratch: BN statistics must be learned
+    return m
+
+
+def test_gfl_trains_under_fgd_and_every_loss_part_falls(tmp_path):
+    """configs/gfl_r101_r50.py at toy scale: GFL student and teacher (random, same tiny
+    architecture), FGD with the paper's GFL hyper-parameters on all 5 levels, inheriting, SGD
+    with clipping at 35. Runs the trainer's own `init_train_state` / `make_train_step` on
+    `cycle` fixed batches of the synthetic shapes (so the first and last steps see the same
+    images) and compares the means of the first and the last `n` steps.
+
+    QFL's soft target is the IoU of the predicted box with its GT, which grows as the boxes
+    improve, so the logged `loss_cls` rises early in training (as in mmdetection's GFL logs)
+    while the scores do learn. The classification is therefore judged on fixed targets: QFL
+    of the first and of the last scores, both against the targets of the last boxes (a weak
+    check: x0.978 measured; see the comment at the assertion)."""
+    import jax
+
+    from fgd_jax import experiment as experiment_lib
+    from fgd_jax.data import pipeline
+
+    steps, n, cycle = 36, 6, 3
+    cfg = tiny_config(str(tmp_path / "data"), "fgd", steps=steps)
+    cfg.model = tiny_gfl_model()
+    cfg.teacher.model = tiny_gfl_model()
+    real = C.load_config("configs/gfl_r101_r50.py").distill
+    for key in ("temp", "alpha_fgd", "beta_fgd", "gamma_fgd", "lambda_fgd", "num_levels"):
+        cfg.distill[key] = real[key]
+    cfg.distill.student_channels = cfg.distill.teacher_channels = 16
+    tc = cfg.train
+    tc.grad_clip_norm, tc.base_lr, tc.decay_steps = 35.0, 0.006, (steps,)
+    loader = pipeline.build_train_loader(cfg.data, global_batch_size=tc.batch_size, seed=0)
+    batches = [next(loader) for _ in range(cycle)]
+    loader.close()
+    exp = experiment_lib.Experiment(cfg)
+    teacher_vars = jax.jit(exp.teacher.init)(jax.random.key(1), batches[0]["image"][:1])
+    state, tx, schedule = experiment_lib.init_train_state(
+        exp, experiment_lib.dummy_batch(cfg.data), loader.steps_per_epoch, teacher_vars
+    )
+    start = exp.student_variables(state.params, state.model_state)
+    step = jax.jit(experiment_lib.make_train_step(exp, tx, schedule))
+    recs = []
+    for i in range(steps):
+        state, metrics = step(state, teacher_vars, batches[i % cycle])
+        recs.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+    end = exp.student_variables(state.params, state.model_state)
+    keys = [k for k in recs[0] if k.startswith("loss") and "/" not in k and k != "loss"]
+    fgd = {f"loss_fgd_fpn_{i}" for i in range(5)}
+    assert {"loss_cls", "loss_bbox", "loss_dfl"} | fgd <= set(keys), keys
+    assert all(np.isfinite(r[k]) for r in recs for k in keys)
+    first = {k: np.mean([r[k] for r in recs[:n]]) for k in keys}
+    last = {k: np.mean([r[k] for r in recs[-n:]]) for k in keys}
+    fell = {k: last[k] / first[k] for k in keys}
+    print("last / first:", fell)
+    # measured (last / first): FGD levels 0.15-0.40, DFL 0.70, GIoU 0.94
+    limits = {"loss_bbox": 0.97, "loss_dfl": 0.85, **{k: 0.7 for k in fgd}}
+    assert all(fell[k] < lim for k, lim in limits.items()), fell
+
+    student = exp.student
+
+    @jax.jit
+    def qfl(cls_vars, box_vars, batch):
+        def outs(v):
+            return student.apply(v, batch["image"], train=True, mutable=["batch_stats"])[0]
+
+        mixed = dict(outs(box_vars), cls_scores=outs(cls_vars)["cls_scores"])
+        return student.apply(box_vars, mixed, batch, method="loss")["loss_cls"]
+
+    before = np.mean([float(qfl(start, end, b)) for b in batches])
+    after = np.mean([float(qfl(end, end, b)) for b in batches])
+    print("QFL on the last boxes' targets, first vs last scores:", before, after)
+    # measured 0.191 -> 0.187 (x0.978): in 36 steps the scores learn slowly, because the IoU
+    # targets stay small until the boxes have improved (the logged QFL grows x145 meanwhile)
+    assert after < 0.99 * before, (before, after)

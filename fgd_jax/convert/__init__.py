@@ -205,4 +205,8 @@ def export_torch_state_dict(
     out = export_state_dict(variables)
     if model_cfg is not None:
         convert_state_dict(out, detector_variable_shapes(model_cfg), strict=True)
+        if model_cfg.get("type") == "gfl":
+            # GFL's `Integral` buffer (bins 0..reg_max), which mmdetection's state dict holds
+            reg_max = int(model_cfg.head.reg_max)
+            out["bbox_head.integral.project"] = np.arange(reg_max + 1, dtype=np.float32)
     return out

@@ -11,6 +11,7 @@ indices joined to the preceding name with `_`) and its leaf:
 | `bias` | `params/.../bias` | as is |
 | `running_mean` / `running_var` | `batch_stats/.../mean` / `var` | as is |
 | `num_batches_tracked` | (ignored) | |
+| `integral.project` (GFL's fixed bins) | (ignored) | checked to be `0, 1, ..., reg_max` |
 | any other leaf, e.g. `scales.0.scale` | `params/scales_0/scale` | as is (size-1 reshape) |
 
 Whether `weight` is a kernel or a norm scale is read from the target tree. A `rename` (a
@@ -37,6 +38,8 @@ Rename = Callable[[str], str | None] | RenameRules | None
 Path = tuple[str, ...]
 
 _IGNORED_LEAVES = ("num_batches_tracked",)
+# Constant buffers a module rebuilds itself (key suffix): checked, then ignored.
+_CONSTANT_BUFFERS = ("integral.project",)
 _STATS = {"running_mean": "mean", "running_var": "var"}
 
 
@@ -230,6 +233,12 @@ def convert_state_dict(
             continue
         key = new
         if key.rpartition(".")[2] in _IGNORED_LEAVES:
+            report.ignored.append(key)
+            continue
+        if key.endswith(_CONSTANT_BUFFERS):
+            bins = _to_numpy(value)
+            if not np.array_equal(bins, np.arange(bins.size, dtype=bins.dtype)):
+                raise ValueError(f"{key}: expected the bins 0..{bins.size - 1}, got {bins}")
             report.ignored.append(key)
             continue
         arr = _to_numpy(value)

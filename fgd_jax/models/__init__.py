@@ -1,7 +1,7 @@
 """Flax models: backbones, necks, detectors, and the trainable-parameter mask.
 
 `build_detector(model_cfg)` dispatches on `model_cfg.type` ('retinanet', 'fcos',
-'faster_rcnn'); the detector modules are imported lazily. Each detector builds its parts from
+'faster_rcnn', 'gfl'); the detector modules are imported lazily. Each detector builds its parts from
 the model config's groups with `fgd_jax.models.build.build_module`: the defaults are the
 fields of its modules (heads) and settings dataclasses (`train_cfg`, `test_cfg`).
 """
@@ -27,6 +27,7 @@ DETECTORS: dict[str, tuple[str, str]] = {
     # backbone + FPN only: a feature teacher for FGD (no heads, no predict)
     "features": ("fgd_jax.models.feature_teacher", "FeatureTeacher"),
     "mask_rcnn": ("fgd_jax.models.mask_rcnn", "MaskRCNN"),
+    "gfl": ("fgd_jax.models.gfl", "GFL"),
 }
 
 __all__ = [

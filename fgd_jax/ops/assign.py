@@ -164,3 +164,109 @@ def batched_max_iou_assign(
 def to_mmdet_encoding(assigned: Array) -> Array:
     """Our encoding -> mmdetection's `gt_inds` (k + 1 positive, 0 negative, -1 ignore)."""
     return jnp.where(assigned >= 0, assigned + 1, jnp.where(assigned == NEGATIVE, 0, -1))
+
+
+# ------------------------------------------------------------------------------------ ATSS
+ATSS_INF = 100000000.0  # mmdetection's ATSSAssigner INF (distance of ignored anchors)
+
+
+def atss_assign(
+    anchors: Array,
+    num_level_anchors: tuple[int, ...] | list[int],
+    gt: Array,
+    gt_valid: Array,
+    topk: int = 9,
+    anchor_valid: Array | None = None,
+    ignore_boxes: Array | None = None,
+    ignore_valid: Array | None = None,
+    ignore_iof_thr: float = -1.0,
+    center_eps: float = 0.01,
+) -> Array:
+    """mmdetection 2.11 `ATSSAssigner.assign` of ONE image, static shapes.
+
+    For each valid GT: on every level the `min(topk, n_l)` anchors whose centres are closest
+    (Euclidean) to the GT centre are candidates; a candidate is positive when its IoU with the
+    GT is `>= mean + std` of the candidates' IoUs (std unbiased, as torch's `std`) and its
+    centre lies inside the GT by more than `center_eps` pixels on every side
+    (`min(l, t, r, b) > 0.01`). An anchor positive for several GTs takes the one with the
+    highest IoU (the first GT on ties).
+
+    Args:
+      anchors: `[N, 4]` xyxy, levels concatenated finest first; num_level_anchors: the static
+        per-level counts (sum N).
+      gt: `[G, 4]` xyxy (padded); gt_valid: `[G]` bool (padded GTs are never assigned).
+      anchor_valid: optional `[N]` bool; invalid anchors are left out altogether (mmdetection
+        drops the anchors outside `inside_flags` before assigning, so a level then offers
+        `min(topk, valid anchors)` candidates) and come back IGNORE.
+      ignore_boxes `[I, 4]`, ignore_valid `[I]`, ignore_iof_thr: when `ignore_iof_thr > 0`,
+        anchors whose IoF with a valid ignore box exceeds it get distance `ATSS_INF` to every GT
+        and start as IGNORE (a positive match still overrides, as in mmdetection).
+    Returns: assigned `[N] int32` (module docstring: `k >= 0` GT index, NEGATIVE, IGNORE).
+    With no valid GT every (valid) anchor is NEGATIVE.
+    """
+    dt = float_dtype(anchors, gt)
+    anchors = jnp.asarray(anchors, dt)
+    gt = jnp.asarray(gt, dt)
+    gt_valid = jnp.asarray(gt_valid, bool)
+    n, g = anchors.shape[0], gt.shape[0]
+    if sum(num_level_anchors) != n:
+        raise ValueError(
+            f"fgd_jax.ops.assign.atss_assign: num_level_anchors {tuple(num_level_anchors)} "
+            f"do not sum to the {n} anchors"
+        )
+    if g == 0:
+        return jnp.full((n,), NEGATIVE, jnp.int32)
+    overlaps = box_iou(anchors, gt)  # [N, G]
+    acx = (anchors[:, 0] + anchors[:, 2]) / 2.0
+    acy = (anchors[:, 1] + anchors[:, 3]) / 2.0
+    gcx = (gt[:, 0] + gt[:, 2]) / 2.0
+    gcy = (gt[:, 1] + gt[:, 3]) / 2.0
+    dist = jnp.sqrt((acx[:, None] - gcx[None, :]) ** 2 + (acy[:, None] - gcy[None, :]) ** 2)
+    init = jnp.full((n,), NEGATIVE, jnp.int32)
+    if ignore_boxes is not None and ignore_iof_thr > 0:
+        iof = box_iou(anchors, jnp.asarray(ignore_boxes, dt), mode="iof")  # [N, I]
+        if ignore_valid is not None:
+            iof = jnp.where(jnp.asarray(ignore_valid, bool)[None, :], iof, -1.0)
+        ignored = jnp.max(iof, axis=1, initial=-1.0) > ignore_iof_thr
+        dist = jnp.where(ignored[:, None], ATSS_INF, dist)
+        init = jnp.where(ignored, IGNORE, init)
+    if anchor_valid is not None:
+        anchor_valid = jnp.asarray(anchor_valid, bool)
+        dist = jnp.where(anchor_valid[:, None], dist, jnp.inf)
+
+    cand, cand_ok = [], []
+    start = 0
+    for count in num_level_anchors:
+        k = min(topk, count)
+        if k > 0:
+            # lax.top_k keeps the lower index first among equal distances
+            neg_d, idx = jax.lax.top_k(-dist[start : start + count].T, k)  # [G, k]
+            cand.append(idx + start)
+            cand_ok.append(jnp.isfinite(neg_d))
+        start += count
+    cand = jnp.concatenate(cand, axis=1)  # [G, K]
+    ok = jnp.concatenate(cand_ok, axis=1)
+    okf = ok.astype(dt)
+    cand_iou = jnp.take_along_axis(overlaps.T, cand, axis=1)  # [G, K]
+    cnt = jnp.sum(okf, axis=1)
+    mean = jnp.sum(cand_iou * okf, axis=1) / jnp.maximum(cnt, 1.0)
+    var = jnp.sum(((cand_iou - mean[:, None]) * okf) ** 2, axis=1) / (cnt - 1.0)
+    std = jnp.where(cnt > 1, jnp.sqrt(jnp.maximum(var, 0.0)), jnp.nan)  # torch: nan for 1
+    is_pos = cand_iou >= (mean + std)[:, None]
+
+    cx, cy = acx[cand], acy[cand]  # [G, K]
+    inside = jnp.min(
+        jnp.stack([cx - gt[:, 0:1], cy - gt[:, 1:2], gt[:, 2:3] - cx, gt[:, 3:4] - cy], axis=-1),
+        axis=-1,
+    )
+    is_pos = is_pos & (inside > center_eps) & ok & gt_valid[:, None]
+
+    pos = jnp.zeros((g, n), bool)
+    pos = pos.at[jnp.arange(g)[:, None], cand].max(is_pos)  # [G, N]
+    ov = jnp.where(pos.T, overlaps, -ATSS_INF)  # [N, G]
+    best = jnp.argmax(ov, axis=1).astype(jnp.int32)  # first GT on ties, as torch's max
+    assigned = jnp.where(jnp.any(pos, axis=0), best, init)
+    assigned = jnp.where(jnp.any(gt_valid), assigned, NEGATIVE)
+    if anchor_valid is not None:
+        assigned = jnp.where(anchor_valid, assigned, IGNORE)
+    return assigned

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
@@ -207,3 +208,15 @@ def rescale_boxes(boxes: ArrayLike, scale_factor: ArrayLike) -> Array:
     boxes = jnp.asarray(boxes, dt)
     sf = jnp.asarray(scale_factor, dt)
     return boxes / sf[..., None, :]
+
+
+# ------------------------------------------------------------------------ GFL distribution
+def distribution_integral(logits: ArrayLike, reg_max: int = 16) -> Array:
+    """mmdetection GFL `Integral`: `logits [..., 4 * (reg_max + 1)]` (per side, `reg_max + 1`
+    bins) -> `[..., 4]` expected distances `sum_i softmax(x)_i * i`, in the units of the bins
+    (GFL: strides of the level)."""
+    dt = float_dtype(logits)
+    x = jnp.asarray(logits, dt)
+    x = x.reshape(*x.shape[:-1], 4, reg_max + 1)
+    project = jnp.linspace(0.0, float(reg_max), reg_max + 1, dtype=dt)
+    return jnp.sum(jax.nn.softmax(x, axis=-1) * project, axis=-1)

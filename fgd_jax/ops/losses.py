@@ -93,3 +93,40 @@ def iou_loss(pred: Array, target: Array, mode: str = "log", eps: float = 1e-6) -
 def giou_loss(pred: Array, target: Array, eps: float = 1e-7) -> Array:
     """mmdet `giou_loss`: `1 - giou(pred, target)`, boxes `[..., 4]` xyxy -> `[...]`."""
     return 1.0 - box_iou_aligned(pred, target, mode="giou", eps=eps)
+
+
+def quality_focal_loss(logits: Array, labels: Array, quality: Array, beta: float = 2.0) -> Array:
+    """mmdetection `quality_focal_loss` (GFL's QFL), summed over classes: `[N, C], [N], [N]
+    -> [N]`.
+
+    Every class is supervised towards 0 with `bce(x, 0) * sigmoid(x) ** beta`; for a row whose
+    label is in `[0, C)` (a positive) that class instead gets `bce(x, q) * |q - sigmoid(x)| **
+    beta` with `q = quality` (the IoU target; no gradient flows into it).
+    """
+    dt = float_dtype(logits, quality)
+    x = jnp.asarray(logits, dt)
+    q = jax.lax.stop_gradient(jnp.asarray(quality, dt))
+    labels = jnp.asarray(labels, jnp.int32)
+    c = x.shape[-1]
+    p = jax.nn.sigmoid(x)
+    neg = jax.nn.softplus(x) * p**beta  # bce(x, 0) = softplus(x)
+    onehot = jax.nn.one_hot(labels, c, dtype=bool)  # out-of-range labels -> all False
+    pos = (jax.nn.softplus(x) - x * q[..., None]) * jnp.abs(q[..., None] - p) ** beta
+    return jnp.sum(jnp.where(onehot, pos, neg), axis=-1)
+
+
+def distribution_focal_loss(logits: Array, target: Array) -> Array:
+    """mmdetection `distribution_focal_loss` (GFL's DFL): `logits [N, n+1]`, `target [N]`
+    float in `[0, n)` -> `[N]`: cross-entropy towards the two bins around the target,
+    `ce(left) * (left + 1 - t) + ce(left + 1) * (t - left)`, `left = floor(t)` (torch's
+    `long()` of a non-negative target)."""
+    dt = float_dtype(logits, target)
+    logp = jax.nn.log_softmax(jnp.asarray(logits, dt), axis=-1)
+    t = jax.lax.stop_gradient(jnp.asarray(target, dt))
+    left = jnp.floor(t).astype(jnp.int32)
+    right = left + 1
+    w_left = right.astype(dt) - t
+    w_right = t - left.astype(dt)
+    ce_l = -jnp.take_along_axis(logp, left[..., None], axis=-1)[..., 0]
+    ce_r = -jnp.take_along_axis(logp, right[..., None], axis=-1)[..., 0]
+    return ce_l * w_left + ce_r * w_right
