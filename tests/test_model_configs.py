@@ -151,6 +151,12 @@ RECORDED_WITH_TODAYS_NAMES = {
         "mask_rcnn_r101_baseline.py",
         "mask_rcnn_r101_r50.py",
         "mask_rcnn_cascade_x101_r50.py",
+        # issue 19: GFL
+        "gfl_r50_baseline.py",
+        "gfl_r101_baseline.py",
+        "gfl_r101_r50.py",
+        "gfl_model()",
+        "tiny_gfl",
     )
     for part in ("", "/teacher")
 }
