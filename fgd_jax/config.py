@@ -643,3 +643,57 @@ def faster_rcnn_model(
     cfg.train_cfg.rpn.num = rpn_num
     cfg.train_cfg.rcnn.num = rcnn_num
     return cfg
+
+
+# YOLOX sizes: (deepen_factor, widen_factor), mmdetection's yolox_{s,m,l}_8x8_300e_coco.
+YOLOX_SIZES = {"s": (0.33, 0.5), "m": (0.67, 0.75), "l": (1.0, 1.0)}
+
+
+def yolox_model(
+    size: str = "s",
+    num_classes: int = 80,
+    deepen_factor: float | None = None,
+    widen_factor: float | None = None,
+) -> ConfigDict:
+    """mmdetection 2.x YOLOX (`yolox_{s,m,l}_8x8_300e_coco`): CSPDarknet, YOLOXPAFPN and
+    YOLOXHead at `size` 's' (deepen 0.33, widen 0.5: neck 128 channels), 'm' (0.67 / 0.75:
+    192) or 'l' (1.0 / 1.0: 256). `deepen_factor` / `widen_factor` override the size's (tiny
+    test models). The neck's inputs are the backbone's C3..C5 channels, its output and the
+    head's channels `int(256 * widen)`, its CSP blocks `round(3 * deepen)`. Every other setting
+    is the default of its module (`CSPDarknet`, `YOLOXPAFPN`, `YOLOXHead`, `YOLOXTrainCfg`,
+    `YOLOXTestCfg` in `fgd_jax.models`)."""
+    from fgd_jax.models.build import module_config
+    from fgd_jax.models.csp_darknet import CSPDarknet, csp_darknet_channels
+    from fgd_jax.models.yolox import YOLOXHead, YOLOXTestCfg, YOLOXTrainCfg
+    from fgd_jax.models.yolox_pafpn import YOLOXPAFPN
+
+    if size not in YOLOX_SIZES:
+        raise ValueError(f"yolox_model: size {size!r} not in {sorted(YOLOX_SIZES)}")
+    deepen, widen = YOLOX_SIZES[size]
+    deepen = deepen if deepen_factor is None else float(deepen_factor)
+    widen = widen if widen_factor is None else float(widen_factor)
+    backbone = module_config(CSPDarknet, deepen_factor=deepen, widen_factor=widen)
+    backbone.type = "CSPDarknet"
+    channels = int(256 * widen)
+    return ConfigDict(
+        dict(
+            type="yolox",
+            num_classes=num_classes,
+            backbone=backbone,
+            neck=module_config(
+                YOLOXPAFPN,
+                skip=("bn_train",),
+                in_channels=csp_darknet_channels(widen, backbone.out_indices),
+                out_channels=channels,
+                num_csp_blocks=max(round(3 * deepen), 1),
+            ),
+            head=module_config(
+                YOLOXHead,
+                skip=("num_classes", "bn_train"),
+                in_channels=channels,
+                feat_channels=channels,
+            ),
+            train_cfg=module_config(YOLOXTrainCfg),
+            test_cfg=module_config(YOLOXTestCfg),
+        )
+    )

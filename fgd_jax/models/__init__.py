@@ -23,6 +23,7 @@ DETECTORS: dict[str, tuple[str, str]] = {
     "retinanet": ("fgd_jax.models.retinanet", "RetinaNet"),
     "fcos": ("fgd_jax.models.fcos", "FCOS"),
     "faster_rcnn": ("fgd_jax.models.faster_rcnn", "FasterRCNN"),
+    "yolox": ("fgd_jax.models.yolox", "YOLOX"),
 }
 
 __all__ = [
