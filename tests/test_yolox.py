@@ -222,3 +222,18 @@ def test_model_config_sizes() -> None:
         assert tuple(m.neck.in_channels) == (chans, 2 * chans, 4 * chans)
     with pytest.raises(ValueError, match="size"):
         C.yolox_model("x")
+
+
+def test_convert_drops_ema_buffers() -> None:
+    """An mmdetection 2.x YOLOX checkpoint also holds `ema_*` buffers (ExpMomentumEMAHook):
+    they are dropped, the plain (EMA-swapped) keys convert strictly."""
+    state = {k: v.astype(np.float32) for k, v in _load("weights").items()}
+    with_ema = dict(state)
+    for k, v in state.items():
+        with_ema["ema_" + k.replace(".", "_")] = v + 1.0
+    cfg = _cfg()
+    out, report = import_torch_checkpoint(with_ema, cfg, return_report=True)
+    assert len(report.dropped) == len(state) and not report.unexpected
+    ref = import_torch_checkpoint(state, cfg)
+    for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(ref), strict=True):
+        np.testing.assert_array_equal(a, b)
