@@ -60,6 +60,7 @@ def _check_eval(backbone, out, fwd, rtol: float) -> None:
         _close(out["objectnesses"][i], fwd[f"obj_{i}"], rtol, f"obj {i}")
 
 
+@pytest.mark.slow
 def test_forward_matches_mmdet() -> None:
     """float32: eval-mode backbone, neck and head outputs (converted mmdet weights through the
     generic converter rule) vs mmdetection's (computed in float64), 1e-4 relative; the
@@ -127,6 +128,7 @@ def _padded_gt(loss: dict[str, np.ndarray], extra: int):
     return boxes.astype(np.float32), labels, valid
 
 
+@pytest.mark.slow
 def test_simota_and_losses_match_mmdet() -> None:
     """SimOTA assignment (GT per prior, IoU of the positives), the four losses (use_l1) and
     their gradients w.r.t. the head outputs, on mmdet's float32 head outputs; padded GT
