@@ -171,6 +171,35 @@ def fgd_distill(
     return cfg
 
 
+def yolox_fgd_distill(
+    student_channels: int = 192, teacher_channels: int = 256, **differs: Any
+) -> ConfigDict:
+    """FGD as the original's `yolox` branch (`fgd_yoloxl_distill_yoloxm_coco`): `variant`
+    'yolox' (the batch resize factors in the box mapping and the loss, see
+    `fgd_jax.distill.distiller`), the 3 YOLOX neck levels (`neck.out_convs.{0,1,2}`), student
+    192 -> teacher 256 channels (YOLOX-m -> YOLOX-l) through `align`, temp 0.5, alpha 2e-3,
+    beta 1e-3, gamma 1e-3, lambda 1e-5, no inheriting (`init_student=False`) and
+    `teacher_bn='train'` (the branch never puts the teacher in eval mode: its BatchNorm runs
+    on batch statistics; 'eval' is the alternative). `differs` on top."""
+    cfg = fgd_distill(
+        init_student=False,
+        **{
+            "variant": "yolox",
+            "num_levels": 3,
+            "student_channels": student_channels,
+            "teacher_channels": teacher_channels,
+            "temp": 0.5,
+            "alpha_fgd": 0.002,
+            "beta_fgd": 0.001,
+            "gamma_fgd": 0.001,
+            "lambda_fgd": 0.00001,
+            **differs,
+        },
+    )
+    cfg.teacher_bn = "train"
+    return cfg
+
+
 # ------------------------------------------------------------------------------------- data
 def coco_data(
     root: str = "data/coco",
