@@ -345,6 +345,36 @@ def schedule_2x(batch_size: int = 16, base_lr: float = 0.01) -> ConfigDict:
     )
 
 
+# COCO train2017 images (mmdetection's YOLOX keeps the images without boxes) per epoch at 64.
+YOLOX_STEPS_PER_EPOCH = 1849  # ceil(118287 / 64)
+
+
+def schedule_yolox(batch_size: int = 64, base_lr: float = 0.01) -> ConfigDict:
+    """mmdetection 2.x YOLOX optimizer and run length, as far as the trainer goes today:
+    300 epochs, SGD `base_lr` per 64 images (linear scaling to `batch_size`), momentum 0.9,
+    Nesterov, weight decay 5e-4 (none on conv biases), no gradient clipping, evaluation every
+    10 epochs. NOT the YOLOX schedule (exponential warm-up over 5 epochs, cosine to
+    0.05 x lr, constant for the last 15 epochs): a stand-in of linear warm-up over 5 epochs,
+    then constant, x0.05 from epoch 285. Weight decay still applies to norm layers (YOLOX:
+    `norm_decay_mult=0`)."""
+    cfg = schedule_2x(batch_size=batch_size, base_lr=base_lr)
+    cfg.update(
+        reference_batch_size=64,
+        num_epochs=300,
+        nesterov=True,
+        weight_decay=5e-4,
+        bias_decay_mult=0.0,
+        grad_clip_norm=0.0,
+        warmup="linear",
+        warmup_iters=5 * YOLOX_STEPS_PER_EPOCH,
+        warmup_ratio=0.001,
+        decay_epochs=(285,),
+        decay_factor=0.05,
+        eval_every=10 * YOLOX_STEPS_PER_EPOCH,
+    )
+    return cfg
+
+
 # --------------------------------------------------------------------------------- loading
 def load_config(
     path: str | os.PathLike, overrides: Sequence[str] | dict | None = None
