@@ -46,7 +46,6 @@ def test_fgd_row_config_is_the_branch():
     assert d.box_scale == "img_shape"
 
 
-@pytest.mark.slow
 def test_nesterov_matches_torch_sgd():
     rng = np.random.default_rng(0)
     p0 = {"conv": {"kernel": rng.normal(size=(3, 4)).astype(np.float32)}}
