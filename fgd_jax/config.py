@@ -171,6 +171,35 @@ def fgd_distill(
     return cfg
 
 
+def yolox_fgd_distill(
+    student_channels: int = 192, teacher_channels: int = 256, **differs: Any
+) -> ConfigDict:
+    """FGD as the original's `yolox` branch (`fgd_yoloxl_distill_yoloxm_coco`): `variant`
+    'yolox' (the batch resize factors in the box mapping and the loss, see
+    `fgd_jax.distill.distiller`), the 3 YOLOX neck levels (`neck.out_convs.{0,1,2}`), student
+    192 -> teacher 256 channels (YOLOX-m -> YOLOX-l) through `align`, temp 0.5, alpha 2e-3,
+    beta 1e-3, gamma 1e-3, lambda 1e-5, no inheriting (`init_student=False`) and
+    `teacher_bn='train'` (the branch never puts the teacher in eval mode: its BatchNorm runs
+    on batch statistics; 'eval' is the alternative). `differs` on top."""
+    cfg = fgd_distill(
+        init_student=False,
+        **{
+            "variant": "yolox",
+            "num_levels": 3,
+            "student_channels": student_channels,
+            "teacher_channels": teacher_channels,
+            "temp": 0.5,
+            "alpha_fgd": 0.002,
+            "beta_fgd": 0.001,
+            "gamma_fgd": 0.001,
+            "lambda_fgd": 0.00001,
+            **differs,
+        },
+    )
+    cfg.teacher_bn = "train"
+    return cfg
+
+
 # ------------------------------------------------------------------------------------- data
 def coco_data(
     root: str = "data/coco",
@@ -320,6 +349,36 @@ def schedule_2x(batch_size: int = 16, base_lr: float = 0.01) -> ConfigDict:
             backbone_init="",  # ImageNet .pth for the student backbone (torchvision/mmdet)
         )
     )
+
+
+# COCO train2017 images (mmdetection's YOLOX keeps the images without boxes) per epoch at 64.
+YOLOX_STEPS_PER_EPOCH = 1849  # ceil(118287 / 64)
+
+
+def schedule_yolox(batch_size: int = 64, base_lr: float = 0.01) -> ConfigDict:
+    """mmdetection 2.x YOLOX optimizer and run length, as far as the trainer goes today:
+    300 epochs, SGD `base_lr` per 64 images (linear scaling to `batch_size`), momentum 0.9,
+    Nesterov, weight decay 5e-4 (none on conv biases), no gradient clipping, evaluation every
+    10 epochs. NOT the YOLOX schedule (exponential warm-up over 5 epochs, cosine to
+    0.05 x lr, constant for the last 15 epochs): a stand-in of linear warm-up over 5 epochs,
+    then constant, x0.05 from epoch 285. Weight decay still applies to norm layers (YOLOX:
+    `norm_decay_mult=0`)."""
+    cfg = schedule_2x(batch_size=batch_size, base_lr=base_lr)
+    cfg.update(
+        reference_batch_size=64,
+        num_epochs=300,
+        nesterov=True,
+        weight_decay=5e-4,
+        bias_decay_mult=0.0,
+        grad_clip_norm=0.0,
+        warmup="linear",
+        warmup_iters=5 * YOLOX_STEPS_PER_EPOCH,
+        warmup_ratio=0.001,
+        decay_epochs=(285,),
+        decay_factor=0.05,
+        eval_every=10 * YOLOX_STEPS_PER_EPOCH,
+    )
+    return cfg
 
 
 # --------------------------------------------------------------------------------- loading
@@ -774,5 +833,59 @@ def gfl_model(
             ),
             train_cfg=module_config(GFLTrainCfg),
             test_cfg=module_config(GFLTestCfg),
+        )
+    )
+
+
+# YOLOX sizes: (deepen_factor, widen_factor), mmdetection's yolox_{s,m,l}_8x8_300e_coco.
+YOLOX_SIZES = {"s": (0.33, 0.5), "m": (0.67, 0.75), "l": (1.0, 1.0)}
+
+
+def yolox_model(
+    size: str = "s",
+    num_classes: int = 80,
+    deepen_factor: float | None = None,
+    widen_factor: float | None = None,
+) -> ConfigDict:
+    """mmdetection 2.x YOLOX (`yolox_{s,m,l}_8x8_300e_coco`): CSPDarknet, YOLOXPAFPN and
+    YOLOXHead at `size` 's' (deepen 0.33, widen 0.5: neck 128 channels), 'm' (0.67 / 0.75:
+    192) or 'l' (1.0 / 1.0: 256). `deepen_factor` / `widen_factor` override the size's (tiny
+    test models). The neck's inputs are the backbone's C3..C5 channels, its output and the
+    head's channels `int(256 * widen)`, its CSP blocks `round(3 * deepen)`. Every other setting
+    is the default of its module (`CSPDarknet`, `YOLOXPAFPN`, `YOLOXHead`, `YOLOXTrainCfg`,
+    `YOLOXTestCfg` in `fgd_jax.models`)."""
+    from fgd_jax.models.build import module_config
+    from fgd_jax.models.csp_darknet import CSPDarknet, csp_darknet_channels
+    from fgd_jax.models.yolox import YOLOXHead, YOLOXTestCfg, YOLOXTrainCfg
+    from fgd_jax.models.yolox_pafpn import YOLOXPAFPN
+
+    if size not in YOLOX_SIZES:
+        raise ValueError(f"yolox_model: size {size!r} not in {sorted(YOLOX_SIZES)}")
+    deepen, widen = YOLOX_SIZES[size]
+    deepen = deepen if deepen_factor is None else float(deepen_factor)
+    widen = widen if widen_factor is None else float(widen_factor)
+    backbone = module_config(CSPDarknet, deepen_factor=deepen, widen_factor=widen)
+    backbone.type = "CSPDarknet"
+    channels = int(256 * widen)
+    return ConfigDict(
+        dict(
+            type="yolox",
+            num_classes=num_classes,
+            backbone=backbone,
+            neck=module_config(
+                YOLOXPAFPN,
+                skip=("bn_train",),
+                in_channels=csp_darknet_channels(widen, backbone.out_indices),
+                out_channels=channels,
+                num_csp_blocks=max(round(3 * deepen), 1),
+            ),
+            head=module_config(
+                YOLOXHead,
+                skip=("num_classes", "bn_train"),
+                in_channels=channels,
+                feat_channels=channels,
+            ),
+            train_cfg=module_config(YOLOXTrainCfg),
+            test_cfg=module_config(YOLOXTestCfg),
         )
     )

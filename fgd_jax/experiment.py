@@ -132,7 +132,12 @@ class Experiment:
         if self.updates_batch_stats:
             kwargs["mutable"] = ["batch_stats"]
         if self.distilling:
-            feats_t = distiller_lib.teacher_features(self.teacher, teacher_vars, batch["image"])
+            feats_t = distiller_lib.teacher_features(
+                self.teacher,
+                teacher_vars,
+                batch["image"],
+                bn=self.cfg.distill.get("teacher_bn", "eval"),
+            )
             out = self.module.apply(variables, batch, feats_t, train=True, **kwargs)
         else:
             out = self.module.apply(variables, batch, train=True, method="forward_train", **kwargs)

@@ -228,7 +228,8 @@ def make_optimizer(
     with `train.optimizer='adamw'`, PyTorch AdamW (used for from-scratch toy runs).
 
     Args:
-      train_cfg: the `train` section: `momentum`, `weight_decay`, `grad_clip_norm` (<= 0: off),
+      train_cfg: the `train` section: `momentum`, `nesterov` (default False), `weight_decay`,
+        `grad_clip_norm` (<= 0: off),
         `bias_lr_mult`, `bias_decay_mult` and the schedule keys of `make_lr_schedule`.
       steps_per_epoch: iterations per epoch (global batch).
       params: the trainable variable tree (arrays or `jax.ShapeDtypeStruct`s); only its
@@ -267,7 +268,9 @@ def make_optimizer(
         momentum = float(train_cfg.get("momentum", 0.0))
         if momentum > 0:
             # optax.trace: t = g + momentum * t, t0 = 0 -> identical to torch (dampening 0).
-            chain.append(optax.trace(decay=momentum, nesterov=False))
+            # `train.nesterov` (torch `SGD(nesterov=True)`: d += momentum * buf, YOLOX's)
+            nesterov = bool(train_cfg.get("nesterov", False))
+            chain.append(optax.trace(decay=momentum, nesterov=nesterov))
     elif kind == "adamw":
         # torch.optim.AdamW: p -= lr * (adam_step + wd * p) (decoupled weight decay).
         b1, b2 = train_cfg.get("adam_betas", (0.9, 0.999))

@@ -106,6 +106,20 @@ def _torchvision_module_attr(model_cfg: ml_collections.ConfigDict, name: str) ->
     return getattr(module, name, None)
 
 
+def _mmdet_rules(model_cfg: ml_collections.ConfigDict) -> RenameRules | None:
+    """`fgd_jax.convert.mmdet_<type>.RENAME_RULES` for an mmdetection checkpoint of a detector
+    whose checkpoints carry keys the generic rule does not map (YOLOX's EMA buffers); None
+    (the generic rule alone) for the others."""
+    name = f"fgd_jax.convert.mmdet_{model_cfg.get('type')}"
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise
+        return None
+    return tuple(module.RENAME_RULES)
+
+
 def import_torch_checkpoint(
     path_or_state_dict: str | os.PathLike | Mapping[str, Any],
     model_cfg: ml_collections.ConfigDict,
@@ -149,6 +163,8 @@ def import_torch_checkpoint(
             rename = CLASSIFICATION_BACKBONE_RULES
         elif model_cfg.get("type") == "features":
             rename = FEATURE_TEACHER_RULES
+        else:
+            rename = _mmdet_rules(model_cfg)
     target = init_variables if init_variables is not None else detector_variable_shapes(model_cfg)
     return convert_state_dict(
         state_dict, target, rename=rename, strict=strict, return_report=return_report

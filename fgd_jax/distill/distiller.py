@@ -10,6 +10,20 @@ Mirrors the original `DetectionDistiller` (yzd-v/FGD, mmdet/distillation/distill
 Trained parameters are `{'student': <student params>, 'distill_losses': {'loss_fgd_fpn_i':
 ...}}`, the same top-level names as the PyTorch distiller's state dict (`student.*`,
 `distill_losses.loss_fgd_fpn_i.*`), so its checkpoints convert with the generic rule.
+
+Variants (`DistillLosses.variant`), after the original's branches:
+- 'master' (default): the paper's RetinaNet / FCOS / Faster R-CNN code, as above.
+- 'yolox': the original's `yolox` branch (config `fgd_yoloxl_distill_yoloxm_coco`): the
+  distilled maps are the YOLOX neck's `out_convs.{0,1,2}` (after BN + Swish; what a YOLOX
+  detector's `forward_train` returns as features), and every level's `FeatureLoss` gets the
+  batch resize factors of YOLOX's multi-scale training, `FeatureLoss(S, T, gt, scale_y,
+  scale_x, img_metas)`: boxes mapped with `x / img_w * W / scale_x` and the loss divided by
+  `scale_x * scale_y` (`FGDLoss(input_scale=...)`). The factors come from the batch's
+  optional `input_scale` [B, 2] (scale_y, scale_x; every row the same, one size per batch as
+  the original); without it they are 1 (no batch resize: the trainer does not resize
+  batches yet). The branch's other differences are settings (`config.yolox_fgd_distill`):
+  its weights, no inheriting (`init_student=False`) and the teacher's BatchNorm on batch
+  statistics (`teacher_bn='train'`, see `teacher_features`).
 """
 
 from __future__ import annotations
@@ -36,7 +50,10 @@ log = logging.getLogger(__name__)
 # keeps its own backbone; every other part, neck and heads, is copied).
 NOT_INHERITED = ("backbone",)
 # Keys of a `fgd_distill` config read by the training run, not by `DistillLosses`.
-DISTILLER_KEYS = ("init_student", "inherit_allow_missing")
+DISTILLER_KEYS = ("init_student", "inherit_allow_missing", "teacher_bn")
+# `DistillLosses.variant` values (the original's branches) and `teacher_bn` modes.
+VARIANTS = ("master", "yolox")
+TEACHER_BN = ("eval", "train")
 
 
 _FGD = FGDLoss(student_channels=256, teacher_channels=256)  # its field defaults
@@ -45,7 +62,8 @@ _FGD = FGDLoss(student_channels=256, teacher_channels=256)  # its field defaults
 class DistillLosses(nn.Module):
     """One `FGDLoss` per distilled FPN level (the first `num_levels`), named
     `loss_fgd_fpn_{i}` as in the original; the other fields are `FGDLoss`'s, with its
-    defaults (the original `FeatureLoss` defaults)."""
+    defaults (the original `FeatureLoss` defaults). `variant`: 'master' or 'yolox' (the
+    module docstring)."""
 
     num_levels: int = 5
     student_channels: int = _FGD.student_channels
@@ -56,6 +74,7 @@ class DistillLosses(nn.Module):
     gamma_fgd: float = _FGD.gamma_fgd
     lambda_fgd: float = _FGD.lambda_fgd
     box_scale: str = _FGD.box_scale
+    variant: str = "master"
 
     @nn.compact
     def __call__(
@@ -71,6 +90,14 @@ class DistillLosses(nn.Module):
                 f"FGD distills {self.num_levels} levels but the student gives {len(feats_s)} "
                 f"and the teacher {len(feats_t)} feature maps"
             )
+        if self.variant not in VARIANTS:
+            raise ValueError(f"distill.variant must be one of {VARIANTS}, got {self.variant!r}")
+        input_scale = None
+        if self.variant == "yolox":
+            if "input_scale" in batch:  # one (scale_y, scale_x) for the batch: row 0's
+                input_scale = jnp.asarray(batch["input_scale"])[0]
+            else:
+                input_scale = jnp.ones((2,), jnp.float32)
         out: dict[str, Array] = {}
         for i in range(self.num_levels):
             name = f"loss_fgd_fpn_{i}"
@@ -92,6 +119,7 @@ class DistillLosses(nn.Module):
                 batch["valid"],
                 batch["img_shape"],
                 batch["pad_shape"],
+                **({} if input_scale is None else {"input_scale": input_scale}),
             )
             out[name] = parts["loss"]
             for part in ("fg", "bg", "mask", "relation"):
@@ -132,9 +160,28 @@ def total_loss(losses: Mapping[str, Array]) -> Array:
     return jnp.sum(jnp.stack([jnp.asarray(t, dt) for t in terms]))
 
 
-def teacher_features(teacher: nn.Module, teacher_vars: Mapping, images: Array) -> tuple[Array, ...]:
-    """The frozen teacher's FPN maps: eval mode, no gradient (the original's `torch.no_grad`)."""
-    feats = teacher.apply(teacher_vars, images, train=False, method="extract_feat")
+def teacher_features(
+    teacher: nn.Module, teacher_vars: Mapping, images: Array, bn: str = "eval"
+) -> tuple[Array, ...]:
+    """The frozen teacher's FPN maps, no gradient (the original's `torch.no_grad`).
+
+    `bn` (a config's `distill.teacher_bn`): 'eval' (the master branch: `teacher.eval()` every
+    step) runs the teacher in eval mode; 'train' (the `yolox` branch, which never calls
+    `teacher.eval()`, so mmcv's `runner.train()` leaves the teacher in train mode) runs it
+    with `train=True`: BatchNorm layers that train on batch statistics (e.g. YOLOX's) normalize
+    with the statistics of this batch. Those layers' running statistics are not updated
+    (`teacher_vars` stays as given): the original's torch BN does update the teacher's
+    buffers, but nothing reads them again (the teacher always runs in train mode, evaluation
+    runs the student, `pth_transfer.py` drops the teacher), so the training is the same.
+    """
+    if bn not in TEACHER_BN:
+        raise ValueError(f"distill.teacher_bn must be one of {TEACHER_BN}, got {bn!r}")
+    if bn == "eval":
+        feats = teacher.apply(teacher_vars, images, train=False, method="extract_feat")
+    else:
+        feats, _ = teacher.apply(
+            teacher_vars, images, train=True, method="extract_feat", mutable=["batch_stats"]
+        )
     return tuple(jax.lax.stop_gradient(f) for f in feats)
 
 

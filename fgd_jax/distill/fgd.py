@@ -21,6 +21,13 @@ student first goes through `align`, a 1x1 conv, when the channel counts differ):
 - 'pad_shape' (geometrically correct): divide by the canvas size (pad_h, pad_w) instead, so a
   box lands on the cells that actually see it (up to the network's stride rounding).
 
+The original's `yolox` branch (YOLOX-l -> YOLOX-m) passes the batch resize factors of YOLOX's
+multi-scale training, `FeatureLoss(S, T, gt, scale_y, scale_x, img_metas)`: the boxes (in the
+resized batch's pixels, while `img_shape` is the pipeline's) are mapped with
+`x / img_w * W / scale_x`, `y / img_h * H / scale_y`, and the loss is divided by `scale_x`
+then `scale_y`. `FGDLoss(..., input_scale=(scale_y, scale_x))` is that variant; without
+`input_scale` the computation is the master branch's, unchanged.
+
 Implementation: the work over the [B, H, W, C] maps is three fused passes with hand-written
 VJPs (`_abs_and_logit_stats`, `_pool_and_focal`, `_relation_sum`: see the comment above them);
 the loss equals the straightforward formulas (tests/test_fgd.py, against the original, float64
@@ -101,6 +108,7 @@ def fg_bg_masks(
     box_scale: str = "img_shape",
     dtype: jnp.dtype = jnp.float32,
     unroll: int | bool | None = None,
+    input_scale: Array | None = None,
 ) -> tuple[Array, Array]:
     """Foreground / background masks of the original FGD, vectorized over images, boxes, cells.
 
@@ -135,6 +143,14 @@ def fg_bg_masks(
         the slots up to the batch's last marking box only (a dynamic trip count), elsewhere
         all G slots fully unrolled (one fused kernel on GPU instead of G small ones; not
         timed yet). An int or True: all G slots with that unroll.
+      input_scale: [B, 2] float (scale_y, scale_x), the original `yolox` branch's batch
+        resize factors (YOLOX's multi-scale input size / default input size): the scaled
+        coordinates are further divided by them, `x / img_w * W / scale_x`, as its
+        `FeatureLoss`. None (default): no such division (the master branch, unchanged).
+        With it the scaled coordinates are clipped to [0, W + 1] x [0, H + 1] instead of
+        [0, W] x [0, H]: rounding (of `x * scale_x / img_w * W / scale_x`) can put a box on
+        the frame's right or bottom edge a hair beyond W, where the original's ceil gives
+        W + 1; that box's cells and area then equal the original's bit for bit.
     Returns:
       fg: [B, H, W] dtype; bg: [B, H, W] dtype. Both constant w.r.t. gradients.
     """
@@ -168,10 +184,26 @@ def fg_bg_masks(
     frame_h, frame_w = jax.lax.optimization_barrier(
         (jnp.broadcast_to(frame[:, 0:1], full), jnp.broadcast_to(frame[:, 1:2], full))
     )  # [B, G]
-    x1 = jnp.clip(boxes[..., 0] / frame_w * w, 0, w)
-    x2 = jnp.clip(boxes[..., 2] / frame_w * w, 0, w)
-    y1 = jnp.clip(boxes[..., 1] / frame_h * h, 0, h)
-    y2 = jnp.clip(boxes[..., 3] / frame_h * h, 0, h)
+    x1, x2 = boxes[..., 0] / frame_w * w, boxes[..., 2] / frame_w * w
+    y1, y2 = boxes[..., 1] / frame_h * h, boxes[..., 3] / frame_h * h
+    if input_scale is not None:  # the yolox branch: `... * W / scale_x`, a true division
+        scale = jax.lax.stop_gradient(jnp.asarray(input_scale).astype(boxes.dtype))
+        if scale.shape != (boxes.shape[0], 2):
+            raise ValueError(
+                f"fg_bg_masks: input_scale must be [B, 2] = {(boxes.shape[0], 2)}, "
+                f"got {scale.shape}"
+            )
+        scale_h, scale_w = jax.lax.optimization_barrier(
+            (jnp.broadcast_to(scale[:, 0:1], full), jnp.broadcast_to(scale[:, 1:2], full))
+        )
+        x1, x2, y1, y2 = x1 / scale_w, x2 / scale_w, y1 / scale_h, y2 / scale_h
+        # rounding can put a box on the frame's right/bottom edge a hair beyond W (H); the
+        # original's ceil then reaches W + 1 and its area counts that column: keep it
+        hi_w, hi_h = w + 1, h + 1
+    else:
+        hi_w, hi_h = w, h
+    x1, x2 = jnp.clip(x1, 0, hi_w), jnp.clip(x2, 0, hi_w)
+    y1, y2 = jnp.clip(y1, 0, hi_h), jnp.clip(y2, 0, hi_h)
     wmin = jnp.floor(x1).astype(jnp.int32)  # [B, G]
     wmax = jnp.ceil(x2).astype(jnp.int32)
     hmin = jnp.floor(y1).astype(jnp.int32)
@@ -426,6 +458,7 @@ class FGDLoss(nn.Module):
         img_shape: Array,
         pad_shape: Array,
         batch_size: int | Array | None = None,
+        input_scale: Array | None = None,
     ) -> dict[str, Array]:
         """FGD loss of one level.
 
@@ -441,10 +474,17 @@ class FGDLoss(nn.Module):
             the original's per-GPU mean averaged over GPUs amounts to. Pass the global batch
             only when calling this on a per-device shard (e.g. inside shard_map / pmap); a
             Python int or a scalar array (traced values are fine).
+          input_scale: the original's `yolox` branch variant (`FeatureLoss(S, T, gt, scale_y,
+            scale_x, img_metas)`): [2] float (scale_y, scale_x), the batch resize factors of
+            YOLOX's multi-scale training (input size / default input size, one pair for the
+            whole batch). Boxes (pixels of the resized image) are mapped with
+            `x / img_w * W / scale_x` (`y` alike) and the weighted loss, and each weighted
+            part, is divided by `scale_x` then by `scale_y`. None (default): the master
+            branch's loss, unchanged; (1, 1) gives the same values.
         Returns:
           dict of scalars (float32, or float64 for float64 inputs): `loss` (weighted total),
           the unweighted `fg`, `bg`, `mask`, `relation`, and the weighted `loss_fg`,
-          `loss_bg`, `loss_mask`, `loss_relation`.
+          `loss_bg`, `loss_mask`, `loss_relation` (divided by the scales with `input_scale`).
         """
         if self.box_scale not in BOX_SCALES:
             raise ValueError(
@@ -494,9 +534,27 @@ class FGDLoss(nn.Module):
         # GcBlock attention pooling weights, softmax over H*W
         w_s = jax.nn.softmax((logit_s + bias_s.astype(dtype)).reshape(b, h * w), axis=-1)
         w_t = jax.nn.softmax((logit_t + bias_t.astype(dtype)).reshape(b, h * w), axis=-1)
-        fg_mask, bg_mask = fg_bg_masks(
-            boxes, valid, img_shape, pad_shape, (h, w), self.box_scale, dtype=dtype
-        )
+        if input_scale is None:
+            fg_mask, bg_mask = fg_bg_masks(
+                boxes, valid, img_shape, pad_shape, (h, w), self.box_scale, dtype=dtype
+            )
+        else:
+            input_scale = jnp.asarray(input_scale)
+            if input_scale.shape != (2,):
+                raise ValueError(
+                    f"FGDLoss: input_scale must be [2] (scale_y, scale_x), got shape "
+                    f"{input_scale.shape}"
+                )
+            fg_mask, bg_mask = fg_bg_masks(
+                boxes,
+                valid,
+                img_shape,
+                pad_shape,
+                (h, w),
+                self.box_scale,
+                dtype=dtype,
+                input_scale=jnp.broadcast_to(input_scale, (b, 2)),
+            )
 
         # Focal part: the original multiplies both maps by sqrt(S_t) sqrt(C_t) sqrt(M) before
         # the squared difference; the same sum is (s - t)^2 * S_t * C_t * M, i.e.
@@ -529,4 +587,8 @@ class FGDLoss(nn.Module):
             "loss_relation": self.lambda_fgd * relation,
         }
         out["loss"] = out["loss_fg"] + out["loss_bg"] + out["loss_mask"] + out["loss_relation"]
+        if input_scale is not None:  # the yolox branch's `loss / scale_x / scale_y`
+            scale = jax.lax.stop_gradient(input_scale.astype(dtype))
+            for key in ("loss", "loss_fg", "loss_bg", "loss_mask", "loss_relation"):
+                out[key] = out[key] / scale[1] / scale[0]
         return out

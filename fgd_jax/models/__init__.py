@@ -28,6 +28,7 @@ DETECTORS: dict[str, tuple[str, str]] = {
     "features": ("fgd_jax.models.feature_teacher", "FeatureTeacher"),
     "mask_rcnn": ("fgd_jax.models.mask_rcnn", "MaskRCNN"),
     "gfl": ("fgd_jax.models.gfl", "GFL"),
+    "yolox": ("fgd_jax.models.yolox", "YOLOX"),
 }
 
 __all__ = [
