@@ -83,9 +83,25 @@ INIT_COMPILER_OPTIONS: dict[str, Any] = {"xla_backend_optimization_level": 0}
 def init_module(module: nn.Module, rng: jax.Array, *args: Any, **kwargs: Any) -> Any:
     """`module.init(rng, *args, **kwargs)`, jitted and compiled for a one-off call
     (`INIT_COMPILER_OPTIONS`): the fast way to initialize a detector, head or loss module.
-    Keyword arguments are static (e.g. `train=False`); positional ones are traced."""
+    Keyword arguments are static (e.g. `train=False`); positional ones are traced. Called
+    under a trace (`jax.eval_shape`, an outer `jit`), it is a plain `module.init`: the outer
+    computation is compiled as a whole, and XLA takes compiler options only at the top."""
+    if _tracing(rng, *args):
+        return module.init(rng, *args, **kwargs)
     fn = functools.partial(module.init, **kwargs)
     return jax.jit(fn, compiler_options=INIT_COMPILER_OPTIONS)(rng, *args)
+
+
+def _tracing(*args: Any) -> bool:
+    """True inside a JAX transformation (eval_shape, jit, grad, ...) or for traced inputs."""
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
+        return True
+    try:
+        from jax._src import core as jax_core  # no public API says "a trace is active"
+
+        return not jax_core.trace_state_clean()
+    except (ImportError, AttributeError):  # pragma: no cover - a later JAX moved it
+        return False
 
 
 def _frozen_stages(cfg: ml_collections.ConfigDict | int | None) -> int:
