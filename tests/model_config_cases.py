@@ -26,7 +26,7 @@ CONFIG_ARGS = {"shapes_demo.py": ("fgd", "baseline", "teacher"), "shapes_capacit
 IMAGE = 64  # variable shapes do not depend on the input size
 
 
-def _tiny_faster_rcnn() -> C.ConfigDict:  # tests/test_train_detectors.py (before session 8; the model is still recorded)
+def _tiny_faster_rcnn() -> C.ConfigDict:  # formerly tests/test_train_detectors.py (still recorded)
     m = C.faster_rcnn_model(
         depth=18,
         num_classes=6,
