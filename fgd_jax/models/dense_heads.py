@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from fgd_jax.ops import nms as nms_ops
+
 Array = jax.Array
 
 
@@ -103,6 +105,42 @@ def group_mean(num_per_img: Array, den_per_img: Array, group: int, who: str = "l
     num = num_per_img.reshape(-1, g).sum(1)
     den = den_per_img.reshape(-1, g).sum(1)
     return jnp.mean(num / jnp.maximum(den, 1.0))
+
+
+def top_candidates(key: Array, k: int, *arrays: Array) -> tuple[Array, ...]:
+    """mmdetection's per-level `nms_pre` selection: the `k` entries along axis 1 with the
+    largest `key` `[B, N]` (equal keys: lower index first, as `lax.top_k`), gathered from each
+    of `arrays` (`[B, N, ...]`)."""
+    _, idx = jax.lax.top_k(key, k)  # [B, k]
+    return tuple(
+        jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1) for a in arrays
+    )
+
+
+def batched_multiclass_nms(
+    boxes: Array,
+    scores: Array,
+    *,
+    score_thr: float,
+    iou_threshold: float,
+    max_num: int,
+    max_candidates: int,
+) -> dict[str, Array]:
+    """`multiclass_nms` of each image (`boxes [B, M, 4]`, sigmoid `scores [B, M, C]`, no score
+    factors) without its `index`: dict(boxes `[B, K, 4]`, scores, labels, valid `[B, K]`)."""
+    return jax.vmap(
+        lambda b, s: without_index(
+            nms_ops.multiclass_nms(
+                b,
+                s,
+                None,
+                score_thr=score_thr,
+                iou_threshold=iou_threshold,
+                max_num=max_num,
+                max_candidates=max_candidates,
+            )
+        )
+    )(boxes, scores)
 
 
 def without_index(dets: dict[str, Array]) -> dict[str, Array]:

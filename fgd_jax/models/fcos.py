@@ -67,6 +67,7 @@ from fgd_jax.models.dense_heads import (
     DenseTestCfg,
     flatten_levels,
     point_valid_flags,
+    top_candidates,
 )
 from fgd_jax.models.layers import ConvModule, head_out_conv, head_tower
 from fgd_jax.ops import anchors as anchor_ops
@@ -454,11 +455,8 @@ def fcos_postprocess(
         pts = jnp.broadcast_to(pts[None], (batch, *pts.shape))
         if score_style == "mmdet":
             if 0 < nms_pre < scores.shape[1]:
-                _, idx = jax.lax.top_k((scores * cent[..., None]).max(-1), nms_pre)
-                scores = jnp.take_along_axis(scores, idx[..., None], axis=1)
-                cent = jnp.take_along_axis(cent, idx, axis=1)
-                dist = jnp.take_along_axis(dist, idx[..., None], axis=1)
-                pts = jnp.take_along_axis(pts, idx[..., None], axis=1)
+                key = (scores * cent[..., None]).max(-1)
+                scores, cent, dist, pts = top_candidates(key, nms_pre, scores, cent, dist, pts)
             boxes = box_ops.distance2bbox(pts, dist, max_shape=img_shape)
             all_boxes.append(boxes)
             all_cls.append(scores)

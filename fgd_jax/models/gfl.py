@@ -57,8 +57,9 @@ from fgd_jax.models.build import build_module, check_keys
 from fgd_jax.models.dense_heads import (
     DenseTestCfg,
     anchor_valid_flags,
+    batched_multiclass_nms,
     flatten_levels,
-    without_index,
+    top_candidates,
 )
 from fgd_jax.models.fcos import Scale
 from fgd_jax.models.layers import ConvModule, head_out_conv, head_tower
@@ -67,7 +68,6 @@ from fgd_jax.ops import assign as assign_ops
 from fgd_jax.ops import boxes as box_ops
 from fgd_jax.ops import dtypes
 from fgd_jax.ops import losses as loss_ops
-from fgd_jax.ops import nms as nms_ops
 
 Array = jax.Array
 
@@ -388,27 +388,19 @@ def gfl_postprocess(
         dist = dist.reshape(batch, -1, 4)
         pts = jnp.broadcast_to(anchor_centers(anc.astype(dt))[None], (batch, anc.shape[0], 2))
         if 0 < nms_pre < scores.shape[1]:
-            _, idx = jax.lax.top_k(scores.max(-1), nms_pre)  # [B, nms_pre]
-            scores = jnp.take_along_axis(scores, idx[..., None], axis=1)
-            dist = jnp.take_along_axis(dist, idx[..., None], axis=1)
-            pts = jnp.take_along_axis(pts, idx[..., None], axis=1)
+            scores, dist, pts = top_candidates(scores.max(-1), nms_pre, scores, dist, pts)
         all_boxes.append(box_ops.distance2bbox(pts, dist, max_shape=img_shape))
         all_scores.append(scores)
     boxes = jnp.concatenate(all_boxes, axis=1) / scale_factor[:, None, :]  # [B, M, 4]
     scores = jnp.concatenate(all_scores, axis=1)  # [B, M, C]
-    return jax.vmap(
-        lambda b, s: without_index(
-            nms_ops.multiclass_nms(
-                b,
-                s,
-                None,
-                score_thr=score_thr,
-                iou_threshold=iou_threshold,
-                max_num=max_per_img,
-                max_candidates=max_candidates,
-            )
-        )
-    )(boxes, scores)
+    return batched_multiclass_nms(
+        boxes,
+        scores,
+        score_thr=score_thr,
+        iou_threshold=iou_threshold,
+        max_num=max_per_img,
+        max_candidates=max_candidates,
+    )
 
 
 # -------------------------------------------------------------------------------- detector

@@ -37,9 +37,10 @@ from fgd_jax.models.build import build_module, check_keys
 from fgd_jax.models.dense_heads import (
     DenseTestCfg,
     anchor_valid_flags,
+    batched_multiclass_nms,
     flatten_levels,
     group_mean,
-    without_index,
+    top_candidates,
 )
 from fgd_jax.models.layers import ConvModule, head_out_conv, head_tower
 from fgd_jax.ops import anchors as anchor_ops
@@ -47,7 +48,6 @@ from fgd_jax.ops import assign as assign_ops
 from fgd_jax.ops import boxes as box_ops
 from fgd_jax.ops import dtypes
 from fgd_jax.ops import losses as loss_ops
-from fgd_jax.ops import nms as nms_ops
 
 Array = jax.Array
 
@@ -307,10 +307,7 @@ def retina_postprocess(
         deltas = reg.reshape(batch, -1, 4).astype(dt)
         anc = jnp.broadcast_to(anc[None], (batch, *anc.shape))
         if 0 < nms_pre < scores.shape[1]:
-            _, idx = jax.lax.top_k(scores.max(-1), nms_pre)  # [B, nms_pre]
-            scores = jnp.take_along_axis(scores, idx[..., None], axis=1)
-            deltas = jnp.take_along_axis(deltas, idx[..., None], axis=1)
-            anc = jnp.take_along_axis(anc, idx[..., None], axis=1)
+            scores, deltas, anc = top_candidates(scores.max(-1), nms_pre, scores, deltas, anc)
         boxes = box_ops.delta_decode(
             anc, deltas, target_means, target_stds, max_shape=img_shape, wh_ratio_clip=wh_ratio_clip
         )
@@ -318,19 +315,14 @@ def retina_postprocess(
         all_scores.append(scores)
     boxes = jnp.concatenate(all_boxes, axis=1) / scale_factor[:, None, :]  # [B, M, 4]
     scores = jnp.concatenate(all_scores, axis=1)  # [B, M, C]
-    return jax.vmap(
-        lambda b, s: without_index(
-            nms_ops.multiclass_nms(
-                b,
-                s,
-                None,
-                score_thr=score_thr,
-                iou_threshold=iou_threshold,
-                max_num=max_per_img,
-                max_candidates=max_candidates,
-            )
-        )
-    )(boxes, scores)
+    return batched_multiclass_nms(
+        boxes,
+        scores,
+        score_thr=score_thr,
+        iou_threshold=iou_threshold,
+        max_num=max_per_img,
+        max_candidates=max_candidates,
+    )
 
 
 # -------------------------------------------------------------------------------- detector

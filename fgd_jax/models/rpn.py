@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fgd_jax.models.dense_heads import group_mean
+from fgd_jax.models.dense_heads import group_mean, top_candidates
 from fgd_jax.ops import anchors as anchor_ops
 from fgd_jax.ops import assign as assign_ops
 from fgd_jax.ops import boxes as box_ops
@@ -299,11 +299,8 @@ def rpn_proposals(
         scores = jax.nn.sigmoid(logits)
         anc = jnp.broadcast_to(anc[None], (batch, *anc.shape))
         if 0 < nms_pre < scores.shape[1]:
-            _, idx = jax.lax.top_k(jnp.where(ok, scores, -1.0), nms_pre)
-            scores = jnp.take_along_axis(scores, idx, axis=1)
-            ok = jnp.take_along_axis(ok, idx, axis=1)
-            deltas = jnp.take_along_axis(deltas, idx[..., None], axis=1)
-            anc = jnp.take_along_axis(anc, idx[..., None], axis=1)
+            key = jnp.where(ok, scores, -1.0)
+            scores, ok, deltas, anc = top_candidates(key, nms_pre, scores, ok, deltas, anc)
         boxes = jax.vmap(
             lambda a, d, s: box_ops.delta_decode(
                 a, d, target_means, target_stds, max_shape=s, wh_ratio_clip=wh_ratio_clip
