@@ -41,6 +41,40 @@ def test_sigmoid_focal_loss_and_grad_vs_torchvision(gamma, alpha):
     np.testing.assert_allclose(np.asarray(g), xt.grad.numpy(), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("gamma,alpha", [(2.0, 0.25), (1.5, -1.0), (0.0, 0.5)])
+def test_sigmoid_focal_loss_sum_and_grad_vs_torchvision(gamma, alpha, monkeypatch):
+    """The per-image sum (integer labels, background = C or -1, per-anchor weights, chunks of
+    anchors, its own backward pass) against torchvision's elementwise focal loss, also under jit
+    and in bf16."""
+    monkeypatch.setattr(L, "FOCAL_CHUNK_ROWS", 7)  # 30 anchors -> 5 chunks of 6
+    rng = np.random.default_rng(3)
+    b, n, c = 2, 30, 6
+    x = rng.normal(0, 3, (b, n, c)).astype(np.float32)
+    x[0, 0] = [-60.0, 60.0, -30.0, 30.0, 0.0, 5.0]
+    labels = rng.integers(0, c + 1, (b, n))
+    labels[1, :4] = -1
+    w = (rng.uniform(size=(b, n)) > 0.3).astype(np.float32)
+    w[0, 5] = 0.5
+    t = np.zeros((b, n, c), np.float32)
+    ok = (labels >= 0) & (labels < c)
+    t[np.nonzero(ok) + (labels[ok],)] = 1.0
+    xt = torch.from_numpy(x).requires_grad_()
+    elem = torchvision.ops.sigmoid_focal_loss(xt, torch.from_numpy(t), alpha, gamma, "none")
+    ref = (elem * torch.from_numpy(w)[..., None]).sum(dim=(1, 2))
+    cot = np.array([1.0, -2.5], np.float32)
+    (ref * torch.from_numpy(cot)).sum().backward()
+
+    def f(z):
+        return L.sigmoid_focal_loss_sum(z, labels, w, gamma, alpha)
+
+    np.testing.assert_allclose(np.asarray(f(x)), ref.detach().numpy(), rtol=RTOL, atol=ATOL)
+    g = jax.jit(jax.grad(lambda z: jnp.sum(f(z) * cot)))(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(g), xt.grad.numpy(), rtol=1e-4, atol=1e-6)
+    gb = jax.grad(lambda z: jnp.sum(f(z)))(jnp.asarray(x, jnp.bfloat16))
+    assert gb.dtype == jnp.bfloat16  # the cotangent keeps the logits' dtype
+    np.testing.assert_allclose(f(jnp.asarray(x, jnp.bfloat16)), ref.detach().numpy(), rtol=2e-2)
+
+
 def test_bce_and_ce_vs_torch():
     rng = np.random.default_rng(1)
     x = rng.normal(0, 4, (30, 7)).astype(np.float32)

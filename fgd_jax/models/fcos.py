@@ -371,11 +371,10 @@ def fcos_loss(
     posf = pos.astype(dt)
     num_pos = jnp.maximum(jnp.sum(posf), 1.0)
 
-    onehot = jax.nn.one_hot(labels, num_classes, dtype=dt)  # background -> zeros
-    focal = loss_ops.sigmoid_focal_loss(
-        cls_scores.astype(dt), onehot, gamma=focal_gamma, alpha=focal_alpha
+    # background label num_classes -> an all-zero target row (memory-lean sum, issue 24)
+    focal = loss_ops.sigmoid_focal_loss_sum(
+        cls_scores, labels, point_valid.astype(dt), gamma=focal_gamma, alpha=focal_alpha
     )
-    focal = focal * point_valid[..., None].astype(dt)
     loss_cls = jnp.sum(focal) / num_pos
 
     # Off the positives the targets may be anything (even negative): replace them by a unit

@@ -253,12 +253,11 @@ def retina_loss(
         )
     )(anchor_valid, gt_boxes, gt_labels, gt_valid)
     dt = dtypes.float_dtype(cls_scores, bbox_preds, gt_boxes)
-    onehot = jax.nn.one_hot(t["labels"], num_classes, dtype=dt)  # bg -> all zero
-    focal = loss_ops.sigmoid_focal_loss(
-        cls_scores.astype(dt), onehot, gamma=focal_gamma, alpha=focal_alpha
-    )
     weight = (t["pos"] | t["neg"]).astype(dt)
-    cls_per_img = jnp.sum(focal * weight[..., None], axis=(1, 2))
+    # background label num_classes -> an all-zero target row (memory-lean sum, issue 24)
+    cls_per_img = loss_ops.sigmoid_focal_loss_sum(
+        cls_scores, t["labels"], weight, gamma=focal_gamma, alpha=focal_alpha
+    )
     l1 = jnp.abs(bbox_preds.astype(dt) - t["bbox_targets"])
     bbox_per_img = jnp.sum(l1 * t["pos"][..., None].astype(dt), axis=(1, 2))
     norm_per_img = jnp.maximum(jnp.sum(t["pos"], axis=1), 1).astype(dt)
