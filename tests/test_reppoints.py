@@ -165,15 +165,16 @@ def test_losses_match_mmdetection(gold):
         _close(loss[key], gold[key], key)
 
 
-@pytest.mark.parametrize("nms_pre", [1000, 10])
-def test_detections_match_mmdetection(gold, nms_pre):
+# (nms_pre, every (point, class) pair kept: 129 points or 10 + 10 + 6 + 2 + 1, x 4 classes)
+@pytest.mark.parametrize("nms_pre, pairs", [(1000, 516), (10, 116)])
+def test_detections_match_mmdetection(gold, nms_pre, pairs):
     post = jax.jit(
         functools.partial(
             reppoints_postprocess,
             strides=STRIDES,
             num_classes=NUM_CLASSES,
             nms_pre=nms_pre,
-            max_candidates=800,
+            max_candidates=pairs,
         )
     )
     dets = post(
@@ -278,3 +279,58 @@ def test_mmdetection_x101_dcn_checkpoint_keys_convert():
     assert "bbox_head.moment_transfer" in report.loaded
     assert "neck.fpn_convs.4.gn.weight" in report.loaded
     assert sum("conv_offset" in k for k in report.loaded) == 2 * (4 + 23 + 3)
+
+
+def _teacher_golden(dtype):
+    """The X101-DCN + GN FPN golden (scripts/oracles/make_reppoints_teacher_golden.py): its
+    weights regenerated from the oracle scripts' numpy seeds, converted into a feature teacher
+    of the same layout; returns (golden, model, variables, image)."""
+    import importlib.util
+
+    path = os.path.join(
+        os.path.dirname(__file__), "..", "scripts", "oracles", "make_reppoints_teacher_golden.py"
+    )
+    spec = importlib.util.spec_from_file_location("make_reppoints_teacher_golden", path)
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)  # numpy only at import
+    dcn = gen.dcn_script()
+    g = np.load(os.path.join(os.path.dirname(GOLDEN), "x101_dcn_gn_fpn.npz"))
+    sd, pos = {}, 0
+    for key, nd in zip(g["keys"], g["ndims"], strict=True):
+        key, shape = str(key), tuple(int(d) for d in g["shapes"][pos : pos + nd])
+        pos += nd
+        fn = dcn.seeded_tensor if key.startswith("backbone.") else gen.seeded_neck_tensor
+        sd[key] = fn(key.split(".", 1)[1], shape)
+    sums = np.array([sd[str(k)].astype(np.float64).sum() for k in g["keys"]])
+    np.testing.assert_allclose(sums, g["sums"], rtol=1e-12)  # the oracle's weights
+    cfg = C.feature_teacher_model(
+        depth=50,
+        groups=4,
+        base_width=4,
+        fpn_channels=16,
+        start_level=1,
+        add_extra_convs="on_input",
+        num_outs=5,
+    )
+    cfg.neck.update(norm="gn", num_groups=4)
+    model = build_detector(cfg)
+    variables = import_torch_checkpoint(sd, cfg)  # strict
+    variables = jax.tree.map(lambda a: jnp.asarray(a, dtype), variables)
+    x = jnp.asarray(g["x"].transpose(0, 2, 3, 1), dtype)
+    return g, model, variables, x
+
+
+@pytest.mark.slow
+def test_x101_dcn_gn_fpn_teacher_features_match_mmdetection():
+    """The RepPoints X101-DCN teacher's distilled maps (ResNeXt with DCN in c3-c5 + GN FPN,
+    tiny widths): the `fpn_convs.{l}.conv` outputs before GN, float32 within 1e-4 of each
+    level's scale, float64 within 1e-9."""
+    g, model, variables, x = _teacher_golden(jnp.float32)
+    feats = jax.jit(functools.partial(model.apply, method="extract_feat"))(variables, x)
+    for lvl in range(5):
+        _close(feats[lvl], g[f"pre{lvl}"], f"teacher pre-norm P{lvl + 3}")
+    with jax.enable_x64(True):
+        g, model, variables, x = _teacher_golden(jnp.float64)
+        feats = jax.jit(functools.partial(model.apply, method="extract_feat"))(variables, x)
+        for lvl in range(5):
+            _close(feats[lvl], g[f"pre{lvl}_f64"], f"f64 teacher P{lvl + 3}", rtol=1e-9)

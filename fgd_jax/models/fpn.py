@@ -7,7 +7,7 @@ Names: `lateral_convs_{i}/conv`, `fpn_convs_{i}/conv`; extra stride-2 convs cont
 
 Distilled features: FGD hooks `neck.fpn_convs.{i}.conv`, the conv's output, which for a neck
 with a norm is the map BEFORE the norm. `FPN(..., with_pre_norm=True)` returns those maps
-beside the outputs; `distilled_features` picks them (equal to the outputs without a norm).
+beside the outputs (equal to the outputs without a norm).
 """
 
 from __future__ import annotations
@@ -147,14 +147,6 @@ class FPN(nn.Module):
         if with_pre_norm:
             return tuple(outs), tuple(pre)
         return tuple(outs)
-
-
-def distilled_features(neck: nn.Module, inputs: Sequence[Array]) -> tuple[Array, ...]:
-    """The maps FGD distills for `neck` (the `neck.fpn_convs.{i}.conv` outputs): an `FPN`'s
-    pre-norm conv outputs (its outputs when it has no norm); any other neck's outputs."""
-    if isinstance(neck, FPN):
-        return neck(inputs, with_pre_norm=True)[1]
-    return tuple(neck(inputs))
 
 
 def build_neck(cfg: ml_collections.ConfigDict, dtype: Any = None) -> FPN:
