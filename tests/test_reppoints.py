@@ -15,7 +15,7 @@ import pytest
 from fgd_jax import config as C
 from fgd_jax.convert import import_torch_checkpoint
 from fgd_jax.convert.core import convert_state_dict
-from fgd_jax.models import build_detector
+from fgd_jax.models import INIT_COMPILER_OPTIONS, build_detector
 from fgd_jax.models.dense_heads import flatten_levels, point_valid_flags
 from fgd_jax.models.fpn import FPN
 from fgd_jax.models.reppoints import (
@@ -33,6 +33,8 @@ GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "reppoints", "reppoin
 STRIDES = (8, 16, 32, 64, 128)
 NUM_CLASSES = 4
 RTOL = 1e-4
+# XLA at optimization level 0: these functions run once on tiny inputs, compiling dominates
+_jit = functools.partial(jax.jit, compiler_options=INIT_COMPILER_OPTIONS)
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +86,11 @@ def _run(gold, dtype=jnp.float32):
     neck, head = _modules()
     cs = tuple(jnp.asarray(gold[f"c{i}"], dtype) for i in range(4))
     nv = _variables(gold, neck, cs, "neck.")
-    outs, pre = jax.jit(functools.partial(neck.apply, with_pre_norm=True))(
+    outs, pre = _jit(functools.partial(neck.apply, with_pre_norm=True))(
         jax.tree.map(lambda v: jnp.asarray(v, dtype), nv), cs
     )
     hv = _variables(gold, head, outs, "bbox_head.")
-    res = jax.jit(head.apply)(jax.tree.map(lambda v: jnp.asarray(v, dtype), hv), outs)
+    res = _jit(head.apply)(jax.tree.map(lambda v: jnp.asarray(v, dtype), hv), outs)
     return pre, outs, res
 
 
@@ -132,7 +134,7 @@ def test_assignments_and_targets_match_mmdetection(gold):
     points, strides, valid = _points(gold)
     moment = jnp.asarray([0.1, -0.2])
     proposals = init_boxes(_flat(gold, "init"), moment, points, strides)
-    t = jax.jit(
+    t = _jit(
         jax.vmap(functools.partial(reppoints_targets, points, strides, num_classes=NUM_CLASSES))
     )(proposals, valid, gold["gt_boxes"], gold["gt_labels"], gold["gt_valid"])
     for stage in ("init", "refine"):
@@ -149,7 +151,7 @@ def test_assignments_and_targets_match_mmdetection(gold):
 
 def test_losses_match_mmdetection(gold):
     points, strides, valid = _points(gold)
-    loss = jax.jit(functools.partial(reppoints_loss, num_classes=NUM_CLASSES))(
+    loss = _jit(functools.partial(reppoints_loss, num_classes=NUM_CLASSES))(
         _flat(gold, "cls"),
         _flat(gold, "init"),
         _flat(gold, "refine"),
@@ -165,10 +167,46 @@ def test_losses_match_mmdetection(gold):
         _close(loss[key], gold[key], key)
 
 
+def test_loss_and_postprocess_keep_float64(gold):
+    """In a float64 run the losses and the detections stay float64 (abstract evaluation:
+    dtypes only, nothing compiled)."""
+    with jax.enable_x64(True):
+        points, strides, valid = _points(gold)
+        f64 = lambda key: jax.ShapeDtypeStruct(_flat(gold, key).shape, jnp.float64)  # noqa: E731
+        loss = jax.eval_shape(
+            functools.partial(reppoints_loss, num_classes=NUM_CLASSES),
+            f64("cls"),
+            f64("init"),
+            f64("refine"),
+            jax.ShapeDtypeStruct((2,), jnp.float64),
+            points,
+            strides,
+            valid,
+            jax.ShapeDtypeStruct(gold["gt_boxes"].shape, jnp.float64),
+            jnp.asarray(gold["gt_labels"]),
+            jnp.asarray(gold["gt_valid"]),
+        )
+        assert all(v.dtype == jnp.float64 for v in loss.values())
+        levels = lambda key: tuple(  # noqa: E731
+            jax.ShapeDtypeStruct(x.shape, jnp.float64) for x in _levels(gold, key)
+        )
+        dets = jax.eval_shape(
+            functools.partial(
+                reppoints_postprocess, strides=STRIDES, num_classes=NUM_CLASSES, nms_pre=10
+            ),
+            levels("cls"),
+            levels("refine"),
+            jax.ShapeDtypeStruct((2,), jnp.float64),
+            img_shape=jnp.asarray(gold["img_shape"]),
+            scale_factor=jax.ShapeDtypeStruct((3, 4), jnp.float64),
+        )
+        assert dets["boxes"].dtype == jnp.float64 and dets["scores"].dtype == jnp.float64
+
+
 # (nms_pre, every (point, class) pair kept: 129 points or 10 + 10 + 6 + 2 + 1, x 4 classes)
 @pytest.mark.parametrize("nms_pre, pairs", [(1000, 516), (10, 116)])
 def test_detections_match_mmdetection(gold, nms_pre, pairs):
-    post = jax.jit(
+    post = _jit(
         functools.partial(
             reppoints_postprocess,
             strides=STRIDES,
@@ -326,11 +364,11 @@ def test_x101_dcn_gn_fpn_teacher_features_match_mmdetection():
     tiny widths): the `fpn_convs.{l}.conv` outputs before GN, float32 within 1e-4 of each
     level's scale, float64 within 1e-9."""
     g, model, variables, x = _teacher_golden(jnp.float32)
-    feats = jax.jit(functools.partial(model.apply, method="extract_feat"))(variables, x)
+    feats = _jit(functools.partial(model.apply, method="extract_feat"))(variables, x)
     for lvl in range(5):
         _close(feats[lvl], g[f"pre{lvl}"], f"teacher pre-norm P{lvl + 3}")
     with jax.enable_x64(True):
         g, model, variables, x = _teacher_golden(jnp.float64)
-        feats = jax.jit(functools.partial(model.apply, method="extract_feat"))(variables, x)
+        feats = _jit(functools.partial(model.apply, method="extract_feat"))(variables, x)
         for lvl in range(5):
             _close(feats[lvl], g[f"pre{lvl}_f64"], f"f64 teacher P{lvl + 3}", rtol=1e-9)
