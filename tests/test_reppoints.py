@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fgd_jax import config as C
-from fgd_jax.convert import import_torch_checkpoint
+from fgd_jax.convert import export_torch_state_dict, import_torch_checkpoint
 from fgd_jax.convert.core import convert_state_dict
 from fgd_jax.models import INIT_COMPILER_OPTIONS, build_detector
 from fgd_jax.models.dense_heads import flatten_levels, point_valid_flags
@@ -299,11 +299,13 @@ def test_detector_builds_from_config():
     assert dets["boxes"].shape == (2, 100, 4) and dets["labels"].dtype == jnp.int32
 
 
+@pytest.mark.slow
 def test_mmdetection_x101_dcn_checkpoint_keys_convert():
     """The real `reppoints_moment_x101_fpn_dconv_c3-c5_gn-neck+head_2x_coco` state dict's keys
     and shapes (tests/golden/reppoints/reppoints_x101_dcn_keys.npz) convert strictly into
     `reppoints_model(depth=101, groups=32, base_width=4, dcn='DCN')`: every key used, every
-    leaf filled (GN neck, DCN offsets, the head's deformable convs and `moment_transfer`)."""
+    leaf filled (GN neck, DCN offsets, the head's deformable convs and `moment_transfer`); the
+    export gives back exactly those keys and shapes."""
     g = np.load(os.path.join(os.path.dirname(GOLDEN), "reppoints_x101_dcn_keys.npz"))
     sd, pos = {}, 0
     for key, nd in zip(g["keys"], g["ndims"], strict=True):
@@ -311,9 +313,13 @@ def test_mmdetection_x101_dcn_checkpoint_keys_convert():
         pos += nd
         sd[str(key)] = np.broadcast_to(np.float32(0), shape)  # shapes only, no memory
     cfg = C.reppoints_model(depth=101, groups=32, base_width=4, dcn="DCN")
-    _, report = import_torch_checkpoint(sd, cfg, return_report=True)
+    variables, report = import_torch_checkpoint(sd, cfg, return_report=True)
     assert not report.missing and not report.unexpected and not report.mismatched
     assert not report.dropped
+    # and back: the export writes exactly mmdetection's keys and shapes
+    out = export_torch_state_dict(variables, cfg)
+    real = {k: v.shape for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    assert {k: v.shape for k, v in out.items()} == real
     assert "bbox_head.moment_transfer" in report.loaded
     assert "neck.fpn_convs.4.gn.weight" in report.loaded
     assert sum("conv_offset" in k for k in report.loaded) == 2 * (4 + 23 + 3)
