@@ -149,7 +149,7 @@ def test_reppoints_trains_under_fgd_and_every_loss_part_falls(tmp_path):
         cfg.distill[key] = real[key]
     cfg.distill.student_channels = cfg.distill.teacher_channels = 16
     tc = cfg.train
-    tc.grad_clip_norm, tc.base_lr, tc.decay_steps = 35.0, 0.01, (steps,)
+    tc.grad_clip_norm, tc.base_lr, tc.decay_steps = 35.0, 0.02, (steps,)
     loader = pipeline.build_train_loader(cfg.data, global_batch_size=tc.batch_size, seed=0)
     batches = [next(loader) for _ in range(cycle)]
     loader.close()
@@ -171,8 +171,9 @@ def test_reppoints_trains_under_fgd_and_every_loss_part_falls(tmp_path):
     last = {k: np.mean([r[k] for r in recs[-n:]]) for k in keys}
     fell = {k: last[k] / first[k] for k in keys}
     print("last / first:", {k: round(float(v), 3) for k, v in fell.items()})
-    # measured (last / first): focal 0.982, init points 0.971, refine points 0.939, FGD levels
-    # 0.18-0.45 (from scratch in 20 steps the focal loss and the point losses fall slowly)
-    limits = {"loss_cls": 0.995, "loss_pts_init": 0.99, "loss_pts_refine": 0.97}
+    # measured (last / first) at lr 0.02: focal 0.964, init points 0.936, refine points 0.918,
+    # FGD levels 0.15-0.42 (lr 0.01: 0.982, 0.971, 0.939: from scratch in 20 steps the focal
+    # loss, whose refine-stage targets move with the init points, falls slowly)
+    limits = {"loss_cls": 0.98, "loss_pts_init": 0.96, "loss_pts_refine": 0.95}
     limits.update({k: 0.7 for k in fgd})
     assert all(fell[k] < lim for k, lim in limits.items()), fell
