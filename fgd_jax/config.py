@@ -84,10 +84,14 @@ def fpn_neck(
     add_extra_convs: str | bool = "on_input",
     num_outs: int = 5,
     relu_before_extra_convs: bool = False,
+    norm: str | None = None,
+    num_groups: int = 32,
 ) -> ConfigDict:
     """FPN neck (mmdetection `FPN` arguments). `add_extra_convs`: False (max-pool P6),
-    'on_input', 'on_lateral' or 'on_output'."""
-    return ConfigDict(
+    'on_input', 'on_lateral' or 'on_output'. `norm='gn'`: GroupNorm(`num_groups`) after every
+    conv (mmdetection's `norm_cfg=dict(type='GN', num_groups=32)`; the keys are only written
+    when set, so the configs without a norm keep the keys they always had)."""
+    cfg = ConfigDict(
         dict(
             in_channels=tuple(in_channels),
             out_channels=out_channels,
@@ -97,6 +101,9 @@ def fpn_neck(
             relu_before_extra_convs=relu_before_extra_convs,
         )
     )
+    if norm is not None:
+        cfg.update(norm=norm, num_groups=num_groups)
+    return cfg
 
 
 def retinanet_model(
@@ -887,5 +894,64 @@ def yolox_model(
             ),
             train_cfg=module_config(YOLOXTrainCfg),
             test_cfg=module_config(YOLOXTestCfg),
+        )
+    )
+
+
+def reppoints_model(
+    depth: int = 50,
+    num_classes: int = 80,
+    groups: int = 1,
+    base_width: int = 64,
+    dcn: str | None = None,
+    stage_with_dcn: Sequence[bool] = (False, True, True, True),
+    feat_channels: int = 256,
+    stacked_convs: int = 3,
+    fpn_channels: int = 256,
+    num_groups: int = 32,
+    frozen_stages: int = 1,
+) -> ConfigDict:
+    """mmdetection 2.x `reppoints_moment_r50_fpn_gn-neck+head_2x_coco` (R101 by `depth`;
+    `reppoints_moment_x101_fpn_dconv_c3-c5_gn-neck+head_2x_coco` with `depth=101, groups=32,
+    base_width=4, dcn='DCN'`): pytorch-style ResNet / ResNeXt, FPN P3..P7 with GroupNorm
+    (extra convs on the last backbone map), `RepPointsHead` (GN towers, 9 points, moment
+    transform), PointAssigner / MaxIoUAssigner, NMS 0.5. `fpn_channels`, `feat_channels`,
+    `stacked_convs`, `num_groups` shrink it for tests. Every other setting is the default of
+    its module (`RepPointsHead`, `RepPointsTrainCfg` in `fgd_jax.models.reppoints`,
+    `dense_heads.DenseTestCfg`)."""
+    from fgd_jax.models.build import module_config
+    from fgd_jax.models.dense_heads import DenseTestCfg
+    from fgd_jax.models.reppoints import RepPointsHead, RepPointsTrainCfg
+
+    backbone = resnet_backbone(
+        depth=depth, groups=groups, base_width=base_width, frozen_stages=frozen_stages
+    )
+    if dcn is not None:
+        backbone.update(dcn=dcn, dcn_deform_groups=1, stage_with_dcn=tuple(stage_with_dcn))
+    return ConfigDict(
+        dict(
+            type="reppoints",
+            num_classes=num_classes,
+            backbone=backbone,
+            neck=fpn_neck(
+                in_channels=backbone_out_channels(backbone),
+                out_channels=fpn_channels,
+                start_level=1,
+                add_extra_convs="on_input",
+                num_outs=5,
+                norm="gn",
+                num_groups=num_groups,
+            ),
+            head=module_config(
+                RepPointsHead,
+                skip=("num_classes",),
+                in_channels=fpn_channels,
+                feat_channels=feat_channels,
+                point_feat_channels=feat_channels,
+                stacked_convs=stacked_convs,
+                num_groups=num_groups,
+            ),
+            train_cfg=module_config(RepPointsTrainCfg),
+            test_cfg=module_config(DenseTestCfg),
         )
     )

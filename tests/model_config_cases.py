@@ -73,6 +73,20 @@ def _tiny_gfl() -> C.ConfigDict:  # tests/test_train_detectors.py's tiny_gfl_mod
     return m
 
 
+def _tiny_reppoints() -> C.ConfigDict:  # tests/test_train_detectors.py's tiny_reppoints_model
+    m = C.reppoints_model(
+        depth=10,
+        num_classes=6,
+        fpn_channels=16,
+        feat_channels=16,
+        stacked_convs=1,
+        num_groups=4,
+        frozen_stages=-1,
+    )
+    m.backbone.norm_eval = False
+    return m
+
+
 def model_cases() -> Iterator[tuple[str, C.ConfigDict]]:
     """(name, model config) for every recorded model."""
     for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))):
@@ -99,6 +113,8 @@ def model_cases() -> Iterator[tuple[str, C.ConfigDict]]:
     yield "tiny_fcos(tricks=True)", _tiny_fcos(True)
     yield "gfl_model()", C.gfl_model()
     yield "tiny_gfl", _tiny_gfl()
+    yield "reppoints_model()", C.reppoints_model()
+    yield "tiny_reppoints", _tiny_reppoints()
 
 
 def variable_shapes(model_cfg: C.ConfigDict) -> dict[str, list[int]]:

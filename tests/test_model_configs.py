@@ -113,10 +113,13 @@ _FASTER = {
 RENAMED: dict[str, dict[str, str]] = {"retinanet": _RETINA, "fcos": _FCOS, "faster_rcnn": _FASTER}
 # deformable conv2 in the bottlenecks (issue 18), off by default
 _NO_DCN = {"dcn": None, "dcn_deform_groups": 1, "stage_with_dcn": [False, False, False, False]}
+# the FPN's norm (issue 18, RepPoints' GN neck), off by default
+_NO_NECK_NORM = {"neck/norm": None, "neck/num_groups": 32}
 # Settings that did not exist as fields before: name -> the value every model of the type
 # has ("=other/name": the value of that setting).
 ADDED: dict[str, dict[str, object]] = {
     "retinanet": {
+        **_NO_NECK_NORM,
         "backbone/remat": False,  # rematerialization switch (issue 24), off by default
         **{f"backbone/{k}": v for k, v in _NO_DCN.items()},
         "bbox_head/prior_prob": 0.01,
@@ -124,11 +127,13 @@ ADDED: dict[str, dict[str, object]] = {
         "bbox_head/num_anchors": None,
     },
     "fcos": {
+        **_NO_NECK_NORM,
         "backbone/remat": False,
         **{f"backbone/{k}": v for k, v in _NO_DCN.items()},
         "bbox_head/in_channels": "=neck/out_channels",
     },
     "faster_rcnn": {
+        **_NO_NECK_NORM,
         "backbone/remat": False,
         **{f"backbone/{k}": v for k, v in _NO_DCN.items()},
         "rpn_head/in_channels": "=neck/out_channels",
@@ -136,6 +141,9 @@ ADDED: dict[str, dict[str, object]] = {
         # one RPN NMS threshold before (checked equal to the train one), now one per group
         "train_cfg/rpn_proposal/iou_threshold": "=test_cfg/rpn/iou_threshold",
     },
+    "features": dict(_NO_NECK_NORM),
+    "mask_rcnn": dict(_NO_NECK_NORM),
+    "gfl": dict(_NO_NECK_NORM),
 }
 
 # Entries added to the golden file after issue 16's reshaping (recorded with today's setting
@@ -157,6 +165,15 @@ RECORDED_WITH_TODAYS_NAMES = {
         "gfl_r101_r50.py",
         "gfl_model()",
         "tiny_gfl",
+        # issue 18: RepPoints
+        "reppoints_r50_baseline.py",
+        "reppoints_r101_baseline.py",
+        "reppoints_x101_dcn_baseline.py",
+        "reppoints_r101_r50.py",
+        "reppoints_x101_r50.py",
+        "reppoints_x101_r101.py",
+        "reppoints_model()",
+        "tiny_reppoints",
     )
     for part in ("", "/teacher")
 }

@@ -183,3 +183,39 @@ def test_vs_torchvision_matcher():
         assert (got[~differ] == tv[~differ]).all() and (~differ).sum() > 250
         n_differ += differ.sum()
     assert n_differ > 0  # the duplicated GT makes the two rules disagree somewhere
+
+
+def test_point_assign_rules():
+    """RepPoints' PointAssigner (mmdetection 2.x rules, checked against real mmdetection in
+    tests/test_reppoints.py) on a hand-made case: level from the GT size (clamped), the nearest
+    point of that level, a later GT takes a point only when strictly nearer, padded GTs and
+    invalid points never assigned, no GT -> all negative."""
+    from fgd_jax.models import INIT_COMPILER_OPTIONS
+
+    # one compile (XLA optimization level 0) for every call below
+    assign = jax.jit(AS.point_assign, compiler_options=INIT_COMPILER_OPTIONS)
+    every = np.ones(6, bool)
+
+    # level 3 (stride 8): x = 0, 8, 16, 24 at y = 0; level 4 (stride 16): x = 0, 16 at y = 0
+    points = np.asarray([[0, 0], [8, 0], [16, 0], [24, 0], [0, 0], [16, 0]], np.float32)
+    strides = np.asarray([8, 8, 8, 8, 16, 16], np.float32)
+    gt = np.asarray(
+        [
+            [5.0, -2.0, 9.0, 2.0],  # 4x4 -> level 0 -> clamped to 3; centre (7, 0): point 1
+            [6.0, -2.0, 12.0, 2.0],  # 6x4 -> 3; centre (9, 0): point 1 at 1/6 < 1/4: takes it
+            [0.0, -32.0, 64.0, 32.0],  # 64x64 -> level 4; centre (32, 0): point 5
+            [14.0, -2.0, 18.0, 2.0],  # padded
+        ]
+    )
+    valid = np.asarray([True, True, True, False])
+    got = assign(points, strides, gt, valid, point_valid=every)
+    np.testing.assert_array_equal(got, [-1, 1, -1, -1, -1, 2])
+    # GT 1 first: GT 0 (distance 2 / 8 = 0.25) is not nearer than GT 1's 1/6 -> stays
+    got = assign(points, strides, gt[np.asarray([1, 0, 2, 3])], valid, point_valid=every)
+    np.testing.assert_array_equal(got, [-1, 0, -1, -1, -1, 2])
+    # point 1 invalid: GT 0 and 1 take the nearest valid point of their level
+    pv = np.asarray([True, False, True, True, True, True])
+    got = assign(points, strides, gt, valid, point_valid=pv)
+    np.testing.assert_array_equal(got, [0, -2, 1, -1, -1, 2])
+    got = assign(points, strides, gt, np.zeros(4, bool), point_valid=pv)
+    np.testing.assert_array_equal(got, [-1, -2, -1, -1, -1, -1])

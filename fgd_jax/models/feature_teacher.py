@@ -45,8 +45,9 @@ class FeatureTeacher(nn.Module):
         )
 
     def extract_feat(self, images: Array, train: bool = False) -> tuple[Array, ...]:
-        """`[B, H, W, 3]` -> the FPN maps, NHWC, finest first."""
-        return tuple(self.neck(self.backbone(images, train=train)))
+        """`[B, H, W, 3]` -> the FPN maps FGD distills (the `fpn_convs.{l}.conv` outputs:
+        before the norm of a GN neck, the outputs otherwise), NHWC, finest first."""
+        return tuple(self.neck(self.backbone(images, train=train), with_pre_norm=True)[1])
 
     def __call__(self, images: Array, train: bool = False) -> dict[str, Any]:
         """`[B, H, W, 3]` -> `dict(features=...)` (the detector API's first entry)."""

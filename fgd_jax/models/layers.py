@@ -157,7 +157,11 @@ class ConvModule(nn.Module):
     kernel_init: Callable = xavier_uniform
 
     @nn.compact
-    def __call__(self, x: Array, train: bool = False) -> Array:
+    def __call__(
+        self, x: Array, train: bool = False, with_pre_norm: bool = False
+    ) -> Array | tuple[Array, Array]:
+        """`with_pre_norm=True` also returns the conv's output before the norm (what a hook on
+        mmcv's `<module>.conv` sees): `(out, conv_out)`."""
         use_bias = self.norm is None if self.use_bias is None else self.use_bias
         x = torch_conv(
             self.features,
@@ -169,6 +173,7 @@ class ConvModule(nn.Module):
             kernel_init=self.kernel_init,
             name="conv",
         )(x)
+        pre_norm = x
         if self.norm == "bn":
             x = torch_batch_norm(not train, self.dtype, name="bn")(x)
         elif self.norm == "gn":
@@ -183,7 +188,7 @@ class ConvModule(nn.Module):
             raise ValueError(f"ConvModule: unknown norm {self.norm!r} (None, 'bn' or 'gn')")
         if self.act:
             x = nn.relu(x)
-        return x
+        return (x, pre_norm) if with_pre_norm else x
 
 
 def torch_nearest_indices(in_size: int, out_size: int) -> np.ndarray:

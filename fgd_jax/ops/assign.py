@@ -270,3 +270,59 @@ def atss_assign(
     if anchor_valid is not None:
         assigned = jnp.where(anchor_valid, assigned, IGNORE)
     return assigned
+
+
+def point_assign(
+    points: Array,
+    point_strides: Array,
+    gt: Array,
+    gt_valid: Array,
+    scale: float = 4.0,
+    pos_num: int = 1,
+    point_valid: Array | None = None,
+) -> Array:
+    """mmdetection 2.x `PointAssigner` (RepPoints' init stage), static shapes.
+
+    Each valid GT box gets the FPN level `int((log2(w / scale) + log2(h / scale)) / 2)`
+    (truncated toward zero, clamped to the levels present), and the `pos_num` points of that
+    level nearest to its centre in the distance `|(p - c) / (w, h)|` (w, h clamped at 1e-6)
+    become its positives. GTs are taken in order and a point taken by an earlier GT moves to a
+    later one only when strictly closer to it, so a point ends at the first GT of least
+    distance among those that picked it. Every other point is negative.
+
+    Args:
+      points: `[N, 2]` (x, y) pixels; point_strides: `[N]` each point's level stride (a power
+        of 2). gt: `[G, 4]` xyxy (padded), gt_valid: `[G]` bool.
+      point_valid: optional `[N]` bool; invalid points are never picked and come out
+        `IGNORE` (mmdetection assigns only the points inside the padded image).
+    Returns: `[N]` int32: the GT index on positives, `NEGATIVE` elsewhere (`IGNORE` on
+      invalid points). Among equally near points the lower index is picked (`lax.top_k`);
+      torch's `topk` order among equal distances is unspecified.
+    """
+    dt = float_dtype(points, gt)
+    points = jnp.asarray(points, dt)
+    gt = jnp.asarray(gt, dt)
+    gt_valid = jnp.asarray(gt_valid, bool)
+    n, g = points.shape[0], gt.shape[0]
+    valid = jnp.ones((n,), bool) if point_valid is None else jnp.asarray(point_valid, bool)
+    if g == 0:
+        return jnp.where(valid, NEGATIVE, IGNORE).astype(jnp.int32)
+    lvl = jnp.round(jnp.log2(jnp.asarray(point_strides, dt))).astype(jnp.int32)  # [N]
+    big = jnp.iinfo(jnp.int32).max
+    lvl_min = jnp.min(jnp.where(valid, lvl, big))
+    lvl_max = jnp.max(jnp.where(valid, lvl, -big))
+    center = (gt[:, :2] + gt[:, 2:]) / 2  # [G, 2]
+    wh = jnp.maximum(gt[:, 2:] - gt[:, :2], 1e-6)
+    gt_lvl = jnp.trunc((jnp.log2(wh[:, 0] / scale) + jnp.log2(wh[:, 1] / scale)) / 2)
+    gt_lvl = jnp.clip(gt_lvl.astype(jnp.int32), lvl_min, lvl_max)  # [G]
+    dist = jnp.linalg.norm((points[None] - center[:, None]) / wh[:, None], axis=-1)  # [G, N]
+    on_level = (lvl[None] == gt_lvl[:, None]) & valid[None] & gt_valid[:, None]
+    dist = jnp.where(on_level, dist, jnp.inf)
+    k = min(pos_num, n)
+    neg_top, idx = jax.lax.top_k(-dist, k)  # [G, k] nearest first
+    picked = jnp.zeros((g, n), bool).at[jnp.arange(g)[:, None], idx].set(jnp.isfinite(neg_top))
+    cand = jnp.where(picked, dist, jnp.inf)  # [G, N]
+    best = jnp.argmin(cand, axis=0).astype(jnp.int32)  # first GT on ties
+    hit = jnp.isfinite(jnp.min(cand, axis=0))
+    assigned = jnp.where(hit, best, NEGATIVE)
+    return jnp.where(valid, assigned, IGNORE).astype(jnp.int32)
