@@ -29,6 +29,7 @@ DETECTORS: dict[str, tuple[str, str]] = {
     "mask_rcnn": ("fgd_jax.models.mask_rcnn", "MaskRCNN"),
     "gfl": ("fgd_jax.models.gfl", "GFL"),
     "yolox": ("fgd_jax.models.yolox", "YOLOX"),
+    "solo": ("fgd_jax.models.solo", "SOLO"),
 }
 
 __all__ = [
