@@ -232,52 +232,39 @@ _TEST = SOLOTestCfg()
 
 
 # ---------------------------------------------------------------------------------- targets
-def solo_targets(
+def solo_cell_targets(
     gt_boxes: Array,
     gt_labels: Array,
-    gt_valid: Array,
-    grids: Array,
-    regions: Array,
-    canvas_hw: tuple[int, int],
-    mask_shapes: Sequence[tuple[int, int]],
+    gt_ok: Array,
+    center_h: Array,
+    center_w: Array,
+    upsampled_hw: tuple[float, float],
     num_classes: int,
-    strides: Sequence[int] = _HEAD.strides,
     scale_ranges: Sequence[tuple[float, float]] = _HEAD.scale_ranges,
     num_grids: Sequence[int] = _HEAD.num_grids,
     pos_scale: float = _HEAD.pos_scale,
-) -> dict[str, Any]:
-    """Targets of ONE image (vmap for a batch), mmdetection 2.x `SOLOHead._get_targets_single`.
+) -> dict[str, list[Array]]:
+    """The grid cells of ONE image's GTs (mmdetection 2.x `_get_targets_single` without the
+    masks).
 
-    Args:
-      gt_boxes `[G, 4]` xyxy canvas pixels; gt_labels `[G] int`; gt_valid `[G] bool`;
-      grids `[G, M, M]` / regions `[G, 4]`: the batch's `masks` / `mask_regions`;
-      canvas_hw: (H, W) static; mask_shapes: per level (h, w) of the mask logits (stride
-      `strides[l] / 2`).
-    Returns: dict of per-level lists: `labels` `[S^2] int32` (class or `num_classes`), `pos`
-      `[S^2] bool`, `gt_ind` `[S^2] int32` (the GT of each cell, 0 where negative), and
-      `masks` `[G, h_l, w_l]` 0/1 (every GT's bitmap at the level's mask stride).
+    Args: gt_boxes `[G, 4]` xyxy; gt_labels `[G] int`; gt_ok `[G] bool` (valid and a non-empty
+      mask); center_h / center_w `[G]` mass centres (pixel-index units); upsampled_hw: 4 x the
+      finest mask logits' size (mmdetection's `upsampled_size`, the canvas).
+    Returns: per-level lists `labels` `[S^2] int32` (class or `num_classes`), `pos` `[S^2]
+      bool`, `gt_ind` `[S^2] int32` (the GT of each cell, 0 where negative).
     """
     dt = dtypes.float_dtype(gt_boxes)
     boxes = gt_boxes.astype(dt)
-    up_h, up_w = float(mask_shapes[0][0] * 4), float(mask_shapes[0][1] * 4)
-    center_h, center_w, nonempty = solo_ops.grid_center_of_mass(grids, regions.astype(dt))
     center_h, center_w = center_h.astype(jnp.float32), center_w.astype(jnp.float32)
+    up_h, up_w = float(upsampled_hw[0]), float(upsampled_hw[1])
     bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     areas = jnp.sqrt(bw * bh)
     g = boxes.shape[0]
-    masks_by_stride: dict[int, Array] = {}
-    out: dict[str, list] = dict(labels=[], pos=[], gt_ind=[], masks=[])
-    for (lo, hi), stride, shape, s in zip(
-        scale_ranges, strides, mask_shapes, num_grids, strict=True
-    ):
-        out_stride = int(stride) // 2
-        if out_stride not in masks_by_stride:
-            masks_by_stride[out_stride] = solo_ops.grid_masks_at_stride(
-                grids, regions.astype(dt), (int(shape[0]), int(shape[1])), out_stride
-            )
-        hit = gt_valid & nonempty & (areas >= lo) & (areas <= hi)
-        pos_w = (0.5 * bw * pos_scale).astype(jnp.float32)
-        pos_h = (0.5 * bh * pos_scale).astype(jnp.float32)
+    pos_w = (0.5 * bw * pos_scale).astype(jnp.float32)
+    pos_h = (0.5 * bh * pos_scale).astype(jnp.float32)
+    out: dict[str, list] = dict(labels=[], pos=[], gt_ind=[])
+    for (lo, hi), s in zip(scale_ranges, num_grids, strict=True):
+        hit = gt_ok & (areas >= lo) & (areas <= hi)
         inv = np.float32(1.0 / s)
 
         def cell(v: Array, size: float, inv: np.float32 = inv) -> Array:
@@ -301,7 +288,49 @@ def solo_targets(
         out["labels"].append(labels.astype(jnp.int32))
         out["pos"].append(pos)
         out["gt_ind"].append(ind.astype(jnp.int32))
-        out["masks"].append(masks_by_stride[out_stride])
+    return out
+
+
+def solo_targets(
+    gt_boxes: Array,
+    gt_labels: Array,
+    gt_valid: Array,
+    grids: Array,
+    regions: Array,
+    mask_shapes: Sequence[tuple[int, int]],
+    num_classes: int,
+    strides: Sequence[int] = _HEAD.strides,
+    scale_ranges: Sequence[tuple[float, float]] = _HEAD.scale_ranges,
+    num_grids: Sequence[int] = _HEAD.num_grids,
+    pos_scale: float = _HEAD.pos_scale,
+) -> dict[str, Any]:
+    """Targets of ONE image (vmap for a batch) from the batch's mask grids: mass centres by
+    `grid_center_of_mass`, masks at each level's mask stride by `grid_masks_at_stride`, then
+    `solo_cell_targets`.
+
+    Args: gt_boxes `[G, 4]` xyxy canvas pixels; gt_labels `[G] int`; gt_valid `[G] bool`;
+      grids `[G, M, M]` / regions `[G, 4]`: the batch's `masks` / `mask_regions`; mask_shapes:
+      per level (h, w) of the mask logits (stride `strides[l] / 2`).
+    Returns: `solo_cell_targets`' lists plus `masks`: per level `[G, h_l, w_l]` 0/1 (every
+      GT's bitmap at the level's mask stride).
+    """
+    dt = dtypes.float_dtype(gt_boxes)
+    regions = regions.astype(dt)
+    center_h, center_w, nonempty = solo_ops.grid_center_of_mass(grids, regions)
+    up = (mask_shapes[0][0] * 4, mask_shapes[0][1] * 4)
+    out: dict[str, Any] = solo_cell_targets(
+        gt_boxes, gt_labels, gt_valid & nonempty, center_h, center_w, up, num_classes,
+        scale_ranges, num_grids, pos_scale,
+    )  # fmt: skip
+    by_stride: dict[int, Array] = {}
+    out["masks"] = []
+    for stride, shape in zip(strides, mask_shapes, strict=True):
+        s = int(stride) // 2
+        if s not in by_stride:
+            by_stride[s] = solo_ops.grid_masks_at_stride(
+                grids, regions, (int(shape[0]), int(shape[1])), s
+            )
+        out["masks"].append(by_stride[s])
     return out
 
 
@@ -558,7 +587,6 @@ class SOLO(nn.Module):
         """`solo_targets` of every image of `batch` for head outputs `outs`."""
         head = self.mask_head
         shapes = tuple(tuple(int(v) for v in m.shape[1:3]) for m in outs["mask_preds"])
-        canvas = tuple(int(v) for v in batch["image"].shape[1:3])
         boxes = jnp.asarray(batch["boxes"], dtypes.float_dtype(batch["boxes"]))
         return jax.vmap(
             lambda b, lab, v, g, r: solo_targets(
@@ -567,7 +595,6 @@ class SOLO(nn.Module):
                 v,
                 g,
                 r,
-                canvas,
                 shapes,
                 head.num_classes,
                 head.strides,
