@@ -99,6 +99,10 @@ def model_cases() -> Iterator[tuple[str, C.ConfigDict]]:
     yield "tiny_fcos(tricks=True)", _tiny_fcos(True)
     yield "gfl_model()", C.gfl_model()
     yield "tiny_gfl", _tiny_gfl()
+    from tests.test_train_detectors import tiny_solo_model
+
+    yield "solo_model()", C.solo_model()
+    yield "tiny_solo", tiny_solo_model()
 
 
 def variable_shapes(model_cfg: C.ConfigDict) -> dict[str, list[int]]:

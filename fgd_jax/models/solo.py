@@ -520,11 +520,12 @@ def paste_masks_np(
 
 def paste_detections(det: dict[str, Any], i: int, orig_hw: tuple[int, int]) -> np.ndarray:
     """Image `i`'s valid detections' masks `[n, *orig_hw]` bool from `SOLO.predict`'s
-    `mask_probs_canvas` and `img_shape` (as the evaluation passes them)."""
+    `mask_probs_canvas`, `img_shape` and `mask_thr` (as the evaluation passes them)."""
     valid = np.asarray(det["valid"][i])
     probs = np.asarray(det["mask_probs_canvas"][i])[valid]
     img_hw = tuple(int(v) for v in np.asarray(det["img_shape"][i]))
-    return paste_masks_np(probs, img_hw, orig_hw)
+    thr = float(np.asarray(det["mask_thr"][i])) if "mask_thr" in det else _TEST.mask_thr
+    return paste_masks_np(probs, img_hw, orig_hw, thr)
 
 
 # -------------------------------------------------------------------------------- detector
@@ -639,10 +640,12 @@ class SOLO(nn.Module):
 
     def predict(self, images: Array, img_shape: Array, scale_factor: Array) -> dict[str, Array]:
         """Detections: dict(boxes [B,K,4] (of the masks, ORIGINAL pixels), scores [B,K],
-        labels [B,K] int32, valid [B,K] bool, mask_probs_canvas [B,K,H/4,W/4], img_shape)."""
+        labels [B,K] int32, valid [B,K] bool, mask_probs_canvas [B,K,H/4,W/4], img_shape
+        [B,2], mask_thr [B]: what `paste_detections` needs)."""
         outs = self(images, train=False)
         det = self.postprocess(outs, img_shape, scale_factor)
         det["img_shape"] = jnp.asarray(img_shape, jnp.int32)
+        det["mask_thr"] = jnp.full(det["valid"].shape[:1], self.test_cfg.mask_thr, jnp.float32)
         return det
 
     def postprocess(
