@@ -231,8 +231,9 @@ _grid_targets = jax.jit(
 
 def test_targets_from_mask_grids_close_to_mmdetection(g):
     """The data path's grids (56 x 56 over each mask's region) instead of the bitmaps: same
-    cells and labels here; the masks at the mask strides: mean IoU > 0.95 (one cell more
-    or less decides a mask of a few cells at stride 16)."""
+    cells and labels here; the masks at the mask strides: every IoU 1 here (measured; mean
+    IoU 0.994 on COCO-like polygons, benchmarks/results/solo_targets_cpu.md), asserted with
+    slack: mean > 0.99."""
     ious = []
     for i in range(2):
         bitmaps, boxes = g[f"img{i}_bitmaps"], g[f"img{i}_boxes"]
@@ -259,7 +260,7 @@ def test_targets_from_mask_grids_close_to_mmdetection(g):
                 if b[k].sum():
                     ious.append((a[k] & b[k]).sum() / (a[k] | b[k]).sum())
     print("mask IoU grid path vs mmdetection:", np.round(ious, 3))
-    assert np.mean(ious) > 0.95, ious
+    assert np.mean(ious) > 0.99, ious
 
 
 def test_state_dict_layout_matches_mmdetection_solo(g):

@@ -19,9 +19,11 @@ mask target of a positive cell is its GT's full-canvas bitmap at the level's mas
 mmdetection rescales the full bitmap (`mmcv.imrescale(mask, 1 / stride)`); the batch carries
 per-GT 56 x 56 grids over `mask_regions` instead (docs/contracts.md), so the masks are rebuilt
 from the grids by `fgd_jax.ops.solo.grid_masks_at_stride` (same sample points, the bitmap
-read through the grid) and the mass centre by `grid_center_of_mass`; their distance to
-mmdetection's is measured by `benchmarks/solo_targets.py`. A GT whose grid is all zero is
-skipped (mmdetection: an empty bitmap).
+read through the grid, threshold 0.375) and the mass centre by `grid_center_of_mass`: with
+56 x 56 grids, mean mask IoU 0.994 against mmdetection's at strides 4, 8, 16 (large objects
+0.987), mass centres within 0.4 px, the centre cell the same in 99.9% of cases
+(benchmarks/results/solo_targets_cpu.md). A GT whose grid is all zero is skipped
+(mmdetection: an empty bitmap).
 
 Losses (`solo_loss`): Dice (`loss_mask`, weight 3) over the positive cells of every level /
 num_pos; sigmoid focal loss (`loss_cls`) over every cell and class / (num_pos + 1); counts per
