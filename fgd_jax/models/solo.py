@@ -84,6 +84,26 @@ def coord_channels(batch: int, h: int, w: int, dtype: Any) -> Array:
     return jnp.broadcast_to(xy[None], (batch, h, w, 2)).astype(dtype)
 
 
+class Conv1x1(nn.Module):
+    """A 1x1 conv with bias as a matmul over channels (`kernel [1, 1, Cin, Cout]` HWIO, `bias`:
+    `nn.Conv`'s parameters; XLA:CPU runs it and its gradients as GEMMs, see
+    `models.layers.PointwiseConv`); kernel init N(0, 0.01), bias `bias_init`."""
+
+    features: int
+    bias_init: float = 0.0
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param(
+            "kernel", nn.initializers.normal(0.01), (1, 1, x.shape[-1], self.features)
+        )
+        bias = self.param("bias", nn.initializers.constant(self.bias_init), (self.features,))
+        dt = self.dtype or x.dtype
+        y = jnp.einsum("bhwc,cd->bhwd", x.astype(dt), kernel[0, 0].astype(dt))
+        return y + bias.astype(dt)
+
+
 class SOLOHead(nn.Module):
     """mmdetection 2.x `SOLOHead` (module docstring).
 
@@ -153,15 +173,7 @@ class SOLOHead(nn.Module):
 
         mask_convs, cls_convs = tower("mask_convs"), tower("cls_convs")
         conv_masks = [
-            nn.Conv(
-                s * s,
-                (1, 1),
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                kernel_init=init,
-                bias_init=nn.initializers.constant(bias),
-                name=f"conv_mask_list_{lvl}",
-            )
+            Conv1x1(s * s, bias, dtype=self.dtype, name=f"conv_mask_list_{lvl}")
             for lvl, s in enumerate(self.num_grids)
         ]
         conv_cls = nn.Conv(
