@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from fgd_jax import config as C
+from fgd_jax.convert import import_torch_checkpoint
 from fgd_jax.convert.core import convert_state_dict, export_state_dict
 from fgd_jax.data.masks import mask_grid
 from fgd_jax.models import build_detector, variable_shapes
@@ -277,6 +278,8 @@ def test_state_dict_layout_matches_mmdetection_solo(g):
     assert sorted(ours) == sorted(ref) == sorted(g["det_keys"].tolist())
     for k, v in ours.items():
         assert list(v.shape) == ref[k], k
-    # and an mmdetection-shaped state dict converts back strictly
-    back = convert_state_dict({k: np.zeros(s, np.float32) for k, s in ref.items()}, shapes)
+    # and an mmdetection-shaped state dict imports strictly (the teacher-conversion path)
+    sd = {k: np.full(s, 0.5, np.float32) for k, s in ref.items()}
+    back = import_torch_checkpoint(sd, cfg)
     assert set(back) == {"params", "batch_stats"}
+    assert all(np.all(np.asarray(x) == 0.5) for x in jax.tree.leaves(back))
