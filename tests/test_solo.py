@@ -68,6 +68,7 @@ def _train_outs(g):
     return masks, cls
 
 
+@pytest.mark.slow
 def test_head_outputs_match_mmdetection(g):
     feats = tuple(nhwc(g[f"feat{lvl}"]) for lvl in range(5))
     sd = {k.split("/", 1)[1]: v for k, v in g.items() if k.startswith("state/")}
@@ -149,6 +150,7 @@ def _batched_exact_targets(g):
     return {k: [stack(k, lvl) for lvl in range(5)] for k in ("labels", "pos", "gt_ind", "masks")}
 
 
+@pytest.mark.slow
 def test_losses_match_mmdetection(g):
     masks, cls = _train_outs(g)
     t = _batched_exact_targets(g)
@@ -204,6 +206,7 @@ def test_matrix_nms_matches_mmdetection(g, tag, kernel):
         np.testing.assert_array_equal(np.asarray(pad[key]), np.asarray(res[key]), err_msg=key)
 
 
+@pytest.mark.slow
 def test_final_masks_match_mmdetection(g):
     masks, cls = _train_outs(g)
     det = jax.jit(
@@ -230,6 +233,7 @@ _grid_targets = jax.jit(
 )
 
 
+@pytest.mark.slow
 def test_targets_from_mask_grids_close_to_mmdetection(g):
     """The data path's grids (56 x 56 over each mask's region) instead of the bitmaps: same
     cells and labels here; the masks at the mask strides: every IoU 1 here (measured; mean
