@@ -955,3 +955,50 @@ def reppoints_model(
             test_cfg=module_config(DenseTestCfg),
         )
     )
+
+
+def solo_model(
+    depth: int = 50,
+    num_classes: int = 80,
+    feat_channels: int = 256,
+    stacked_convs: int = 7,
+    fpn_channels: int = 256,
+    num_groups: int = 32,
+    frozen_stages: int = 1,
+    num_grids: Sequence[int] = (40, 36, 24, 16, 12),
+) -> ConfigDict:
+    """mmdetection 2.x `solo_r50_fpn_1x_coco` (R101 by `depth`): pytorch-style ResNet, FPN
+    P2..P6 (start_level 0, P6 by max-pool), `SOLOHead` (7 GN convs per branch, CoordConv,
+    num_grids 40/36/24/16/12, Dice 3.0 + focal loss), matrix NMS. Train with
+    `data.with_mask=True`. `fpn_channels`, `feat_channels`, `stacked_convs`, `num_groups`,
+    `num_grids` shrink it for tests. Every other setting is the default of its module
+    (`SOLOHead`, `SOLOTrainCfg`, `SOLOTestCfg` in `fgd_jax.models.solo`)."""
+    from fgd_jax.models.build import module_config
+    from fgd_jax.models.solo import SOLOHead, SOLOTestCfg, SOLOTrainCfg
+
+    backbone = resnet_backbone(depth=depth, frozen_stages=frozen_stages)
+    return ConfigDict(
+        dict(
+            type="solo",
+            num_classes=num_classes,
+            backbone=backbone,
+            neck=fpn_neck(
+                in_channels=backbone_out_channels(backbone),
+                out_channels=fpn_channels,
+                start_level=0,
+                add_extra_convs=False,
+                num_outs=5,
+            ),
+            head=module_config(
+                SOLOHead,
+                skip=("num_classes",),
+                in_channels=fpn_channels,
+                feat_channels=feat_channels,
+                stacked_convs=stacked_convs,
+                num_groups=num_groups,
+                num_grids=tuple(num_grids),
+            ),
+            train_cfg=module_config(SOLOTrainCfg),
+            test_cfg=module_config(SOLOTestCfg),
+        )
+    )

@@ -9,7 +9,8 @@
   `pycocotools.cocoeval.COCOeval` reports, plus per-class AP), `format_table`, `write_json`.
 - instance masks: a detector whose `predict` returns `mask_probs` (Mask R-CNN) gets each
   detection's mask pasted into its original image on the host
-  (`fgd_jax.models.mask_rcnn.paste_detections`, mmdetection's `_do_paste_mask`, >= 0.5),
+  (`fgd_jax.models.mask_rcnn.paste_detections`, mmdetection's `_do_paste_mask`, >= 0.5;
+  SOLO's `mask_probs_canvas`: `fgd_jax.models.solo.paste_detections`),
   RLE-encoded (`fgd_jax.data.masks.encode_rle`) into the result's `segmentation`, and
   `evaluate_variables` adds the `segm` metrics as `segm_AP`, ..., `segm_per_class_AP`
   (mmdetection 2.x: the segm results carry no `bbox`, so pycocotools' area ranges use the
@@ -219,9 +220,13 @@ def predict_dataset(
         ids = np.asarray(out["image_id"])
         image_ids.extend(int(i) for i in ids if i >= 0)
         segms = None
-        if "mask_probs" in out:
+        if "mask_probs" in out or "mask_probs_canvas" in out:
             from fgd_jax.data.masks import encode_rle
-            from fgd_jax.models.mask_rcnn import paste_detections
+
+            if "mask_probs" in out:
+                from fgd_jax.models.mask_rcnn import paste_detections
+            else:  # SOLO: stride-4 canvas masks
+                from fgd_jax.models.solo import paste_detections
 
             hw = np.asarray(out["orig_shape"])
             segms = [

@@ -115,6 +115,10 @@ def model_cases() -> Iterator[tuple[str, C.ConfigDict]]:
     yield "tiny_gfl", _tiny_gfl()
     yield "reppoints_model()", C.reppoints_model()
     yield "tiny_reppoints", _tiny_reppoints()
+    from tests.test_train_detectors import tiny_solo_model
+
+    yield "solo_model()", C.solo_model()
+    yield "tiny_solo", tiny_solo_model()
 
 
 def variable_shapes(model_cfg: C.ConfigDict) -> dict[str, list[int]]:

@@ -144,6 +144,7 @@ ADDED: dict[str, dict[str, object]] = {
     "features": dict(_NO_NECK_NORM),
     "mask_rcnn": dict(_NO_NECK_NORM),
     "gfl": dict(_NO_NECK_NORM),
+    "solo": dict(_NO_NECK_NORM),  # recorded on a branch beside the GN-neck option
 }
 
 # Entries added to the golden file after issue 16's reshaping (recorded with today's setting

@@ -30,6 +30,7 @@ DETECTORS: dict[str, tuple[str, str]] = {
     "gfl": ("fgd_jax.models.gfl", "GFL"),
     "yolox": ("fgd_jax.models.yolox", "YOLOX"),
     "reppoints": ("fgd_jax.models.reppoints", "RepPoints"),
+    "solo": ("fgd_jax.models.solo", "SOLO"),
 }
 
 __all__ = [
