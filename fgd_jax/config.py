@@ -232,6 +232,15 @@ def coco_data(
             # training keeps images whose short side is >= min_size px (mmdetection's
             # filter_empty_gt / min_size=32); evaluation keeps every image
             min_size=32,
+            # False: images without GT train too (mmdetection filter_empty_gt=False, YOLOX)
+            filter_empty_gt=True,
+            # the canvas padding's value in network-input units (YOLOX: 114 on raw pixels)
+            pad_value=0.0,
+            # training augmentation: 'standard' (resize, flip) or 'yolox' (Mosaic,
+            # RandomAffine, MixUp, HSV, flip, resize, pad: fgd_jax.data.yolox_aug, settings
+            # in `yolox`)
+            augment="standard",
+            yolox=_yolox_aug_defaults(),
             num_workers=2,  # loader worker processes; 0 decodes in the training process
             read_threads=0,  # grain read threads; 0: 1 with workers, 2 without
             prefetch_batches=2,  # batches grain reads ahead of the consumer
@@ -256,6 +265,37 @@ def coco_data(
             tfds_data_dir="",  # source='tfds': its data_dir ('' = the tfds default)
         )
     )
+
+
+def _yolox_aug_defaults() -> dict:
+    """`fgd_jax.data.yolox_aug.YOLOXAugCfg`'s defaults as a plain dict (tuples kept)."""
+    import dataclasses
+
+    from fgd_jax.data.yolox_aug import YOLOXAugCfg
+
+    return dataclasses.asdict(YOLOXAugCfg())
+
+
+def yolox_coco_data(
+    root: str = "data/coco", mode_switch_epoch: int = 285, max_boxes: int = 100
+) -> ConfigDict:
+    """COCO 2017 with mmdetection 2.x YOLOX's data recipe (`fgd_jax.data.yolox_aug`):
+    Mosaic, RandomAffine, MixUp, HSV, flip, resize 640 keep ratio, pad to 640 x 640 with
+    114, raw BGR 0-255 pixels (no Normalize; evaluation too), images without GT kept
+    (`filter_empty_gt=False`), and from `mode_switch_epoch` (300 - 15) Mosaic / Affine /
+    MixUp off and the L1 loss on (`YOLOXModeSwitchHook`)."""
+    cfg = coco_data(
+        root=root,
+        img_scale=(640, 640),
+        canvases=((640, 640),),
+        pixel_style="raw_bgr",
+        max_boxes=max_boxes,
+    )
+    cfg.pad_value = 114.0
+    cfg.filter_empty_gt = False
+    cfg.augment = "yolox"
+    cfg.yolox.mode_switch_epoch = int(mode_switch_epoch)
+    return cfg
 
 
 def complete_data_config(data_cfg: Any) -> ConfigDict:
