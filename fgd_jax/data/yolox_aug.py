@@ -24,10 +24,10 @@ defaults (10 and 2 degrees) apply, as in the Megvii original (degrees=10, shear=
 
 Differences from mmdetection, all numeric details of image resampling (boxes are exact):
   - cv2 `warpPerspective` (INTER_LINEAR, fixed-point weights in 1/32 steps, constant border)
-    is `warp_affine` here: float bilinear sampling of the inverse map, the border value
-    outside the image; pixel values can differ by a grey level or two.
-  - cv2's uint8 BGR <-> HSV conversion uses integer tables; `hsv_jitter` uses the same
-    formulas in float and rounds (H in [0, 180), S and V in [0, 255]): at most 1 level apart.
+    is `warp_affine` here: PIL's bilinear affine transform of the same map; pixel values can
+    differ by a grey level, and the image's outermost pixels are not blended with the border.
+  - cv2's uint8 BGR <-> HSV conversion (H in 180 steps) is PIL's here (H in 256 steps; the
+    hue gain is rounded to those): S and V as cv2, hue 0.7 degrees apart at most.
   - the random numbers come from the example's `np.random.Generator` (a pure function of
     seed, epoch and slot), not from numpy's global state; the draws are in mmdetection's
     order, so the distributions are the same.
@@ -45,6 +45,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from PIL import Image
 
 from fgd_jax.data import transforms as T
 from fgd_jax.data.example import load_image, pad_boxes
@@ -101,35 +102,24 @@ def resize_to(img: np.ndarray, wh: tuple[int, int]) -> np.ndarray:
 
 
 def warp_affine(
-    img: np.ndarray, matrix: np.ndarray, out_hw: tuple[int, int], border_value: float = PAD
+    img: np.ndarray, matrix: np.ndarray, out_hw: tuple[int, int], border_value: int = PAD
 ) -> np.ndarray:
     """cv2 `warpPerspective(img, matrix, (w, h), borderValue)` for an affine `matrix` [3, 3]
-    (source -> destination pixels): each output pixel samples the source bilinearly at the
-    inverse-mapped position (pixel centres at integers, as cv2), `border_value` outside."""
+    (source -> destination pixels, pixel centres at integer coordinates, as cv2): PIL's
+    bilinear affine transform (C speed) of the inverse map, shifted to PIL's half-pixel
+    convention. Inside the image the two agree to rounding (a grey level); an output pixel
+    whose sample point lies outside the source is `border_value` (cv2 blends the border value
+    into the image's outermost pixels instead)."""
     h_out, w_out = int(out_hw[0]), int(out_hw[1])
     inv = np.linalg.inv(np.asarray(matrix, np.float64))
-    h, w = img.shape[:2]
-    # 1 px of border around the source: every neighbour outside reads the border value
-    src = np.full((h + 2, w + 2, img.shape[2]), border_value, np.float32)
-    src[1:-1, 1:-1] = img
-    flat = src.reshape(-1, img.shape[2])
-    xs = np.arange(w_out, dtype=np.float64)
-    ys = np.arange(h_out, dtype=np.float64)[:, None]
-    sx = (inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2]).astype(np.float32)
-    sy = (inv[1, 0] * xs + inv[1, 1] * ys + inv[1, 2]).astype(np.float32)
-    x0 = np.floor(sx)
-    y0 = np.floor(sy)
-    fx = (sx - x0)[..., None]
-    fy = (sy - y0)[..., None]
-    # padded-source indices, clipped onto the border ring when further out
-    xa = np.clip(x0 + 1, 0, w + 1).astype(np.int64)
-    xb = np.clip(x0 + 2, 0, w + 1).astype(np.int64)
-    ya = np.clip(y0 + 1, 0, h + 1).astype(np.int64) * (w + 2)
-    yb = np.clip(y0 + 2, 0, h + 1).astype(np.int64) * (w + 2)
-    top = flat[ya + xa] * (1 - fx) + flat[ya + xb] * fx
-    bottom = flat[yb + xa] * (1 - fx) + flat[yb + xb] * fx
-    out = top * (1 - fy) + bottom * fy
-    return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
+    a, b, c = inv[0]
+    d, e, f = inv[1]
+    # PIL samples at `inv @ (x + 0.5, y + 0.5) - 0.5`; cv2 at `inv @ (x, y)`
+    coeffs = (a, b, c + 0.5 - 0.5 * (a + b), d, e, f + 0.5 - 0.5 * (d + e))
+    out = Image.fromarray(np.ascontiguousarray(img)).transform(
+        (w_out, h_out), Image.AFFINE, coeffs, Image.BILINEAR, fillcolor=(int(border_value),) * 3
+    )
+    return np.asarray(out, dtype=np.uint8)
 
 
 def transform_boxes(boxes: np.ndarray, matrix: np.ndarray) -> np.ndarray:
@@ -299,7 +289,8 @@ def mixup(
     if flip:
         ob = np.stack([ow - ob[:, 2], ob[:, 1], ow - ob[:, 0], ob[:, 3]], 1)
     ob = _clip(ob - np.array([x_off, y_off, x_off, y_off], np.float32), th, tw)
-    mixed = (0.5 * img.astype(np.float32) + 0.5 * crop.astype(np.float32)).astype(np.uint8)
+    # 0.5 * a + 0.5 * b truncated to uint8 (mmdet), in integers: (a + b) >> 1
+    mixed = ((img.astype(np.uint16) + crop.astype(np.uint16)) >> 1).astype(np.uint8)
     b = np.concatenate([boxes, ob]).astype(np.float32)
     lab = np.concatenate([labels, np.asarray(other_labels, np.int32)])
     keep = find_inside(b, th, tw)
@@ -307,58 +298,31 @@ def mixup(
 
 
 # ----------------------------------------------------------------------------------- HSV
-def rgb_to_hsv_cv2(img: np.ndarray) -> np.ndarray:
-    """uint8 RGB -> int16 HSV as cv2 `COLOR_BGR2HSV` on the BGR image (H in [0, 180))."""
-    x = img.astype(np.float32)
-    r, g, b = x[..., 0], x[..., 1], x[..., 2]
-    v = x.max(-1)
-    diff = v - x.min(-1)
-    s = np.where(v > 0, diff * 255.0 / np.maximum(v, 1), 0.0)
-    safe = np.maximum(diff, 1)
-    h = np.where(v == r, (g - b) / safe, np.where(v == g, (b - r) / safe + 2, (r - g) / safe + 4))
-    h = np.where(diff > 0, h * 30.0, 0.0)
-    h = np.floor(h + 0.5)
-    h = np.where(h < 0, h + 180, h)
-    h = np.where(h >= 180, h - 180, h)
-    return np.stack([h, np.floor(s + 0.5), v], -1).astype(np.int16)
-
-
-def hsv_to_rgb_cv2(hsv: np.ndarray) -> np.ndarray:
-    """uint8-range HSV (H in [0, 180)) -> uint8 RGB as cv2 `COLOR_HSV2BGR` (float formulas)."""
-    h = hsv[..., 0].astype(np.float32) * (6.0 / 180.0)
-    s = hsv[..., 1].astype(np.float32) / 255.0
-    v = hsv[..., 2].astype(np.float32)
-    sector = np.floor(h)
-    f = h - sector
-    sector = sector.astype(np.int64) % 6
-    p = v * (1 - s)
-    q = v * (1 - s * f)
-    t = v * (1 - s * (1 - f))
-    choices = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
-    out = np.zeros(hsv.shape, np.float32)
-    for k, (rr, gg, bb) in enumerate(choices):
-        m = sector == k
-        out[..., 0] = np.where(m, rr, out[..., 0])
-        out[..., 1] = np.where(m, gg, out[..., 1])
-        out[..., 2] = np.where(m, bb, out[..., 2])
-    return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
+def hsv_shift(img: np.ndarray, gains: np.ndarray) -> np.ndarray:
+    """Add `gains` (H, S, V in cv2's 8-bit units: H in 2-degree steps, S and V in [0, 255])
+    to a uint8 RGB image's HSV: hue modulo the circle, S and V clipped. The conversions are
+    PIL's (C speed; its 8-bit hue has 256 steps per circle, cv2's 180, so the hue gain is
+    rounded to PIL's 1.4-degree steps); a round trip changes a pixel by at most a few levels
+    either way."""
+    hsv = np.array(Image.fromarray(np.ascontiguousarray(img)).convert("HSV"))
+    hue_steps = int(round(float(gains[0]) * 256.0 / 180.0))
+    hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + hue_steps) % 256).astype(np.uint8)
+    for k in (1, 2):
+        if gains[k]:
+            hsv[..., k] = np.clip(hsv[..., k].astype(np.int16) + int(gains[k]), 0, 255)
+    return np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"), dtype=np.uint8)
 
 
 def hsv_jitter(
     img: np.ndarray, rng: np.random.Generator, delta: tuple[int, int, int] = (5, 30, 30)
 ) -> np.ndarray:
     """mmdet 2.x `YOLOXHSVRandomAug`: gains `uniform(-1, 1, 3) * delta`, each kept with
-    probability 1/2 (`randint(0, 2, 3)`), truncated to int; H += gain mod 180, S and V +=
-    gain clipped to [0, 255]."""
+    probability 1/2 (`randint(0, 2, 3)`), truncated to int, added by `hsv_shift`."""
     gains = rng.uniform(-1, 1, 3) * np.asarray(delta, np.float64)
     gains = (gains * rng.integers(0, 2, 3)).astype(np.int16)
     if not gains.any():
         return img
-    hsv = rgb_to_hsv_cv2(img)
-    hsv[..., 0] = (hsv[..., 0] + gains[0]) % 180
-    hsv[..., 1] = np.clip(hsv[..., 1] + gains[1], 0, 255)
-    hsv[..., 2] = np.clip(hsv[..., 2] + gains[2], 0, 255)
-    return hsv_to_rgb_cv2(hsv)
+    return hsv_shift(img, gains)
 
 
 # ------------------------------------------------------------------------------- example
