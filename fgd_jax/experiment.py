@@ -382,7 +382,12 @@ def init_train_state(
     variables = exp.init_variables(init_rng, batch)
     params = variables["params"]
     model_state = {k: v for k, v in variables.items() if k != "params"}
-    if not cfg.train.get("backbone_init") and cfg.data.get("source", "coco") == "coco":
+    from_scratch = cfg.model.get("type") == "yolox"  # YOLOX trains without ImageNet weights
+    if (
+        not cfg.train.get("backbone_init")
+        and cfg.data.get("source", "coco") == "coco"
+        and (not from_scratch)
+    ):
         log.warning(
             "train.backbone_init is empty: the student's backbone starts from random weights; "
             "the paper's numbers need ImageNet weights (--config.train.backbone_init=r50.pth)"
