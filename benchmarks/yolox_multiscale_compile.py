@@ -15,6 +15,7 @@ read the 11 executables instead of compiling them.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 
@@ -62,17 +63,24 @@ def main() -> None:
         )
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
     print(f"abstract state in {time.perf_counter() - t0:.1f} s")
-    total = 0.0
+    total = total_cpu = 0.0
     for s in args.sizes:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         step = jax.jit(make_train_step(exp, tx, schedule, input_size=(s, s)), donate_argnums=(0,))
-        step.lower(state, teacher, shapes).compile()
-        dt = time.perf_counter() - t
+        lowered = step.lower(state, teacher, shapes)
+        t_lower = time.perf_counter() - t
+        lowered.compile()
+        dt, dc = time.perf_counter() - t, time.process_time() - c
         total += dt
-        print(f"size {s}: compiled in {dt:.1f} s")
+        total_cpu += dc
+        print(
+            f"size {s}: {dt:.1f} s ({t_lower:.1f} s tracing + lowering, "
+            f"{dt - t_lower:.1f} s compiling or reading the cache), {dc:.1f} CPU-s"
+        )
     print(
-        f"total {total:.1f} s for {len(args.sizes)} sizes (cache: {args.cache or 'off'}, "
-        f"{'FGD' if args.fgd else 'baseline'} step, widen {args.widen}, batch {args.batch})"
+        f"total {total:.1f} s, {total_cpu:.1f} CPU-s for {len(args.sizes)} sizes (cache: "
+        f"{args.cache or 'off'}, {'FGD' if args.fgd else 'baseline'} step, widen "
+        f"{args.widen}, batch {args.batch}; load average {os.getloadavg()[0]:.1f})"
     )
 
 

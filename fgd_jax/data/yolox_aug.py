@@ -1,4 +1,4 @@
-"""YOLOX's training augmentations (mmdetection 2.x, `yolox_s_8x8_300e_coco`), numpy only.
+"""YOLOX's training augmentations (mmdetection 2.x, `yolox_s_8x8_300e_coco`), numpy and PIL.
 
 The pipeline of `make_yolox_example` is mmdetection 2.x's YOLOX `train_pipeline` under its
 `MultiImageMixDataset` (`LoadImageFromFile` + `LoadAnnotations` per image, then):

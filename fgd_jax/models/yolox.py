@@ -22,7 +22,8 @@ half a stride for the assignment only. Per image the positives' class targets ar
 `onehot(label) * IoU(pred, assigned GT)`; `loss_cls` = BCE-with-logits summed over positives
 and classes, `loss_obj` = BCE summed over every prior (target 1 on positives), `loss_bbox` =
 5 * sum over positives of `1 - IoU^2` (IoU clamped at 1e-16), `loss_l1` (only with
-`train_cfg.use_l1`, mmdet's last-15-epochs switch) = L1 between the raw `reg` and
+`train_cfg.use_l1`, or at run time with the batch's `use_l1` key: mmdet's last-15-epochs
+switch, which the YOLOX data recipe sets) = L1 between the raw `reg` and
 `((gt_c - prior) / stride, log(gt_wh / stride + 1e-8))`; each divided by
 `max(num_pos, 1)`.
 Normalisation across devices: mmdet divides each GPU's sums by `max(reduce_mean(num_pos), 1)`
