@@ -1,6 +1,6 @@
 """A tiny YOLOX student distilled by a tiny YOLOX teacher with the `yolox` FGD variant and the
 YOLOX training recipe: jitted train steps (`fgd_jax.experiment.make_train_step`, what
-`fgd_jax.trainer.train` runs) on a batch resized to 96 x 96 (batch multi-scale, resize factors
+`fgd_jax.trainer.train` runs) on a batch resized to 32 x 32 (batch multi-scale, resize factors
 != 1 in the FGD variant), the teacher's BN on batch statistics, the L1 term switched on by the
 batch's `use_l1`, the YOLOX schedule, Nesterov SGD without norm decay, and the EMA of the
 weights. Every loss part decreases; the student's params and BN statistics move, the
@@ -116,7 +116,7 @@ def test_tiny_yolox_fgd_train_steps(tmp_path):
     t_before = jax.tree.map(np.asarray, tvars)
     p_before = jax.tree.map(np.asarray, state.params)
     s_before = jax.tree.map(np.asarray, state.model_state)
-    step = jax.jit(make_train_step(exp, tx, schedule, input_size=(96, 96)),
+    step = jax.jit(make_train_step(exp, tx, schedule, input_size=(32, 32)),
                    compiler_options=_FAST)  # fmt: skip
     leaf = lambda tree: np.asarray(tree["student"]["bbox_head"]["multi_level_conv_reg_0"]["kernel"])  # noqa: E731, E501
     ema_ref = leaf(state.params)
