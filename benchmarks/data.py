@@ -4,6 +4,8 @@ with the training step's images per second on the same machine.
 
     python -m benchmarks.data                       # 2 workers, 640x480 images, batch 8
     python -m benchmarks.data --workers 0 2 --out benchmarks/results/data_cpu.md
+    python -m benchmarks.data --recipe yolox --workers 0   # YOLOX's Mosaic / Affine / MixUp /
+                                                           # HSV / flip / resize / pad to 640
 
 Two rates per run:
   - images/s (wall): what the loader delivered; it must exceed the training step's images/s
@@ -84,7 +86,7 @@ def run(workers: int, cfg, batch: int, steps: int) -> tuple[float, float, float]
     for _ in range(steps):
         b = next(loader)
     dt, cpu = time.perf_counter() - t1, _cpu_seconds(me) - c1
-    assert b["image"].shape[1:3] in [(800, 1344), (1344, 800)]
+    assert b["image"].shape[1:3] in [tuple(c) for c in cfg.canvases]
     loader.close()
     return steps * batch / dt, first, steps * batch / cpu
 
@@ -112,16 +114,25 @@ def main() -> None:
     ap.add_argument("--train-step-ips", type=float, default=None, help="overrides the file")
     ap.add_argument("--min-ratio", type=float, default=20.0)
     ap.add_argument("--out", default="", help="append a markdown section to this file")
+    ap.add_argument(
+        "--recipe",
+        choices=("standard", "yolox"),
+        default="standard",
+        help="'yolox': config.yolox_coco_data (Mosaic of 4 + MixUp of a 5th image per example)",
+    )
     args = ap.parse_args()
 
-    from fgd_jax.config import coco_data
+    from fgd_jax.config import coco_data, yolox_coco_data
     from fgd_jax.data.shapes import make_shapes_dataset
 
     load_before = os.getloadavg()[0]
     t = time.perf_counter()
     make_shapes_dataset(args.root, args.num_images, 4, tuple(args.image_size), seed=0)
     print(f"dataset ready in {time.perf_counter() - t:.1f} s at {os.path.abspath(args.root)}")
-    cfg = coco_data(root=args.root)  # img_scale (1333, 800), canvases 800x1344 / 1344x800
+    if args.recipe == "yolox":  # 640 x 640 canvas, raw BGR, pad 114, mosaic phase
+        cfg = yolox_coco_data(root=args.root)
+    else:
+        cfg = coco_data(root=args.root)  # img_scale (1333, 800), canvases 800x1344 / 1344x800
     cfg.train_ann, cfg.train_images = "annotations/instances_train.json", "train"
     cfg.num_classes, cfg.max_boxes = 6, 16
 
@@ -172,9 +183,15 @@ def main() -> None:
             f"- command: `{cmd}`",
             f"- load average (1 min) before / after: {load_before:.2f} / {load_after:.2f}",
             f"- versions: {_versions()}",
-            f"- synthetic shapes {w_}x{h} PNG -> Resize(1333, 800) keep-ratio -> flip -> "
-            f"normalize -> pad to 800x1344 / 1344x800; batch {args.batch}, {args.steps} timed "
-            "steps after warm-up",
+            (
+                f"- synthetic shapes {w_}x{h} PNG -> Resize(1333, 800) keep-ratio -> flip -> "
+                "normalize -> pad to 800x1344 / 1344x800"
+                if args.recipe == "standard"
+                else f"- synthetic shapes {w_}x{h} PNG -> YOLOX recipe (fgd_jax.data.yolox_aug): "
+                "Mosaic of 4 -> RandomAffine -> MixUp with a 5th -> HSV -> flip -> resize 640 "
+                "-> pad 640x640 with 114, raw BGR"
+            )
+            + f"; batch {args.batch}, {args.steps} timed steps after warm-up",
             "",
             "| workers | images/s (wall) | images per CPU-s (process + workers) "
             "| x train step (wall) | first batch (s) |",

@@ -7,29 +7,29 @@ Needs:  COCO 2017 under data/coco (mmdetection layout). YOLOX trains from scratc
             --config configs/yolox_m_baseline.py --out checkpoints/yolox_m_300e
 Should reach: 45.9 bbox mAP on COCO val2017 (the FGD README's YOLOX-m baseline, trained by the
         FGD authors with mmdetection's recipe; mmdetection publishes no YOLOX-m number)
-        with the full recipe. This config does not have the full recipe yet:
+        with the recipe below.
 
-NOT YET (the trainer cannot do these; this config runs the stand-in named, so its numbers are
-NOT the recipe's -- do not compare them with the published mAP):
-  * data: Mosaic (4 images, pad 114), RandomAffine (scale 0.1-2, border -320), MixUp (scale
-    0.8-1.6), HSV jitter, raw BGR 0-255 input (no Normalize), padding with 114, mmdetection's
-    box filtering. Stand-in: the COCO pipeline's resize (keep ratio, 640) + flip, 'pytorch'
-    normalized RGB pixels, zero padding.
-  * YOLOXModeSwitchHook (last 15 epochs: mosaic / mixup off, L1 loss on). Stand-in: L1 never
-    on (`model.train_cfg.use_l1=False`; set it True by hand for a second, 15-epoch stage).
-  * batch multi-scale (every 10 iterations one random size 480..800, step 32, per batch).
-    Stand-in: always 640 x 640.
-  * YOLOX schedule (exponential warm-up 5 epochs, cosine to 0.05 x lr, constant for the last
-    15). Stand-in (`config.schedule_yolox`): linear warm-up over 5 epochs, constant 0.01,
-    x0.05 from epoch 285.
-  * no weight decay on norm layers (`norm_decay_mult=0`; conv biases: done). Stand-in: norm
-    scales and biases decay.
-  * EMA of the weights (`ExpMomentumEMAHook`, momentum 1e-4) for evaluation and export.
-    Stand-in: the raw weights.
-Done as the recipe: the model (mmdetection 2.x YOLOX, BN trained on batch statistics: over the
-global batch here, per GPU of 8 images in mmdetection), SimOTA, the losses, SGD 0.01 per 64
-images (linearly scaled to `train.batch_size`), momentum 0.9, Nesterov, weight decay 5e-4,
-no gradient clipping, 300 epochs, test score threshold 0.01, class-wise NMS 0.65.
+The recipe (mmdetection 2.x YOLOX, all of it in this config):
+  * data (`config.yolox_coco_data`, `fgd_jax.data.yolox_aug`): Mosaic (4 images, pad 114),
+    RandomAffine (scale 0.1-2, border -320, RandomAffine's default rotation 10 and shear 2
+    degrees, which the mmdetection config keeps), MixUp (scale 0.8-1.6), HSV jitter, flip,
+    resize 640 keep ratio, pad to 640 x 640 with 114, FilterAnnotations (w, h > 1), raw BGR
+    0-255 input (no Normalize; evaluation too), images without GT kept; from epoch 285 the
+    mode switch (`YOLOXModeSwitchHook`): Mosaic / RandomAffine / MixUp off, L1 loss on.
+  * batch multi-scale: every 10 iterations one random size 480..800 (step 32) for the whole
+    batch (resized on the device, boxes scaled; 11 compiled steps, kept in the persistent
+    compilation cache).
+  * SGD 0.01 per 64 images (linearly scaled to `train.batch_size`), momentum 0.9, Nesterov,
+    weight decay 5e-4 on neither norm layers nor biases, no gradient clipping; the YOLOX
+    schedule (quadratic warm-up 5 epochs, cosine to 0.05 x lr, constant for the last 15).
+  * EMA of the weights (`ExpMomentumEMAHook`, momentum 1e-4, BN statistics included):
+    evaluation and export use it; checkpoints hold it, so a resumed run continues it.
+  * the model (mmdetection 2.x YOLOX, BN on batch statistics: over the global batch here,
+    per GPU of 8 images plus SyncNormHook in mmdetection), SimOTA, the losses, 300 epochs,
+    test score threshold 0.01, class-wise NMS 0.65.
+Known differences (numerics, not steps): image resampling in the augmentations is PIL's,
+not cv2's (a grey level; see `fgd_jax.data.yolox_aug`), the random streams are numpy
+generators seeded per (seed, epoch, slot) and per 10-step block, not mmdetection's.
 """
 
 from fgd_jax import config as C
@@ -38,7 +38,7 @@ from fgd_jax import config as C
 def get_config() -> C.ConfigDict:
     cfg = C.ConfigDict()
     cfg.model = C.yolox_model("m")
-    cfg.data = C.coco_data(img_scale=(640, 640), canvases=((640, 640),))
+    cfg.data = C.yolox_coco_data(mode_switch_epoch=300 - 15)
     cfg.train = C.schedule_yolox(batch_size=64, base_lr=0.01)
     cfg.eval = C.eval_settings()
     cfg.seed = 0

@@ -239,6 +239,15 @@ def coco_data(
             # training keeps images whose short side is >= min_size px (mmdetection's
             # filter_empty_gt / min_size=32); evaluation keeps every image
             min_size=32,
+            # False: images without GT train too (mmdetection filter_empty_gt=False, YOLOX)
+            filter_empty_gt=True,
+            # the canvas padding's value in network-input units (YOLOX: 114 on raw pixels)
+            pad_value=0.0,
+            # training augmentation: 'standard' (resize, flip) or 'yolox' (Mosaic,
+            # RandomAffine, MixUp, HSV, flip, resize, pad: fgd_jax.data.yolox_aug, settings
+            # in `yolox`)
+            augment="standard",
+            yolox=_yolox_aug_defaults(),
             num_workers=2,  # loader worker processes; 0 decodes in the training process
             read_threads=0,  # grain read threads; 0: 1 with workers, 2 without
             prefetch_batches=2,  # batches grain reads ahead of the consumer
@@ -263,6 +272,37 @@ def coco_data(
             tfds_data_dir="",  # source='tfds': its data_dir ('' = the tfds default)
         )
     )
+
+
+def _yolox_aug_defaults() -> dict:
+    """`fgd_jax.data.yolox_aug.YOLOXAugCfg`'s defaults as a plain dict (tuples kept)."""
+    import dataclasses
+
+    from fgd_jax.data.yolox_aug import YOLOXAugCfg
+
+    return dataclasses.asdict(YOLOXAugCfg())
+
+
+def yolox_coco_data(
+    root: str = "data/coco", mode_switch_epoch: int = 285, max_boxes: int = 100
+) -> ConfigDict:
+    """COCO 2017 with mmdetection 2.x YOLOX's data recipe (`fgd_jax.data.yolox_aug`):
+    Mosaic, RandomAffine, MixUp, HSV, flip, resize 640 keep ratio, pad to 640 x 640 with
+    114, raw BGR 0-255 pixels (no Normalize; evaluation too), images without GT kept
+    (`filter_empty_gt=False`), and from `mode_switch_epoch` (300 - 15) Mosaic / Affine /
+    MixUp off and the L1 loss on (`YOLOXModeSwitchHook`)."""
+    cfg = coco_data(
+        root=root,
+        img_scale=(640, 640),
+        canvases=((640, 640),),
+        pixel_style="raw_bgr",
+        max_boxes=max_boxes,
+    )
+    cfg.pad_value = 114.0
+    cfg.filter_empty_gt = False
+    cfg.augment = "yolox"
+    cfg.yolox.mode_switch_epoch = int(mode_switch_epoch)
+    return cfg
 
 
 def complete_data_config(data_cfg: Any) -> ConfigDict:
@@ -363,13 +403,16 @@ YOLOX_STEPS_PER_EPOCH = 1849  # ceil(118287 / 64)
 
 
 def schedule_yolox(batch_size: int = 64, base_lr: float = 0.01) -> ConfigDict:
-    """mmdetection 2.x YOLOX optimizer and run length, as far as the trainer goes today:
-    300 epochs, SGD `base_lr` per 64 images (linear scaling to `batch_size`), momentum 0.9,
-    Nesterov, weight decay 5e-4 (none on conv biases), no gradient clipping, evaluation every
-    10 epochs. NOT the YOLOX schedule (exponential warm-up over 5 epochs, cosine to
-    0.05 x lr, constant for the last 15 epochs): a stand-in of linear warm-up over 5 epochs,
-    then constant, x0.05 from epoch 285. Weight decay still applies to norm layers (YOLOX:
-    `norm_decay_mult=0`)."""
+    """mmdetection 2.x YOLOX's optimizer, schedule and training hooks: 300 epochs, SGD
+    `base_lr` per 64 images (linear scaling to `batch_size`), momentum 0.9, Nesterov, weight
+    decay 5e-4 on neither norm layers nor conv biases (`paramwise_cfg=dict(norm_decay_mult=0,
+    bias_decay_mult=0)`), no gradient clipping; the YOLOX schedule (`lr_policy='yolox'`:
+    quadratic 'exp' warm-up over 5 epochs, cosine to 0.05 x lr, constant for the last 15
+    epochs; `optim.make_yolox_lr_schedule`); the EMA of the weights (`ExpMomentumEMAHook`,
+    momentum 1e-4, ramp over 2000 iterations) for evaluation and export; batch multi-scale
+    (every 10 iterations one size of 480..800 step 32 for the whole batch,
+    `experiment.batch_input_size`); evaluation every 10 epochs. The mode switch of the last 15
+    epochs is the data's (`yolox_coco_data(mode_switch_epoch=285)`)."""
     cfg = schedule_2x(batch_size=batch_size, base_lr=base_lr)
     cfg.update(
         reference_batch_size=64,
@@ -377,12 +420,20 @@ def schedule_yolox(batch_size: int = 64, base_lr: float = 0.01) -> ConfigDict:
         nesterov=True,
         weight_decay=5e-4,
         bias_decay_mult=0.0,
+        norm_decay_mult=0.0,
         grad_clip_norm=0.0,
-        warmup="linear",
-        warmup_iters=5 * YOLOX_STEPS_PER_EPOCH,
-        warmup_ratio=0.001,
-        decay_epochs=(285,),
-        decay_factor=0.05,
+        lr_policy="yolox",
+        warmup="exp",
+        warmup_epochs=5,
+        warmup_iters=5 * YOLOX_STEPS_PER_EPOCH,  # used only when warmup_epochs is 0
+        warmup_ratio=1.0,
+        last_epochs=15,
+        min_lr_ratio=0.05,
+        decay_epochs=(),
+        ema_momentum=1e-4,
+        ema_total_iter=2000,
+        multiscale_sizes=tuple(range(480, 801, 32)),
+        multiscale_interval=10,
         eval_every=10 * YOLOX_STEPS_PER_EPOCH,
     )
     return cfg

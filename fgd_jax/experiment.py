@@ -35,13 +35,17 @@ log = logging.getLogger("fgd_jax.experiment")
 class TrainState:
     """Everything a checkpoint holds. `params` is what the optimizer trains: the detector's
     params (baseline) or `{'student', 'distill_losses'}` (FGD); `model_state` holds the
-    non-trained collections (BatchNorm statistics, fixed because of `norm_eval`)."""
+    non-trained collections (BatchNorm statistics, fixed because of `norm_eval`). `ema`:
+    None, or with `train.ema_momentum > 0` the exponential moving average of both,
+    `{'params', 'model_state'}` (mmdetection's `ExpMomentumEMAHook`, see `ema_step`), which
+    evaluation and export use."""
 
     step: jax.Array
     params: Any
     model_state: Any
     opt_state: Any
     rng: jax.Array
+    ema: Any = None
 
 
 def compute_dtype(cfg: ml_collections.ConfigDict) -> Any:
@@ -154,6 +158,18 @@ class Experiment:
         losses = out if self.distilling else out[0]
         return dict(losses), model_state
 
+    @property
+    def uses_ema(self) -> bool:
+        """True when the run keeps an EMA of the weights (`train.ema_momentum > 0`)."""
+        return float(self.cfg.get("train", {}).get("ema_momentum", 0.0)) > 0
+
+    def eval_variables(self, state: TrainState) -> dict:
+        """The student variables evaluation and export use: the EMA's when the state has
+        one (mmdetection swaps the EMA in before evaluating and saving), else the raw."""
+        if state.ema is not None:
+            return self.student_variables(state.ema["params"], state.ema["model_state"])
+        return self.student_variables(state.params, state.model_state)
+
     def student_variables(self, params: Any, model_state: Mapping) -> dict:
         """The student's own variables (what eval and export use)."""
         if not self.distilling:
@@ -214,15 +230,71 @@ def check_batch_sizes(
             )
 
 
-def make_train_step(exp: Experiment, tx: optax.GradientTransformation, schedule: optax.Schedule):
+def batch_input_size(
+    train_cfg: ml_collections.ConfigDict,
+    step: int,
+    seed: int = 0,
+    default_hw: tuple[int, int] | None = None,
+) -> tuple[int, int] | None:
+    """YOLOX's batch-level multi-scale (mmdetection 2.x `YOLOX._random_resize`): the (h, w)
+    every image of step `step` (0-based) is resized to; None when multi-scale is off.
+    `train.multiscale_sizes` (e.g. 480..800 step 32; empty: off) are square sizes; the first
+    `train.multiscale_interval` (10) steps keep `default_hw` (the canvas; None: no resize,
+    a step without `input_scale`), then every interval
+    draws one size uniformly, a pure function of (seed, step // interval) so a resumed run
+    draws the same. (mmdetection draws on rank 0 with Python's `random` and broadcasts.)"""
+    sizes = tuple(int(s) for s in train_cfg.get("multiscale_sizes", ()))
+    if not sizes:
+        return None
+    interval = int(train_cfg.get("multiscale_interval", 10))
+    block = int(step) // interval
+    if block == 0:
+        return None if default_hw is None else (int(default_hw[0]), int(default_hw[1]))
+    rng = np.random.default_rng([int(seed), 0x5C41E, block])
+    s = sizes[int(rng.integers(len(sizes)))]
+    return (s, s)
+
+
+def resize_batch(batch: Mapping[str, jax.Array], size: tuple[int, int]) -> dict:
+    """mmdetection 2.x `YOLOX._preprocess`: images bilinearly resized to `size` (h, w) (torch
+    `F.interpolate(mode='bilinear', align_corners=False)`: no antialiasing), GT boxes scaled by
+    (scale_x, scale_y), `input_scale` [B, 2] = (scale_y, scale_x) added for the FGD YOLOX
+    variant; `img_shape` / `pad_shape` stay the pipeline's (mmdetection keeps img_metas).
+    Scale 1 (the canvas size) returns the batch with `input_scale` 1 and nothing resized."""
+    image = batch["image"]
+    b, h, w, c = image.shape
+    sy, sx = size[0] / h, size[1] / w
+    out = dict(batch)
+    if (int(size[0]), int(size[1])) != (h, w):
+        out["image"] = jax.image.resize(
+            image, (b, int(size[0]), int(size[1]), c), "linear", antialias=False
+        ).astype(image.dtype)
+        scale = jnp.asarray([sx, sy, sx, sy], batch["boxes"].dtype)
+        out["boxes"] = batch["boxes"] * scale
+        if "ignore_boxes" in batch:
+            out["ignore_boxes"] = batch["ignore_boxes"] * scale
+    out["input_scale"] = jnp.tile(jnp.asarray([[sy, sx]], jnp.float32), (b, 1))
+    return out
+
+
+def make_train_step(
+    exp: Experiment,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    input_size: tuple[int, int] | None = None,
+):
     """The step to jit: (state, teacher_vars, batch) -> (state, metrics).
 
     Arrays are global (`jax.Array` sharded over the mesh): the batch is split along 'data',
     params/optimizer state are replicated, and XLA inserts the gradient all-reduce. Loss
     normalizers (number of positives, batch size of FGD) are therefore global-batch values.
+    `input_size` (h, w): YOLOX's batch multi-scale, the batch resized first (`resize_batch`;
+    one compiled step per size: see `batch_input_size`).
     """
 
     def step_fn(state: TrainState, teacher_vars, batch):
+        if input_size is not None:
+            batch = resize_batch(batch, input_size)
         rng, step_rng = jax.random.split(state.rng)
         # Differentiate the trainable leaves only: frozen ones (frozen backbone stages, and
         # with them everything below the first trainable stage) get no gradient computation
@@ -259,10 +331,25 @@ def make_train_step(exp: Experiment, tx: optax.GradientTransformation, schedule:
             model_state=model_state,
             opt_state=opt_state,
             rng=rng,
+            ema=ema_step(exp.cfg.train, state.ema, state.step, params, model_state),
         )
         return new_state, metrics
 
     return step_fn
+
+
+def ema_step(train_cfg, ema: Any, step: jax.Array, params: Any, model_state: Any) -> Any:
+    """The EMA after iteration `step` (0-based) ended with `params` / `model_state`:
+    mmdetection 2.x `ExpMomentumEMAHook(momentum=train.ema_momentum,
+    total_iter=train.ema_total_iter)` (`skip_buffers=False`: BN statistics too). None stays
+    None (no EMA)."""
+    if ema is None:
+        return None
+    weight = optim.ema_momentum(
+        step, float(train_cfg.ema_momentum), int(train_cfg.get("ema_total_iter", 2000))
+    )
+    new = {"params": params, "model_state": model_state}
+    return optim.ema_update(ema, new, weight)
 
 
 def trainable_params_mask(exp: Experiment, params: Any) -> Any:
@@ -302,7 +389,12 @@ def init_train_state(
     variables = exp.init_variables(init_rng, batch)
     params = variables["params"]
     model_state = {k: v for k, v in variables.items() if k != "params"}
-    if not cfg.train.get("backbone_init") and cfg.data.get("source", "coco") == "coco":
+    from_scratch = cfg.model.get("type") == "yolox"  # YOLOX trains without ImageNet weights
+    if (
+        not cfg.train.get("backbone_init")
+        and cfg.data.get("source", "coco") == "coco"
+        and (not from_scratch)
+    ):
         log.warning(
             "train.backbone_init is empty: the student's backbone starts from random weights; "
             "the paper's numbers need ImageNet weights (--config.train.backbone_init=r50.pth)"
@@ -323,12 +415,17 @@ def init_train_state(
         params = dict(params, student=student_params)
         log.info("inheriting: copied %d teacher leaves (neck and heads)", len(copied))
     tx, schedule = run_optimizer(exp, params, steps_per_epoch)
+    # mmdetection's EMA buffers start as copies of the weights the run starts from
+    ema = None
+    if exp.uses_ema:
+        ema = jax.tree.map(jnp.array, {"params": params, "model_state": model_state})
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         model_state=model_state,
         opt_state=tx.init(params),
         rng=state_rng,
+        ema=ema,
     )
     return state, tx, schedule
 
@@ -443,7 +540,7 @@ def load_model(
         variables, _ = ckpt_lib.load_variables(cfg.teacher.ckpt)
         return variables, model_config(cfg, teacher=True)
     state, cfg, _ = restore_train_state(path)
-    variables = Experiment(cfg).student_variables(state.params, state.model_state)
+    variables = Experiment(cfg).eval_variables(state)  # the EMA's when the run keeps one
     return variables, model_config(cfg)
 
 

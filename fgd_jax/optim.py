@@ -18,8 +18,14 @@ The numbers follow what an mmdetection 2.11 run does, step for step:
   default. `bias_lr_mult` / `bias_decay_mult` (mmcv `paramwise_cfg`; FCOS uses 2.0 / 0.0)
   apply to the `bias` of convolutions and linear layers (a `bias` leaf next to a `kernel`),
   not to the bias of normalisation layers, as mmcv's `DefaultOptimizerConstructor`.
+* `norm_decay_mult` (mmcv `paramwise_cfg`, YOLOX: 0) multiplies the decay of normalisation
+  layers' `scale` and `bias` (a module whose leaves are exactly a 1-D `scale` and a `bias`:
+  BatchNorm, GroupNorm, LayerNorm), as mmcv's `is_norm` branch, which wins over
+  `bias_decay_mult` there too.
 * frozen parameters (`trainable_mask` False) get exactly zero update: no decay, no momentum,
   and they do not count in the clipping norm (mmcv clips only parameters with a gradient).
+* `train.lr_policy='yolox'`: mmdetection 2.x `YOLOXLrUpdaterHook` (`policy='YOLOX'`,
+  `warmup='exp'`, `by_epoch=False`, `warmup_by_epoch=True`): see `make_yolox_lr_schedule`.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import optax
 PyTree = Any
 
 _WARMUPS = ("linear", "constant", "none")
+LR_POLICIES = ("step", "yolox")
 
 
 # ------------------------------------------------------------------------------ schedule
@@ -76,7 +83,13 @@ def make_lr_schedule(train_cfg: ml_collections.ConfigDict, steps_per_epoch: int)
       steps_per_epoch: iterations per epoch at the global batch size.
     Returns:
       `schedule(count) -> float32 scalar`, `count` the 0-based iteration index.
+    `train.lr_policy='yolox'` returns `make_yolox_lr_schedule` instead.
     """
+    policy = train_cfg.get("lr_policy", "step")
+    if policy not in LR_POLICIES:
+        raise ValueError(f"train.lr_policy must be one of {LR_POLICIES}, got {policy!r}")
+    if policy == "yolox":
+        return make_yolox_lr_schedule(train_cfg, steps_per_epoch)
     warmup = train_cfg.get("warmup", "none") or "none"
     if warmup not in _WARMUPS:
         raise ValueError(f"train.warmup must be one of {_WARMUPS}, got {warmup!r}")
@@ -104,6 +117,65 @@ def make_lr_schedule(train_cfg: ml_collections.ConfigDict, steps_per_epoch: int)
         else:  # constant
             warm = jnp.float32(ratio)
         return jnp.where(count < warmup_iters, regular * warm, regular).astype(jnp.float32)
+
+    return schedule
+
+
+def total_steps(train_cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+    """Iterations of the run: `num_steps` when > 0, else `num_epochs * steps_per_epoch`."""
+    if train_cfg.get("num_steps", -1) > 0:
+        return int(train_cfg.num_steps)
+    return int(train_cfg.num_epochs) * int(steps_per_epoch)
+
+
+def make_yolox_lr_schedule(
+    train_cfg: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.Schedule:
+    """mmdetection 2.x `YOLOXLrUpdaterHook` as a jittable `optax.Schedule`.
+
+    With `lr` the scaled base rate, `k` the 0-based iteration, `N` the run's iterations
+    (`total_steps`), `W` the warm-up iterations (`warmup_epochs * steps_per_epoch` when
+    `warmup_epochs > 0`, mmcv's `warmup_by_epoch`; else `warmup_iters`), `L =
+    last_epochs * steps_per_epoch` and `lo = min_lr_ratio * lr`:
+      k < W ('exp' warm-up, a square in fact):  `lr * warmup_ratio * ((k + 1) / W) ** 2`;
+      else, p = k + 1:  `lo` if `p >= N - L`, otherwise the cosine
+        `lo + 0.5 * (lr - lo) * (1 + cos(pi * (p - W) / (N - W - L)))`.
+    mmdetection's YOLOX configs: `warmup_ratio=1`, 5 warm-up epochs, `num_last_epochs=15`,
+    `min_lr_ratio=0.05`. Keys read: `warmup` ('exp' | 'none'), `warmup_epochs`,
+    `warmup_iters`, `warmup_ratio`, `last_epochs`, `min_lr_ratio`, and those of
+    `scaled_base_lr` / `total_steps`.
+    """
+    warmup = train_cfg.get("warmup", "exp") or "none"
+    if warmup not in ("exp", "none"):
+        raise ValueError(
+            f"train.lr_policy='yolox' needs train.warmup 'exp' or 'none', got {warmup!r}"
+        )
+    if steps_per_epoch <= 0:
+        raise ValueError(f"steps_per_epoch must be > 0, got {steps_per_epoch}")
+    lr = scaled_base_lr(train_cfg)
+    n = total_steps(train_cfg, steps_per_epoch)
+    w_epochs = float(train_cfg.get("warmup_epochs", 0))
+    w = int(round(w_epochs * steps_per_epoch)) if w_epochs > 0 else int(train_cfg.warmup_iters)
+    w = 0 if warmup == "none" else w
+    last = int(round(float(train_cfg.get("last_epochs", 15)) * steps_per_epoch))
+    ratio = float(train_cfg.get("warmup_ratio", 1.0))
+    lo = lr * float(train_cfg.get("min_lr_ratio", 0.05))
+    span = n - w - last
+    if span <= 0:
+        raise ValueError(
+            f"train.lr_policy='yolox': {n} steps leave no cosine part after {w} warm-up and "
+            f"{last} last steps"
+        )
+
+    def schedule(count):
+        k = jnp.asarray(count, jnp.int32)
+        p = (k + 1).astype(jnp.float32)
+        cos = lo + 0.5 * (lr - lo) * (1.0 + jnp.cos(jnp.pi * (p - w) / span))
+        regular = jnp.where(k + 1 >= n - last, jnp.float32(lo), cos)
+        if w <= 0:
+            return regular.astype(jnp.float32)
+        warm = lr * ratio * jnp.square(p / w)
+        return jnp.where(k < w, warm, regular).astype(jnp.float32)
 
     return schedule
 
@@ -149,6 +221,24 @@ def is_layer_bias(params: PyTree) -> PyTree:
 
     out = walk(params)
     # Rebuild in the container type of `params` (dict / FrozenDict) so trees line up.
+    return jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(out))
+
+
+def is_norm_param(params: PyTree) -> PyTree:
+    """Bool tree: True for the leaves of normalisation layers, i.e. of a module whose leaves
+    are exactly a 1-D `scale` and a `bias` (BatchNorm, GroupNorm, LayerNorm; not a conv's
+    bias, which has a `kernel` beside it, nor FCOS's scalar `Scale`)."""
+
+    def walk(node):
+        if isinstance(node, Mapping):
+            is_norm = set(node) == {"scale", "bias"} and all(
+                not isinstance(v, Mapping) and len(getattr(v, "shape", ())) == 1
+                for v in node.values()
+            )
+            return {k: (walk(v) if isinstance(v, Mapping) else is_norm) for k, v in node.items()}
+        return jax.tree.map(lambda _: False, node)
+
+    out = walk(params)
     return jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(out))
 
 
@@ -229,7 +319,7 @@ def make_optimizer(
 
     Args:
       train_cfg: the `train` section: `momentum`, `nesterov` (default False), `weight_decay`,
-        `grad_clip_norm` (<= 0: off),
+        `grad_clip_norm` (<= 0: off), `norm_decay_mult` (default 1),
         `bias_lr_mult`, `bias_decay_mult` and the schedule keys of `make_lr_schedule`.
       steps_per_epoch: iterations per epoch (global batch).
       params: the trainable variable tree (arrays or `jax.ShapeDtypeStruct`s); only its
@@ -249,11 +339,16 @@ def make_optimizer(
     else:
         trainable = _check_mask(trainable_mask, params)
     layer_bias = is_layer_bias(params)
+    norm = is_norm_param(params)
     wd = float(train_cfg.get("weight_decay", 0.0))
     bias_lr = float(train_cfg.get("bias_lr_mult", 1.0))
     bias_wd = float(train_cfg.get("bias_decay_mult", 1.0))
+    norm_wd = float(train_cfg.get("norm_decay_mult", 1.0))
     wd_tree = jax.tree.map(
-        lambda t, b: 0.0 if not t else (wd * bias_wd if b else wd), trainable, layer_bias
+        lambda t, b, n: 0.0 if not t else (wd * norm_wd if n else wd * bias_wd if b else wd),
+        trainable,
+        layer_bias,
+        norm,
     )
     lr_tree = jax.tree.map(
         lambda t, b: 0.0 if not t else (bias_lr if b else 1.0), trainable, layer_bias
@@ -295,3 +390,25 @@ def current_lr(opt_state: optax.OptState, schedule: optax.Schedule) -> jax.Array
     if not counts:
         raise ValueError("opt_state has no ScaleByScheduleState (not from make_optimizer?)")
     return schedule(counts[0])
+
+
+# ------------------------------------------------------------------------------------- EMA
+def ema_momentum(count: jax.Array, momentum: float, total_iter: int = 2000) -> jax.Array:
+    """mmdetection 2.x `ExpMomentumEMAHook`'s weight of the new value after iteration `count`
+    (0-based, mmcv's `runner.iter` in `after_train_iter`):
+    `(1 - momentum) * exp(-(1 + count) / total_iter) + momentum` (1 -> `momentum`)."""
+    k = jnp.asarray(count, jnp.float32)
+    return (1.0 - momentum) * jnp.exp(-(1.0 + k) / float(total_iter)) + momentum
+
+
+def ema_update(ema: PyTree, new: PyTree, weight: jax.Array) -> PyTree:
+    """`ema * (1 - weight) + new * weight` on floating leaves (torch `mul_(1 - m).add_(p,
+    alpha=m)`); integer leaves (counters) take the new value, as mmdetection skips them."""
+
+    def f(e, n):
+        if not jnp.issubdtype(jnp.asarray(n).dtype, jnp.floating):
+            return n
+        w = jnp.asarray(weight, jnp.float32).astype(e.dtype)
+        return e * (1 - w) + n * w
+
+    return jax.tree.map(f, ema, new)

@@ -26,6 +26,7 @@ from fgd_jax.data import pipeline
 from fgd_jax.experiment import (
     Experiment,
     abstract_train_state,
+    batch_input_size,
     check_batch_sizes,
     dummy_batch,
     init_train_state,
@@ -104,12 +105,22 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     # Explicit shardings (pjit style): state and teacher replicated, the batch split on 'data';
     # the state is donated (updated in place).
     rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
-    train_step = jax.jit(
-        make_train_step(exp, tx, schedule),
-        in_shardings=(rep, rep, shard),
-        out_shardings=(rep, rep),
-        donate_argnums=(0,),
-    )
+    # YOLOX's batch multi-scale (train.multiscale_sizes): one compiled step per size, each
+    # compiled at its first use (and read from the persistent compilation cache on restarts)
+    if tc.get("multiscale_sizes", ()) and len(cfg.data.canvases) != 1:
+        raise ValueError("train.multiscale_sizes resizes one canvas: give data.canvases one")
+    steps_by_size: dict = {}
+
+    def train_step_for(size):
+        if size not in steps_by_size:
+            steps_by_size[size] = jax.jit(
+                make_train_step(exp, tx, schedule, input_size=size),
+                in_shardings=(rep, rep, shard),
+                out_shardings=(rep, rep),
+                donate_argnums=(0,),
+            )
+        return steps_by_size[size]
+
     step = int(parallel.fetch(state.step))
     logger = logging_utils.MetricLogger(
         workdir, total_steps=total_steps, is_main=is_main, initial_step=step
@@ -121,6 +132,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     try:
         while step < total_steps:
             batch = parallel.host_batch_to_global(next(loader), mesh)
+            size = batch_input_size(tc, step, cfg.seed, tuple(cfg.data.canvases[0]))
+            train_step = train_step_for(size)
             state, metrics = train_step(state, teacher_vars, batch)
             step += 1
             # Check the previous step's losses while this one runs (keeps the device busy).
@@ -160,9 +173,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                 raise Preempted(step)
             if eval_every > 0 and step % eval_every == 0 and step != total_steps:
                 t0 = time.time()
-                m = evaluation.evaluate_variables(
-                    exp.student, exp.student_variables(state.params, state.model_state), cfg, mesh
-                )
+                m = evaluation.evaluate_variables(exp.student, exp.eval_variables(state), cfg, mesh)
                 logger.log(step, {k: v for k, v in m.items() if _is_num(v)}, prefix="eval/")
                 logger.write(f"step {step}: bbox AP {100 * m['AP']:.1f}")
                 paused += time.time() - t0
@@ -178,7 +189,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         loader.close()
     final = evaluation.evaluate_variables(
         exp.student,
-        exp.student_variables(state.params, state.model_state),
+        exp.eval_variables(state),  # the EMA's when the run keeps one (train.ema_momentum)
         cfg,
         mesh,
         out_dir=os.path.join(workdir, "eval"),

@@ -6,6 +6,9 @@ Reference: `torch.optim.SGD(momentum, weight_decay)` with mmcv-style param group
 Tolerance: fp32, 1e-6 relative on parameters, 1e-6 relative on rates.
 """
 
+import math
+
+import jax
 import numpy as np
 import optax
 import pytest
@@ -120,15 +123,32 @@ def run_pair(cfg, steps, frozen=(), spe=5, grad_scale=1.0, seed=0):
         if not trainable[n]:
             t.requires_grad_(False)
         is_layer_bias = n.endswith("/bias") and (n.rsplit("/", 1)[0] + "/kernel") in names
+        # mmcv `is_norm`: BN / GN layers (their modules hold exactly scale + bias)
+        module = n.rsplit("/", 1)[0]
+        is_norm = {k for k in names if k.rsplit("/", 1)[0] == module} == {
+            module + "/scale",
+            module + "/bias",
+        }
+        decay_mult = (
+            cfg.get("norm_decay_mult", 1.0)
+            if is_norm
+            else (cfg.bias_decay_mult if is_layer_bias else 1.0)
+        )
         groups.append(
             {
                 "params": [t],
                 "lr": base_lr * (cfg.bias_lr_mult if is_layer_bias else 1.0),
-                "weight_decay": cfg.weight_decay * (cfg.bias_decay_mult if is_layer_bias else 1.0),
+                "weight_decay": cfg.weight_decay * decay_mult,
                 "name": n,
             }
         )
-    opt = torch.optim.SGD(groups, lr=base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = torch.optim.SGD(
+        groups,
+        lr=base_lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        nesterov=bool(cfg.get("nesterov", False)),
+    )
     for g in opt.param_groups:
         g["initial_lr"] = g["lr"]
     warm = None if cfg.warmup == "none" else cfg.warmup
@@ -270,3 +290,85 @@ def test_adamw_matches_torch():
         np.testing.assert_allclose(
             np.asarray(p["conv"][k]), t.detach().numpy(), rtol=1e-5, atol=1e-7
         )
+
+
+def test_yolox_optimizer_matches_torch():
+    """YOLOX's SGD: Nesterov, weight decay 5e-4 with `norm_decay_mult=0` and
+    `bias_decay_mult=0` (mmcv paramwise_cfg) vs torch param groups."""
+    cfg = train_cfg(
+        nesterov=True,
+        weight_decay=0.05,  # large so that a decayed norm leaf would show
+        norm_decay_mult=0.0,
+        bias_decay_mult=0.0,
+        grad_clip_norm=0.0,
+        warmup_iters=3,
+        decay_epochs=(2,),
+    )
+    _, ours, ref = run_pair(cfg, steps=7, spe=3, grad_scale=0.1)
+    assert_close(ours, ref)
+    norm = flat(optim.is_norm_param(toy_params(np.random.default_rng(0))))
+    assert norm["head/gn/scale"] and norm["backbone/bn1/bias"]
+    assert not norm["head/conv/bias"] and not norm["head/fc/kernel"]
+    assert not flat(optim.is_norm_param({"scale_mod": {"scale": np.ones(())}}))["scale_mod/scale"]
+
+
+# --------------------------------------------------------- mmdetection 2.x YOLOX schedule
+def yolox_lr(base_lr, it, spe, max_epochs, warmup_epochs, last_epochs, min_ratio, ratio=1.0):
+    """mmdetection 2.x `YOLOXLrUpdaterHook` (by_epoch=False, warmup_by_epoch=True,
+    warmup='exp') with mmcv's `before_train_iter`: the lr set before iteration `it`."""
+    warmup_iters = warmup_epochs * spe
+    if it < warmup_iters:  # get_warmup_lr
+        return base_lr * ratio * ((it + 1) / float(warmup_iters)) ** 2
+    last_iter = spe * last_epochs  # get_lr
+    progress, max_progress = it + 1, max_epochs * spe
+    target = base_lr * min_ratio
+    if progress >= max_progress - last_iter:
+        return target
+    factor = (progress - warmup_iters) / (max_progress - warmup_iters - last_iter)
+    return target + 0.5 * (base_lr - target) * (math.cos(math.pi * factor) + 1)  # annealing_cos
+
+
+def test_yolox_schedule_matches_mmdet():
+    spe = 6
+    cfg = cfglib.schedule_yolox(batch_size=16, base_lr=0.01)
+    cfg.update(lr_policy="yolox", warmup="exp", warmup_epochs=5, warmup_ratio=1.0,
+               last_epochs=15, min_lr_ratio=0.05, num_epochs=40)  # fmt: skip
+    sched = optim.make_lr_schedule(cfg, spe)
+    base = 0.01 * 16 / 64
+    got = np.asarray(jax.vmap(sched)(np.arange(40 * spe + 3)))
+    want = np.array([yolox_lr(base, k, spe, 40, 5, 15, 0.05) for k in range(40 * spe + 3)])
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-9 * base)
+    # warm-up ends at the base rate, cosine reaches the floor, the last 15 epochs are flat
+    np.testing.assert_allclose(got[5 * spe - 1], base, rtol=1e-6)
+    np.testing.assert_allclose(got[25 * spe - 1 :], 0.05 * base, rtol=1e-6)
+    with pytest.raises(ValueError, match="no cosine"):
+        optim.make_lr_schedule(dict_cfg(cfg, num_epochs=20), spe)
+    with pytest.raises(ValueError, match="lr_policy"):
+        optim.make_lr_schedule(dict_cfg(cfg, lr_policy="poly"), spe)
+
+
+def dict_cfg(cfg, **kw):
+    out = cfg.copy_and_resolve_references()
+    out.update(kw)
+    return out
+
+
+# --------------------------------------------------------------------- EMA of the weights
+def test_ema_matches_mmdet_exp_momentum_hook():
+    """`optim.ema_momentum` / `ema_update` vs mmdetection 2.x `ExpMomentumEMAHook(momentum,
+    total_iter)` on torch buffers: `buf.mul_(1 - m).add_(p, alpha=m)` with
+    `m = (1 - momentum) * exp(-(1 + iter) / total_iter) + momentum`."""
+    rng = np.random.default_rng(5)
+    momentum, total_iter = 1e-4, 7
+    p0 = rng.normal(size=(5,)).astype(np.float32)
+    buf = torch.tensor(p0.copy())
+    ema = {"w": np.asarray(p0), "n": np.zeros((), np.int32)}
+    for it in range(30):
+        p = rng.normal(size=(5,)).astype(np.float32)
+        m = (1 - momentum) * math.exp(-(1 + it) / total_iter) + momentum
+        buf.mul_(1 - m).add_(torch.tensor(p), alpha=m)
+        w = optim.ema_momentum(it, momentum, total_iter)
+        np.testing.assert_allclose(float(w), m, rtol=1e-6)
+        ema = optim.ema_update(ema, {"w": p, "n": np.asarray(it, np.int32)}, w)
+        np.testing.assert_allclose(np.asarray(ema["w"]), buf.numpy(), rtol=1e-5, atol=1e-6)
+    assert int(ema["n"]) == 29  # counters are not averaged

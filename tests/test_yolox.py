@@ -191,6 +191,27 @@ def test_simota_and_losses_match_mmdet() -> None:
     _close(grads[2], g_obj, 1e-4, "d loss / d obj")
 
 
+def test_l1_runtime_switch() -> None:
+    """`yolox_loss(l1_on=...)` (the data recipe's `use_l1` batch key, mmdet's
+    `YOLOXModeSwitchHook` without a recompile): off gives `loss_l1` 0 and the other losses
+    unchanged, on gives mmdet's `loss_l1`; one compiled function serves both."""
+    loss = _load("loss")
+    cls, reg, obj, shapes = _flat_head(loss)
+    priors = Y.yolox_priors(shapes, (8, 16, 32))
+    boxes, labels, valid = _padded_gt(loss, 1)
+    fn = jax.jit(
+        lambda on: Y.yolox_loss(cls, reg, obj, priors, boxes, labels, valid, l1_on=on),
+        compiler_options=_FAST,
+    )
+    off, on = fn(jnp.asarray(False)), fn(jnp.asarray(True))
+    assert float(off["loss_l1"]) == 0.0
+    _close(on["loss_l1"], loss["loss_l1"], 1e-5, "loss_l1")
+    for k in ("loss_cls", "loss_bbox", "loss_obj"):
+        assert float(off[k]) == float(on[k])
+        _close(on[k], loss[k], 1e-5, k)
+    assert fn._cache_size() == 1
+
+
 def test_simota_static_rules() -> None:
     """Hand-made cases: dynamic k from the top IoUs, the min-cost rule for a prior two GTs
     take, no candidate outside every region, padded GTs never assigned, no GT at all."""

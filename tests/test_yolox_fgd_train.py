@@ -1,7 +1,11 @@
-"""A tiny YOLOX student distilled by a tiny YOLOX teacher with the `yolox` FGD variant: three
-jitted train steps (`fgd_jax.experiment.make_train_step`, what `fgd_jax.trainer.train` runs)
-with the teacher's BN on batch statistics and batch resize factors != 1; every loss finite,
-the student's params and BN statistics move, the teacher's variables do not."""
+"""A tiny YOLOX student distilled by a tiny YOLOX teacher with the `yolox` FGD variant and the
+YOLOX training recipe: jitted train steps (`fgd_jax.experiment.make_train_step`, what
+`fgd_jax.trainer.train` runs) on a batch resized to 32 x 32 (batch multi-scale, resize factors
+!= 1 in the FGD variant), the teacher's BN on batch statistics, the L1 term switched on by the
+batch's `use_l1`, the YOLOX schedule, Nesterov SGD without norm decay, and the EMA of the
+weights. Every loss part decreases; the student's params and BN statistics move, the
+teacher's variables do not; the EMA follows mmdetection's recursion and survives a
+checkpoint round trip as the variables evaluation uses."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fgd_jax import checkpoint as ckpt_lib
 from fgd_jax import config as C
 from fgd_jax.distill.distiller import build_distill_losses
 from fgd_jax.experiment import Experiment, TrainState, make_train_step, run_optimizer
@@ -41,7 +46,7 @@ def _batch(n: int = 2) -> dict:
         image=images, boxes=boxes, labels=labels, valid=valid, img_shape=hw, pad_shape=hw,
         scale_factor=np.ones((n, 4), np.float32),
         ignore_boxes=np.zeros((n, 1, 4), np.float32), ignore_valid=np.zeros((n, 1), bool),
-        input_scale=np.tile(np.array([[1.25, 0.75]], np.float32), (n, 1)),
+        use_l1=np.ones((n,), bool),
     )  # fmt: skip
 
 
@@ -64,11 +69,18 @@ def test_tiny_yolox_fgd_train_steps(tmp_path):
     cfg = C.ConfigDict()
     cfg.model = C.yolox_model("s", num_classes=3, widen_factor=0.0625)  # neck 16 channels
     cfg.teacher = C.teacher(C.yolox_model("s", num_classes=3, widen_factor=0.125), ckpt="")
-    cfg.distill = C.yolox_fgd_distill(student_channels=16, teacher_channels=32)
+    # the branch's FGD weights x 100: at 16 channels and 16 steps the detection losses would
+    # otherwise move the student's features more than the distillation pulls them back
+    cfg.distill = C.yolox_fgd_distill(student_channels=16, teacher_channels=32, alpha_fgd=0.2,
+                                      beta_fgd=0.1, gamma_fgd=0.1, lambda_fgd=0.001)  # fmt: skip
     cfg.train = C.schedule_yolox(batch_size=2)
-    cfg.train.update(warmup="none", decay_epochs=(), base_lr=0.01)
+    # the recipe's optimizer at a rate that overfits one batch in a few steps; a short EMA
+    # ramp (total_iter 4) so that the average differs from the weights
+    cfg.train.update(lr_policy="yolox", warmup="none", num_steps=1000, last_epochs=15,
+                     min_lr_ratio=0.05, base_lr=0.02, reference_batch_size=2,
+                     norm_decay_mult=0.0, ema_momentum=1e-4, ema_total_iter=4)  # fmt: skip
     cfg.seed = 0
-    assert cfg.distill.teacher_bn == "train"
+    assert cfg.distill.teacher_bn == "train" and cfg.distill.variant == "yolox"
     exp = Experiment(cfg)
     batch = {k: jnp.asarray(v) for k, v in _batch().items()}
     x = batch["image"][:1]
@@ -95,24 +107,54 @@ def test_tiny_yolox_fgd_train_steps(tmp_path):
     params = {"student": svars["params"], "distill_losses": fgd_vars["params"]}
     model_state = {"batch_stats": {"student": svars["batch_stats"]}}
     tx, schedule = run_optimizer(exp, params, 10)
+    assert exp.uses_ema
     state = TrainState(
         step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
         opt_state=tx.init(params), rng=jax.random.key(3),
+        ema=jax.tree.map(jnp.array, {"params": params, "model_state": model_state}),
     )  # fmt: skip
     t_before = jax.tree.map(np.asarray, tvars)
     p_before = jax.tree.map(np.asarray, state.params)
     s_before = jax.tree.map(np.asarray, state.model_state)
-    step = jax.jit(make_train_step(exp, tx, schedule), compiler_options=_FAST)
+    step = jax.jit(make_train_step(exp, tx, schedule, input_size=(32, 32)),
+                   compiler_options=_FAST)  # fmt: skip
+    leaf = lambda tree: np.asarray(tree["student"]["bbox_head"]["multi_level_conv_reg_0"]["kernel"])  # noqa: E731, E501
+    ema_ref = leaf(state.params)
     history = []
-    for _ in range(3):
+    for k in range(16):
         state, metrics = step(state, tvars, batch)
-        history.append({k: float(v) for k, v in metrics.items()})
-    keys = {"loss_cls", "loss_bbox", "loss_obj"} | {f"loss_fgd_fpn_{i}" for i in range(3)}
+        history.append({key: float(v) for key, v in metrics.items()})
+        w = (1 - 1e-4) * np.exp(-(1 + k) / 4) + 1e-4  # mmdet ExpMomentumEMAHook, iter k
+        ema_ref = ema_ref * (1 - w) + leaf(state.params) * w
+        np.testing.assert_allclose(leaf(state.ema["params"]), ema_ref, rtol=1e-5, atol=1e-7)
+    keys = {"loss_cls", "loss_bbox", "loss_obj", "loss_l1"} | {
+        f"loss_fgd_fpn_{i}" for i in range(3)
+    }
     assert keys <= set(history[0]) and "loss_fgd_fpn_3" not in history[0]
     for rec in history:
         assert all(np.isfinite(v) for k, v in rec.items() if k.startswith("loss")), rec
         assert all(rec[f"loss_fgd_fpn_{i}"] > 0 for i in range(3)), rec
+    for key in sorted(keys):  # every part: the last 3 steps below the first 3
+        first = np.mean([r[key] for r in history[:3]])
+        last = np.mean([r[key] for r in history[-3:]])
+        assert last < first, (key, [round(r[key], 4) for r in history])
+    np.testing.assert_allclose(history[0]["lr"], float(schedule(0)), rtol=1e-6)
     assert step._cache_size() == 1
+    assert not np.allclose(leaf(state.ema["params"]), leaf(state.params))
+    # the EMA is part of the checkpoint, and what evaluation / export read
+    with ckpt_lib.CheckpointManager(str(tmp_path / "ckpt")) as manager:
+        manager.save(16, state)
+        manager.wait()
+        restored, _, _ = manager.restore(16, target=ckpt_lib.abstract_tree(state))
+    ev = exp.eval_variables(restored)
+    np.testing.assert_array_equal(
+        np.asarray(ev["params"]["bbox_head"]["multi_level_conv_reg_0"]["kernel"]),
+        leaf(state.ema["params"]),
+    )
+    np.testing.assert_array_equal(
+        np.asarray(jax.tree.leaves(ev["batch_stats"])[0]),
+        np.asarray(jax.tree.leaves(state.ema["model_state"]["batch_stats"]["student"])[0]),
+    )
     moved = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), p_before, state.params)
     assert all(jax.tree.leaves(moved["distill_losses"]["loss_fgd_fpn_0"]["align"]))
     assert any(jax.tree.leaves(moved["student"]["backbone"]))

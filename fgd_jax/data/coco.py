@@ -229,6 +229,7 @@ def load_coco_records(
     image_dir: str | os.PathLike,
     filter_empty: bool,
     min_size: int = 32,
+    keep_empty: bool = False,
     check_files: bool = True,
     on_bad_image: str = "error",
     on_unknown_category: str = "warn",
@@ -242,6 +243,8 @@ def load_coco_records(
       image_dir: folder holding the images named by `file_name`.
       filter_empty: True for training (drop images without annotations and smaller than
         `min_size`), False for evaluation (keep every image).
+      keep_empty: with `filter_empty`, keep images without annotations (mmdetection's
+        `filter_empty_gt=False`, YOLOX); `min_size` still applies.
       check_files: verify every image file exists (a stat per image).
       on_bad_image: 'error' (raise) or 'skip' (drop the image with a warning and count it).
       on_unknown_category: 'warn' (skip annotations of category ids `categories` lacks, one
@@ -282,7 +285,8 @@ def load_coco_records(
     for img_id in coco.getImgIds():
         info = coco.imgs[img_id]
         h, w = int(info["height"]), int(info["width"])
-        if filter_empty and (img_id not in ids_in_cat or min(h, w) < min_size):
+        no_gt = img_id not in ids_in_cat and not keep_empty
+        if filter_empty and (no_gt or min(h, w) < min_size):
             continue
         path = os.path.join(image_dir, info["file_name"])
         if check_files and not os.path.isfile(path):

@@ -130,6 +130,7 @@ def make_example(
     multiscale_short: Sequence[int] = (),
     multiscale_mode: str = "value",
     mask_grid: int = 0,
+    pad_value: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """One record -> one example with the per-image keys of the batch contract.
 
@@ -137,7 +138,8 @@ def make_example(
     with `multiscale_short`, at (max(img_scale), short) with the short side drawn by
     `sample_short_side`), `RandomFlip`, `Normalize`, pad to `canvas_hw`. `mask_grid > 0`
     adds `masks [max_boxes, mask_grid, mask_grid] uint8` and `mask_regions [max_boxes, 4]`
-    (`mask_grids`; the record needs `masks`).
+    (`mask_grids`; the record needs `masks`). `pad_value`: the padding's value after
+    normalization (`data.pad_value`: 0, or YOLOX's 114 on raw pixels).
     Raises `transforms.BadImageError` for unreadable images.
     """
     rng = rng if rng is not None else np.random.default_rng(0)
@@ -153,7 +155,7 @@ def make_example(
     img, all_boxes, sf = T.resize_keep_ratio(img, all_boxes, scale, max_hw=canvas_hw)
     img, all_boxes, flipped = T.random_flip(img, all_boxes, flip_prob, rng)
     h, w = img.shape[:2]
-    img = T.normalize_pad(img, canvas_hw, pixel_style)
+    img = T.normalize_pad(img, canvas_hw, pixel_style, pad_value=pad_value)
     name = str(record.get("file_name", record.get("image_id")))
     boxes, labels, valid = pad_boxes(all_boxes[:nb], record["labels"], max_boxes, name, "gt")
     ign, _, ign_valid = pad_boxes(

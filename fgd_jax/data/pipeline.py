@@ -56,6 +56,7 @@ from fgd_jax.data.schedule import (
     max_resized_hw,
 )
 from fgd_jax.data.sources import check_num_classes, ensure_shapes_dataset, load_split
+from fgd_jax.data.yolox_aug import YOLOXAugCfg, make_yolox_example
 
 __all__ = [
     "SKIPPED_KEY",
@@ -72,6 +73,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _INFINITE_STEPS = 1 << 62
+AUGMENTS = ("standard", "yolox")
 SKIPPED_KEY = "_num_skipped"  # per-batch count of skipped images, popped by DetectionLoader
 
 
@@ -97,6 +99,9 @@ class _BatchMaker:
     max_ignore: int
     on_bad_image: str
     mask_grid: int = 0  # > 0: `masks` / `mask_regions` keys (data.with_mask, data.mask_grid)
+    pad_value: float = 0.0  # data.pad_value
+    # data.augment='yolox': the YOLOX recipe's training examples (fgd_jax.data.yolox_aug)
+    yolox: YOLOXAugCfg | None = None
     eval_batches: np.ndarray | None = None
     eval_canvas: np.ndarray | None = None
     steps_per_epoch: int = 0
@@ -154,6 +159,12 @@ class _BatchMaker:
         while True:
             rng = np.random.default_rng([self.seed, epoch, slot, tries])
             try:
+                if self.train and self.yolox is not None:
+                    ex = make_yolox_example(
+                        self.records, i, canvas_hw, self.max_boxes, self.max_ignore,
+                        self.yolox, rng, epoch, self.pixel_style,
+                    )  # fmt: skip
+                    return ex, tries
                 ex = make_example(
                     self.records[i],
                     canvas_hw,
@@ -166,6 +177,7 @@ class _BatchMaker:
                     multiscale_short=self.multiscale_short if self.train else (),
                     multiscale_mode=self.multiscale_mode,
                     mask_grid=self.mask_grid,
+                    pad_value=self.pad_value,
                 )
                 return ex, tries
             except T.BadImageError as e:
@@ -341,6 +353,18 @@ def _resolve_hosts(process_index, process_count):
     return int(process_index), int(process_count)
 
 
+def _yolox_cfg(data_cfg) -> YOLOXAugCfg | None:
+    """`data.augment`: None for 'standard', the `data.yolox` settings for 'yolox'."""
+    if data_cfg.augment not in AUGMENTS:
+        raise ValueError(f"data.augment must be one of {AUGMENTS}, got {data_cfg.augment!r}")
+    if data_cfg.augment != "yolox":
+        return None
+    if data_cfg.with_mask:
+        raise ValueError("data.augment='yolox' moves boxes only: it cannot carry masks")
+    section = data_cfg.yolox
+    return YOLOXAugCfg.from_config(section.to_dict() if hasattr(section, "to_dict") else section)
+
+
 def _build(
     data_cfg, global_batch_size, seed, process_index, process_count, train, records, num_classes
 ):
@@ -380,6 +404,8 @@ def _build(
         on_bad_image=data_cfg.on_bad_image,
         # masks are training targets; evaluation compares with the json's segmentations
         mask_grid=int(data_cfg.mask_grid) if data_cfg.with_mask and train else 0,
+        pad_value=float(data_cfg.pad_value),
+        yolox=_yolox_cfg(data_cfg) if train else None,
     )
     if maker.mask_grid and recs.records and "masks" not in recs.records[0]:
         raise ValueError("data.with_mask: the records given were read without masks")

@@ -39,6 +39,8 @@ def load_split(data_cfg: Any, train: bool) -> CocoRecords:
         os.path.join(root, cfg.train_images if train else cfg.val_images),
         filter_empty=train,
         min_size=int(cfg.min_size),
+        # mmdetection filter_empty_gt=False (YOLOX): images without GT train too
+        keep_empty=not bool(cfg.filter_empty_gt),
         on_bad_image=cfg.on_bad_image,
         on_unknown_category=cfg.on_unknown_category,
         with_mask=bool(cfg.with_mask),

@@ -206,14 +206,20 @@ def random_flip(
 
 
 # --------------------------------------------------------------------------- normalize / pad
+PIXEL_STYLES = ("pytorch", "caffe", "raw_bgr")
+
+
 def pixel_stats(style: str) -> tuple[np.ndarray, np.ndarray, bool]:
-    """`(mean [3], std [3], to_bgr)` for 'pytorch' (RGB, ImageNet mean/std) or 'caffe' (BGR)."""
+    """`(mean [3], std [3], to_bgr)` for 'pytorch' (RGB, ImageNet mean/std), 'caffe' (BGR,
+    mean only) or 'raw_bgr' (BGR 0-255, no normalization: mmdetection's YOLOX)."""
     if style == "pytorch":
         mean, std, to_bgr = PYTORCH_PIXEL_MEAN, PYTORCH_PIXEL_STD, False
     elif style == "caffe":
         mean, std, to_bgr = CAFFE_PIXEL_MEAN, CAFFE_PIXEL_STD, True
+    elif style == "raw_bgr":
+        mean, std, to_bgr = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), True
     else:
-        raise ValueError(f"pixel_style must be 'pytorch' or 'caffe', got {style!r}")
+        raise ValueError(f"pixel_style must be one of {PIXEL_STYLES}, got {style!r}")
     return np.array(mean, np.float32), np.array(std, np.float32), to_bgr
 
 
@@ -227,14 +233,19 @@ def normalize(img: np.ndarray, style: str = "pytorch") -> np.ndarray:
     return (x - mean) / std
 
 
-def normalize_pad(img: np.ndarray, hw: tuple[int, int], style: str = "pytorch") -> np.ndarray:
-    """`pad_to(normalize(img, style), hw)` in one pass without temporaries (same numbers)."""
+def normalize_pad(
+    img: np.ndarray, hw: tuple[int, int], style: str = "pytorch", pad_value: float = 0.0
+) -> np.ndarray:
+    """`pad_to(normalize(img, style), hw)` in one pass without temporaries (same numbers);
+    the padding holds `pad_value` (network-input units: 114 for YOLOX's raw pixels)."""
     mean, std, to_bgr = pixel_stats(style)
     h, w = img.shape[:2]
     H, W = int(hw[0]), int(hw[1])
     if h > H or w > W:
         raise ValueError(f"image of size {(h, w)} does not fit the canvas {(H, W)}")
-    out = np.zeros((H, W, 3), np.float32)
+    out = (
+        np.full((H, W, 3), pad_value, np.float32) if pad_value else np.zeros((H, W, 3), np.float32)
+    )
     region = out[:h, :w]
     np.subtract(img[:, :, ::-1] if to_bgr else img, mean, out=region)
     np.divide(region, std, out=region)

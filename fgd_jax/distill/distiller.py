@@ -20,10 +20,11 @@ Variants (`DistillLosses.variant`), after the original's branches:
   scale_x, img_metas)`: boxes mapped with `x / img_w * W / scale_x` and the loss divided by
   `scale_x * scale_y` (`FGDLoss(input_scale=...)`). The factors come from the batch's
   optional `input_scale` [B, 2] (scale_y, scale_x; every row the same, one size per batch as
-  the original); without it they are 1 (no batch resize: the trainer does not resize
-  batches yet). The branch's other differences are settings (`config.yolox_fgd_distill`):
-  its weights, no inheriting (`init_student=False`) and the teacher's BatchNorm on batch
-  statistics (`teacher_bn='train'`, see `teacher_features`).
+  the original; the trainer fills it with `train.multiscale_sizes`, see
+  `fgd_jax.experiment.resize_batch`); without it they are 1. The branch's other
+  differences are settings (`config.yolox_fgd_distill`): its weights, no inheriting
+  (`init_student=False`) and the teacher's BatchNorm on batch statistics
+  (`teacher_bn='train'`, see `teacher_features`).
 """
 
 from __future__ import annotations

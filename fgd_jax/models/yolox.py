@@ -22,7 +22,8 @@ half a stride for the assignment only. Per image the positives' class targets ar
 `onehot(label) * IoU(pred, assigned GT)`; `loss_cls` = BCE-with-logits summed over positives
 and classes, `loss_obj` = BCE summed over every prior (target 1 on positives), `loss_bbox` =
 5 * sum over positives of `1 - IoU^2` (IoU clamped at 1e-16), `loss_l1` (only with
-`train_cfg.use_l1`, mmdet's last-15-epochs switch) = L1 between the raw `reg` and
+`train_cfg.use_l1`, or at run time with the batch's `use_l1` key: mmdet's last-15-epochs
+switch, which the YOLOX data recipe sets) = L1 between the raw `reg` and
 `((gt_c - prior) / stride, log(gt_wh / stride + 1e-8))`; each divided by
 `max(num_pos, 1)`.
 Normalisation across devices: mmdet divides each GPU's sums by `max(reduce_mean(num_pos), 1)`
@@ -272,11 +273,15 @@ def yolox_loss(
     loss_bbox_weight: float = 5.0,
     loss_obj_weight: float = 1.0,
     loss_l1_weight: float = 1.0,
+    l1_on: Array | None = None,
 ) -> dict[str, Array]:
     """mmdet 2.x `YOLOXHead.loss` on flattened outputs (shapes as `yolox_targets`).
 
-    Returns {'loss_cls', 'loss_bbox', 'loss_obj'} (+ 'loss_l1' with `train_cfg.use_l1`),
-    float32 scalars, each summed over the batch and divided by `max(num_pos, 1)`."""
+    `l1_on`: optional runtime switch of the L1 term (a bool / 0-1 scalar, traced: the data
+    pipeline's `use_l1` batch key, mmdet's `YOLOXModeSwitchHook` without a recompile);
+    `loss_l1` is then computed and multiplied by it (0 before the switch).
+    Returns {'loss_cls', 'loss_bbox', 'loss_obj'} (+ 'loss_l1' with `train_cfg.use_l1` or
+    `l1_on`), float32 scalars, each summed over the batch and divided by `max(num_pos, 1)`."""
     dt = dtypes.float_dtype(cls_scores, bbox_preds, objectness)
     cls_scores = jnp.asarray(cls_scores, dt)
     bbox_preds = jnp.asarray(bbox_preds, dt)
@@ -308,10 +313,13 @@ def yolox_loss(
         loss_bbox=loss_bbox_weight * loss_bbox,
         loss_obj=loss_obj_weight * loss_obj,
     )
-    if train_cfg.use_l1:
+    if train_cfg.use_l1 or l1_on is not None:
         l1_t = yolox_l1_target(tgt_boxes, priors[None])
         l1 = loss_ops.l1_loss(bbox_preds, jax.lax.stop_gradient(l1_t)).sum(-1)
-        out["loss_l1"] = loss_l1_weight * jnp.sum(jnp.where(pos, l1, 0.0)) / num_total
+        loss_l1 = loss_l1_weight * jnp.sum(jnp.where(pos, l1, 0.0)) / num_total
+        if not train_cfg.use_l1:
+            loss_l1 = loss_l1 * jnp.asarray(l1_on).astype(dt)
+        out["loss_l1"] = loss_l1
     return out
 
 
@@ -452,7 +460,9 @@ class YOLOX(nn.Module):
         )
 
     def loss(self, outs: dict[str, Any], batch: dict[str, Array]) -> dict[str, Array]:
-        """Losses from head outputs `outs` (as `__call__` returns) and a batch dict."""
+        """Losses from head outputs `outs` (as `__call__` returns) and a batch dict; an
+        optional `use_l1` [B] bool key (the YOLOX data recipe's mode switch, every row the
+        same: row 0 is read) turns the L1 term on at run time (`yolox_loss(l1_on=...)`)."""
         for key in ("boxes", "labels", "valid"):
             if key not in batch:
                 raise KeyError(f"YOLOX.forward_train: batch has no {key!r} (see contracts)")
@@ -471,6 +481,7 @@ class YOLOX(nn.Module):
             loss_bbox_weight=head.loss_bbox_weight,
             loss_obj_weight=head.loss_obj_weight,
             loss_l1_weight=head.loss_l1_weight,
+            l1_on=jnp.asarray(batch["use_l1"]).reshape(-1)[0] if "use_l1" in batch else None,
         )
 
     def forward_train(
