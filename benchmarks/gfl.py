@@ -155,8 +155,9 @@ def main(argv: list[str] | None = None) -> None:
                 "GFL R50-FPN, fgd-jax vs mmdetection (same weights)", args, device
             )
             lines[3] += f"; mmdetection side: {args.oracle_python} (torch {peer.info['torch']})"
-            tj_train, tp_train, _ = time_with_peer(train, peer, "train", args.iters)
+            # inference first: both sides still hold the same (converted) weights
             tj_inf, tp_inf, reply = time_with_peer(infer, peer, "infer", args.iters)
+            tj_train, tp_train, _ = time_with_peer(train, peer, "train", args.iters)
         finally:
             peer.close()
     rows = [

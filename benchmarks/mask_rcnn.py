@@ -165,8 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     train, infer, info = sides(args, device, peer)
     title = "Mask R-CNN R50-FPN, fgd-jax vs torchvision (same weights)"
     lines = common.header(title, args, device)
-    t_train = common.time_interleaved(train, args.iters)
+    # inference first: both sides still hold the same (converted) weights
     t_infer = common.time_interleaved(infer, args.iters)
+    t_train = common.time_interleaved(train, args.iters)
     ts, (ih, iw) = args.train_size, args.infer_size
     rows = [
         (f"train step, batch 2, {ts}x{ts}", 2 / t_train["jax"], 2 / t_train["torch"]),
