@@ -10,6 +10,8 @@ What every such script needs, in one place:
 - `synthetic_batch`: a static-shape batch with random boxes (contracts.md keys);
 - `detector_sides` + `compare_detectors`: a whole fgd-jax vs torchvision detector comparison
   (train step and inference), used by retinanet.py and faster_rcnn.py;
+- `jax_detector_calls`: fgd-jax's train / infer calls for given (converted) variables, used by
+  mask_rcnn.py and gfl.py;
 - `header` and `table`: the markdown report (date, device, versions, threads, load average,
   peak memory).
 """

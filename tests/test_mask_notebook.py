@@ -2,19 +2,19 @@
 `fgd_jax.analysis.mask_overlay`.
 
 References: the blend recomputed by hand per pixel; the notebook executed with nbclient (the
-kernel helpers of tests/test_notebooks.py) on a tiny Mask R-CNN exported with its init
-weights, on the synthetic shapes set: it must run without errors and draw its figure.
+kernel helpers of tests/test_notebooks.py) on the golden tiny Mask R-CNN (real mmdetection's
+weights, converted) exported with the synthetic shapes set: it must run without errors and
+draw its figure.
 """
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
+import os
+
 import numpy as np
 import pytest
 
 from fgd_jax import analysis
-from fgd_jax import config as C
 
 
 def test_mask_overlay_blends_each_mask_in_its_colour():
@@ -39,24 +39,27 @@ def test_mask_overlay_blends_each_mask_in_its_colour():
 
 @pytest.mark.slow
 def test_mask_predictions_notebook(tmp_path):
+    """On the synthetic shapes set with the golden Mask R-CNN's weights (tests/golden/mask_rcnn,
+    real mmdetection's, converted: no init compile, and detections with real masks)."""
     from fgd_jax import checkpoint as ckpt_lib
-    from fgd_jax.models import build_detector, init_module
+    from fgd_jax.convert import import_torch_checkpoint
 
     from ._tiny import tiny_config
+    from .test_mask_rcnn_golden import GOLDEN, _cfg
     from .test_notebooks import _KERNEL_ENV, _errors, _execute, _pngs
 
     cfg = tiny_config(str(tmp_path / "data"), "baseline")
-    cfg.model = C.mask_rcnn_model(
-        depth=18, num_classes=cfg.data.num_classes, fpn_channels=16, rpn_feat_channels=16,
-        fc_out_channels=32, mask_channels=16,
-    )  # fmt: skip
-    h, w = cfg.data.canvases[0]
-    model = build_detector(cfg.model)
-    variables = init_module(model, jax.random.key(0), jnp.zeros((1, h, w, 3)))
+    cfg.model = _cfg()  # 3 classes: they show as the set's first three names
+    variables = import_torch_checkpoint(os.path.join(GOLDEN, "mask_rcnn.pth"), cfg.model)
     path = ckpt_lib.save_variables(tmp_path / "model", variables, cfg)
     env = dict(
-        _KERNEL_ENV, FGD_NOTEBOOK_MODEL=path, FGD_NOTEBOOK_IMAGES="2", FGD_NOTEBOOK_SCORE="0"
+        _KERNEL_ENV, FGD_NOTEBOOK_MODEL=path, FGD_NOTEBOOK_IMAGES="2", FGD_NOTEBOOK_SCORE="0.3"
     )
     cells = _execute("mask_predictions.ipynb", env, tmp_path)
     assert not _errors(cells), _errors(cells)
     assert _pngs(cells) == 1
+    text = "".join(o.get("text", "") for c in cells if c.cell_type == "code" for o in c.outputs)
+    shown = [line for line in text.splitlines() if "mask pixels of the shown" in line]
+    assert len(shown) == 2 and any(
+        line.rstrip().endswith("]") and "[]" not in line for line in shown
+    )
