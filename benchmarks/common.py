@@ -10,6 +10,8 @@ What every such script needs, in one place:
 - `synthetic_batch`: a static-shape batch with random boxes (contracts.md keys);
 - `detector_sides` + `compare_detectors`: a whole fgd-jax vs torchvision detector comparison
   (train step and inference), used by retinanet.py and faster_rcnn.py;
+- `jax_detector_calls`: fgd-jax's train / infer calls for given (converted) variables, used by
+  mask_rcnn.py and gfl.py;
 - `header` and `table`: the markdown report (date, device, versions, threads, load average,
   peak memory).
 """
@@ -262,6 +264,58 @@ def detector_sides(
         torch_sync(device)
 
     return {"jax": jax_train, "torch": torch_train}, {"jax": jax_infer, "torch": torch_infer}
+
+
+def jax_detector_calls(
+    model: Any,
+    variables: Any,
+    train_batch: dict[str, np.ndarray],
+    infer_batch: dict[str, np.ndarray],
+    lr: float,
+    after_predict: Callable[[Any], None] | None = None,
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """fgd-jax's timed calls `(train, infer)` of a detector with given `variables` (e.g.
+    converted from the peer's weights): one jit SGD(momentum 0.9) step of `forward_train` on
+    `train_batch` (a fresh sampler key per step), and a jit `predict` on `infer_batch`
+    followed by `after_predict(detections on the host)` when given (e.g. pasting masks)."""
+    import jax
+    import optax
+
+    params, stats = variables["params"], variables["batch_stats"]
+    tx = optax.sgd(lr, momentum=0.9)
+
+    @jax.jit
+    def step(p, o, batch, key):
+        def loss_fn(p):
+            losses, _ = model.apply(
+                {"params": p, "batch_stats": stats},
+                batch,
+                method="forward_train",
+                rngs={"sampler": key},  # (two-stage samplers; unused by the others)
+            )
+            return sum(losses.values())
+
+        loss, g = jax.value_and_grad(loss_fn)(p)
+        upd, o = tx.update(g, o, p)
+        return optax.apply_updates(p, upd), o, loss
+
+    state = [params, tx.init(params), 0]
+    jtb, jib = jax.device_put(train_batch), jax.device_put(infer_batch)
+    pred = jax.jit(lambda v, x, s, f: model.apply(v, x, s, f, method="predict"))
+
+    def train() -> None:
+        state[2] += 1
+        state[0], state[1], loss = step(state[0], state[1], jtb, jax.random.key(state[2]))
+        loss.block_until_ready()
+
+    def infer() -> None:
+        det = pred(variables, jib["image"], jib["img_shape"], jib["scale_factor"])
+        if after_predict is None:
+            jax.block_until_ready(det)
+        else:
+            after_predict(jax.device_get(det))
+
+    return train, infer
 
 
 def compare_detectors(

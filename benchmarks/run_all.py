@@ -129,6 +129,13 @@ def parse_deform_conv(out: str) -> list[Row]:
     return rows
 
 
+def skip_reason(out: str) -> str | None:
+    """The reason of a script that printed `SKIPPED <script>: <reason>` (a missing optional
+    peer, e.g. gfl.py without the mmdetection oracle venv); None otherwise."""
+    m = re.search(r"^SKIPPED [^:]*: (.*)$", out, re.MULTILINE)
+    return m.group(1).strip() if m else None
+
+
 @dataclass
 class Bench:
     name: str
@@ -194,6 +201,21 @@ BENCHES = [
         parse_md_table,
         ["--gpu"],
     ),
+    Bench(
+        "mask_rcnn",
+        ["--iters", "1", "--train-size", "256", "--infer-size", "384", "384"],
+        ["--iters", "2", "--train-size", "384", "--infer-size", "512", "768"],
+        parse_md_table,
+        ["--gpu"],
+    ),
+    # mmdetection's CPU model in the oracle venv (a subprocess); skipped without that venv
+    Bench(
+        "gfl",
+        ["--iters", "1", "--train-size", "256", "--infer-size", "384", "384"],
+        ["--iters", "2", "--train-size", "320", "--infer-size", "512", "768"],
+        parse_md_table,
+        [],
+    ),
 ]
 
 
@@ -255,10 +277,13 @@ def main(argv: list[str] | None = None) -> None:
         with open(log_path, "w") as f:
             f.write(f"$ {shown}\n{output}")
         rows = b.parse(output) if status == "ok" else []
-        if status == "ok" and not rows:
+        skipped = skip_reason(output) if status == "ok" else None
+        if skipped:
+            status = f"skipped: {skipped}"
+        elif status == "ok" and not rows:
             status = "ok, no numbers parsed"
         print(f"    {status} in {wall:.0f} s, {len(rows)} rows (log: {log_path})", flush=True)
-        if status != "ok" and status != "ok, no numbers parsed":
+        if status != "ok" and status != "ok, no numbers parsed" and not skipped:
             print("    " + "\n    ".join(output.strip().splitlines()[-8:]), flush=True)
         results.append((b, shown, status, wall, rows))
 
@@ -282,7 +307,8 @@ def main(argv: list[str] | None = None) -> None:
         "Speed-up = fgd-jax throughput / PyTorch throughput (> 1: fgd-jax faster); for ms/step "
         "rows it is torch ms / fgd-jax ms, for GiB rows (memory) torch GiB / fgd-jax GiB (> 1: "
         "fgd-jax holds less). PyTorch peers: torchvision models, the original FGD "
-        "loss (`benchmarks/fgd_torch_reference.py`), `benchmarks/torch_fgd_peer.py`.",
+        "loss (`benchmarks/fgd_torch_reference.py`), `benchmarks/torch_fgd_peer.py`; gfl: "
+        "mmdetection's own CPU model (the oracle venv, `benchmarks/mmdet_gfl_peer.py`).",
         "",
         "| benchmark | workload | unit | fgd-jax | PyTorch | speed-up | script wall s | status |",
         "|---|---|---|---|---|---|---|---|",

@@ -4,7 +4,9 @@
 - a run's full train state (student, FGD params) and one example of its data:
   `load_train_state`, `example_batch` (or any image file: `image_file_batch`);
 - the maps FGD works with on one level: `fgd_level_maps` (masks, attentions, per-cell feature
-  gap, GcBlock context weights), from the public pure parts of `fgd_jax.distill.fgd`.
+  gap, GcBlock context weights), from the public pure parts of `fgd_jax.distill.fgd`;
+- instance masks blended into an image for display: `mask_overlay` (Mask R-CNN predictions,
+  notebooks/mask_predictions.ipynb).
 """
 
 from __future__ import annotations
@@ -303,3 +305,28 @@ def _conv1x1(params: Mapping[str, Any], x: jax.Array) -> jax.Array:
         bias_init=jax.nn.initializers.zeros,
     )
     return module.apply({"params": {"kernel": kernel, "bias": jnp.asarray(params["bias"])}}, x)
+
+
+# ------------------------------------------------------------------------ instance masks
+# tab10's colours (RGB 0..255): instance k gets MASK_COLORS[k % 10]
+MASK_COLORS = np.array(
+    [
+        [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
+        [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207],
+    ],
+    np.float32,
+)  # fmt: skip
+
+
+def mask_overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """`image [H, W, 3] uint8 RGB` with each of `masks [N, H, W] bool` blended in its colour
+    (`MASK_COLORS[k % 10]`, weight `alpha`; a later mask over an earlier one): `[H, W, 3]
+    uint8`. Raises ValueError when the masks' size is not the image's."""
+    image = np.asarray(image)
+    masks = np.asarray(masks, bool)
+    if masks.ndim != 3 or masks.shape[1:] != image.shape[:2]:
+        raise ValueError(f"mask_overlay: masks {masks.shape} do not fit the image {image.shape}")
+    out = image.astype(np.float32)
+    for k, m in enumerate(masks):
+        out[m] = (1.0 - alpha) * out[m] + alpha * MASK_COLORS[k % len(MASK_COLORS)]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)

@@ -52,6 +52,19 @@ SUMMARY memory | distill step, batch 2, 512x512, float32 | GiB | 1.590 | 1.575 |
 SUMMARY deform_conv | DCN v1 forward, batch 2, 64->64, 13x21, 3x3, groups 1, dg 1 | ms/step | 15.47 | 18.05 | 1.17
 SUMMARY deform_conv | DCN v1 fwd+bwd, batch 2, 64->64, 13x21, 3x3, groups 1, dg 1 | ms/step | 28.93 | 196.44 | 6.79
 """,
+    # mask_rcnn.py's and gfl.py's tables (2026-12-06 smoke runs, --train-size 128)
+    "mask_rcnn": """\
+| workload | fgd-jax img/s | torchvision img/s | ratio (jax/torch) |
+|---|---|---|---|
+| train step, batch 2, 128x128 | 0.018 | 0.284 | 0.06 |
+| inference + paste, batch 1, 128x192 | 0.065 | 1.140 | 0.06 |
+""",
+    "gfl": """\
+| workload | fgd-jax img/s | mmdetection img/s | ratio (jax/torch) |
+|---|---|---|---|
+| train step, batch 2, 128x128 | 0.163 | 0.173 | 0.94 |
+| inference, batch 1, 128x192 | 0.175 | 0.305 | 0.58 |
+""",
 }  # fmt: skip
 
 EXPECTED = {
@@ -73,6 +86,14 @@ EXPECTED = {
     "deform_conv": [
         ("DCN v1 forward, batch 2, 64->64, 13x21, 3x3, groups 1, dg 1", 15.47, 18.05),
         ("DCN v1 fwd+bwd, batch 2, 64->64, 13x21, 3x3, groups 1, dg 1", 28.93, 196.44),
+    ],
+    "mask_rcnn": [
+        ("train step, batch 2, 128x128", 0.018, 0.284),
+        ("inference + paste, batch 1, 128x192", 0.065, 1.140),
+    ],
+    "gfl": [
+        ("train step, batch 2, 128x128", 0.163, 0.173),
+        ("inference, batch 1, 128x192", 0.175, 0.305),
     ],
     "train_step": [
         ("FGD R101->R50 distill step, batch 2, 512x512", 0.159, 0.263),
@@ -99,3 +120,9 @@ def test_every_benchmark_has_a_parser_test_and_threads_flag():
     assert {b.name for b in R.BENCHES} == set(LOGS) | {"faster_rcnn"}  # same table as retinanet
     assert R.BENCHES[[b.name for b in R.BENCHES].index("faster_rcnn")].parse is R.parse_md_table
     assert [b.name for b in R.BENCHES if not b.threads] == ["data"]
+
+
+def test_a_skipped_script_says_why():
+    out = "SKIPPED benchmarks.gfl: no oracle python at /x/bin/python (the mmdetection venv)\n"
+    assert R.skip_reason(out) == "no oracle python at /x/bin/python (the mmdetection venv)"
+    assert R.skip_reason(LOGS["gfl"]) is None
