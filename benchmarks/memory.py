@@ -68,6 +68,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="extra config overrides for the fgd-jax side (python literals), e.g. "
         "model.backbone.remat=True",
     )
+    p.add_argument(
+        "--peak-report",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also print the N largest groups of what XLA holds at the step's heap peak, by "
+        "JAX source path (dumps XLA's buffer live ranges to a temporary folder)",
+    )
     p.add_argument("--out", default="", help="write the markdown report here")
     args = p.parse_args(argv)
     for s in args.sizes:
@@ -94,6 +102,35 @@ def tree_bytes(tree) -> int:
     import jax
 
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def peak_breakdown(dump_dir: str, top: int = 12) -> tuple[int, list[tuple[int, str]]]:
+    """What XLA holds at the heap peak of the newest compiled step in `dump_dir` (written with
+    `--xla_dump_to`): (bytes live at the peak, [(bytes, source)] largest first), the source
+    being the first levels of the buffer's JAX `op_name` (e.g.
+    `jvp(FGDDistiller)/student.forward_train/student/student.extract_feat/backbone`; buffers
+    without one, e.g. layout copies, are '(no op_name)')."""
+    import collections
+    import glob
+
+    ranges = glob.glob(os.path.join(dump_dir, "*jit_step_fn*live-range.txt"))
+    if not ranges:
+        raise FileNotFoundError(f"peak_breakdown: no step live-range dump in {dump_dir}")
+    live_path = max(ranges, key=os.path.getmtime)
+    live = open(live_path).read()
+    hlo = open(live_path.replace("-live-range.txt", ".txt")).read()
+    if "(peak):" not in live:
+        raise ValueError(f"peak_breakdown: {live_path} has no '(peak)' section")
+    peak = live[live.index("(peak):") :]
+    sources = dict(re.findall(r'\n\s+%?([\w.\-]+) = [^\n]*?op_name="([^"]*)"', hlo))
+    groups: collections.Counter = collections.Counter()
+    total = 0
+    for name, nbytes in re.findall(r"\n    (\S+)\{\S*\}: (\d+) bytes", peak):
+        total += int(nbytes)
+        src = sources.get(name, "(no op_name)").replace("jit(step_fn)/", "").replace("\\'", "'")
+        key = re.sub(r"layer(\d)_\d+", r"layer\1_*", "/".join(src.split("/")[:5]))
+        groups[key] += int(nbytes)
+    return total, [(b, k) for k, b in groups.most_common(top)]
 
 
 def jax_step_memory(
@@ -243,6 +280,13 @@ def report(results: list[dict], env: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    dump_dir = ""
+    if args.peak_report:
+        import tempfile
+
+        dump_dir = tempfile.mkdtemp(prefix="fgd_memory_dump_")
+        flags = f"--xla_dump_to={dump_dir} --xla_dump_hlo_pass_re=NONE"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
     if not args.gpu:
         cores = sorted(os.sched_getaffinity(0))
         n = args.threads or len(cores)
@@ -307,6 +351,11 @@ def main(argv: list[str] | None = None) -> None:
                 f"+{j['compile_rss'] / GIB:.2f} GiB RSS",
                 flush=True,
             )
+            if dump_dir:
+                live, groups = peak_breakdown(dump_dir, args.peak_report)
+                print(f"[{size} {dtype}] live at XLA's heap peak: {live / GIB:.3f} GiB, by source:")
+                for nbytes, src in groups:
+                    print(f"  {nbytes / 2**20:9.1f} MiB  {src}", flush=True)
             if not args.skip_torch:
                 r["torch"] = t = torch_step_memory(
                     h, w, args.batch, args.boxes, dtype, args.gpu, args.torch_steps

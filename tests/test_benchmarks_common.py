@@ -31,3 +31,30 @@ def test_setup_rejects_a_bad_thread_count():
     common.add_common_args(p)
     with pytest.raises(SystemExit, match="--threads must be in"):
         common.setup(p.parse_args(["--threads", "0"]))
+
+
+def test_memory_peak_breakdown_reads_xla_live_ranges(tmp_path):
+    """benchmarks.memory.peak_breakdown on a hand-written dump (the format XLA writes with
+    --xla_dump_to): the buffers live at the peak, grouped by their op_name's first levels."""
+    from benchmarks import memory
+
+    stem = tmp_path / "module_0002.jit_step_fn.cpu_after_optimizations"
+    (tmp_path / f"{stem.name}.txt").write_text(
+        "ENTRY %main {\n"
+        '  %a.1 = f32[4]{0} fusion(%p), metadata={op_name="jit(step_fn)/jvp(M)/s/t/u/layer2_3/c"}\n'
+        '  %b = f32[8]{0} fusion(%p), metadata={op_name="jit(step_fn)/jvp(M)/s/t/u/layer2_0/c"}\n'
+        "  %c = f32[2]{0} copy(%p)\n"
+        "}\n"
+    )
+    (tmp_path / f"{stem.name}-live-range.txt").write_text(
+        "HloLiveRange (max 9):\n  BufferLiveRange:\n    a.1{}:1-5\n"
+        "  Live ranges at 4 (peak):\n"
+        "    b{}: 32 bytes (cumulative: 32 bytes)\n"
+        "    a.1{}: 16 bytes (cumulative: 48 bytes)\n"
+        "    c{}: 8 bytes (cumulative: 56 bytes)\n"
+    )
+    total, groups = memory.peak_breakdown(str(tmp_path), top=5)
+    assert total == 56
+    assert groups == [(48, "jvp(M)/s/t/u/layer2_*"), (8, "(no op_name)")]
+    with pytest.raises(FileNotFoundError, match="no step live-range dump"):
+        memory.peak_breakdown(str(tmp_path / "missing"))
