@@ -127,6 +127,25 @@ def jax_yolox_calls(
     return train, infer, count
 
 
+def time_train(train: Any, peer: gfl.Peer, iters: int) -> tuple[float, float, list, list]:
+    """`gfl.time_with_peer` for the train step, keeping each side's loss of every step
+    (warm-up included): median seconds (fgd-jax, mmdetection) and the two loss lists."""
+    import statistics
+    import time
+
+    train()
+    peer_losses = [float(peer.call("train")["loss"])]
+    tj, tp = [], []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        train()
+        tj.append(time.perf_counter() - t0)
+        reply = peer.call("train")
+        tp.append(float(reply["s"]))
+        peer_losses.append(float(reply["loss"]))
+    return statistics.median(tj), statistics.median(tp), list(train.losses), peer_losses
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.gpu:
@@ -164,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
             # inference first: both sides still hold the same (converted) weights
             tj_inf, tp_inf, reply = gfl.time_with_peer(infer, peer, "infer", args.iters)
             n_cand, n_det = count()
-            tj_train, tp_train, last = gfl.time_with_peer(train, peer, "train", args.iters)
+            tj_train, tp_train, lj, lp = time_train(train, peer, args.iters)
         finally:
             peer.close()
     rows = [
@@ -180,9 +199,12 @@ def main(argv: list[str] | None = None) -> None:
         f"Inference (cls / obj biases: {bias}): priors with score >= 0.01 (NMS input): fgd-jax "
         f"{n_cand}, mmdetection {reply['candidates']}; detections after NMS: fgd-jax {n_det}, "
         f"mmdetection {reply['dets']}.",
-        f"Total loss after the {args.iters + 1} train steps of each side (same weights, batch "
-        f"and SGD: the same work): fgd-jax {train.losses[-1]:.4f}, mmdetection "
-        f"{last['loss']:.4f}.",
+        "Total loss of each train step (warm-up first; step 1 from the same weights, then each "
+        "side's own SGD updates): fgd-jax "
+        + ", ".join(f"{v:.4f}" for v in lj)
+        + "; mmdetection "
+        + ", ".join(f"{v:.4f}" for v in lp)
+        + ".",
         f"Peak RSS of the fgd-jax process: {common.peak_rss_gib():.2f} GiB.",
     ]
     common.write_report(lines, args.out)
