@@ -18,7 +18,8 @@ to convert, prints
 - `train`: one SGD(lr 0.01, momentum 0.9) step of `model.loss` (backbone + neck + head in
   train mode, BatchNorm on batch statistics, SimOTA, the three YOLOX losses; L1 off as in
   the first 285 epochs) on the batch's `train_*` arrays (images `[B, H, W, 3]`, boxes xyxy,
-  labels, valid) and `backward()`; `{"s": seconds, "loss": total}`;
+  labels, valid) and `backward()`; `{"s": seconds, "loss": total, "gnorm": the gradient's
+  global norm (untimed)}`;
 - `infer`: `model.predict(rescale=True)` on `infer_image` under `no_grad` (eval mode:
   running statistics); `{"s": seconds, "dets": n, "candidates": priors over score_thr}`;
 - `quit`: exits.
@@ -152,7 +153,11 @@ def main() -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        return {"s": time.perf_counter() - t0, "loss": float(loss)}
+        s = time.perf_counter() - t0
+        with torch.no_grad():  # untimed: the gradient's global norm (a parity check)
+            grads = [p.grad.double() for p in model.parameters() if p.grad is not None]
+            gnorm = torch.sqrt(sum((g**2).sum() for g in grads))
+        return {"s": s, "loss": float(loss), "gnorm": float(gnorm)}
 
     def infer() -> dict:
         model.eval()

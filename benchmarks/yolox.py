@@ -13,7 +13,9 @@ times its own call (the pipe's round trip is left out), both processes are pinne
   classification and objectness biases), its state dict converted by fgd-jax
   (`import_torch_checkpoint`, `fgd_jax.convert.mmdet_yolox`).
 - images: raw 0-255 pixels (YOLOX has no Normalize), uniform noise; 8 random GT boxes per
-  training image (`common.synthetic_batch`'s boxes), the same arrays on both sides.
+  training image (`common.synthetic_batch`'s boxes), the same arrays on both sides; fgd-jax's
+  GT arrays padded to `--gt-slots` rows (default 100, the recipe's `max_boxes`: its static
+  SimOTA works on every slot, mmdetection on the 8 boxes).
 - train step: batch 2 at --train-size: forward in train mode (every BatchNorm on batch
   statistics, running statistics updated: fgd-jax `mutable=['batch_stats']`), SimOTA, the
   YOLOX losses (cls / obj BCE, IoU 'square', L1 off), backward, SGD(lr 0.01, momentum 0.9).
@@ -58,16 +60,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="set every cls and obj conv bias to this (both sides; default mmdetection's init)",
     )
+    ap.add_argument(
+        "--gt-slots",
+        type=int,
+        default=100,
+        help="GT rows per training image on the fgd-jax side (8 valid, the rest padding; "
+        "default 100: the YOLOX data recipe's max_boxes)",
+    )
     oracle = os.environ.get("FGD_ORACLE_PYTHON", gfl.ORACLE_PYTHON)
     ap.add_argument("--oracle-python", default=oracle)
     return ap.parse_args(argv)
 
 
-def yolox_batch(b: int, h: int, w: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """`common.synthetic_batch` with raw 0-255 pixels (uniform) as YOLOX's pipeline feeds."""
+def yolox_batch(b: int, h: int, w: int, slots: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
+    """`common.synthetic_batch` (8 random GT boxes per image) with raw 0-255 pixels
+    (uniform) as YOLOX's pipeline feeds, the GT arrays padded to `slots` rows with
+    `valid=False` (the data pipeline's `max_boxes` layout; mmdetection gets the valid rows)."""
     batch = common.synthetic_batch(b, h, w, seed=seed)
     rng = np.random.default_rng(seed + 1)
     batch["image"] = rng.uniform(0, 255, batch["image"].shape).astype(np.float32)
+    pad = slots - batch["boxes"].shape[1]
+    if pad < 0:
+        raise ValueError(f"--gt-slots {slots} < the 8 GT boxes per image")
+    for key in ("boxes", "labels", "valid"):
+        widths = [(0, 0), (0, pad)] + [(0, 0)] * (batch[key].ndim - 2)
+        batch[key] = np.pad(batch[key], widths)
     return batch
 
 
@@ -75,7 +92,8 @@ def jax_yolox_calls(
     model: Any, variables: Any, tb: dict[str, np.ndarray], ib: dict[str, np.ndarray], lr: float
 ) -> tuple[Any, Any, Any]:
     """fgd-jax's `(train, infer, count)`: a jit SGD(momentum 0.9) step of `forward_train`
-    with BatchNorm on batch statistics (the statistics carried from step to step), a jit
+    with BatchNorm on batch statistics (the statistics carried from step to step; each step's
+    (loss, gradient global norm) appended to `train.losses`), a jit
     `predict` (blocks until done), and `count() -> (priors over score_thr, detections)` of
     the inference image (untimed)."""
     import jax
@@ -96,10 +114,10 @@ def jax_yolox_calls(
 
         (loss, stats), g = jax.value_and_grad(loss_fn, has_aux=True)(p)
         upd, o = tx.update(g, o, p)
-        return optax.apply_updates(p, upd), o, stats, loss
+        return optax.apply_updates(p, upd), o, stats, (loss, optax.global_norm(g))
 
     params = variables["params"]
-    losses: list[float] = []
+    losses: list[tuple[float, float]] = []
     state = [params, tx.init(params), variables["batch_stats"]]
     jtb, jib = jax.device_put(tb), jax.device_put(ib)
     pred = jax.jit(lambda v, x, s, f: model.apply(v, x, s, f, method="predict"))
@@ -112,7 +130,7 @@ def jax_yolox_calls(
 
     def train() -> None:
         state[0], state[1], state[2], loss = step(state[0], state[1], state[2], jtb)
-        losses.append(float(loss))  # (blocks until the step is done)
+        losses.append(tuple(float(v) for v in loss))  # (blocks until the step is done)
 
     def infer() -> dict:
         det = pred(variables, jib["image"], jib["img_shape"], jib["scale_factor"])
@@ -129,12 +147,14 @@ def jax_yolox_calls(
 
 def time_train(train: Any, peer: gfl.Peer, iters: int) -> tuple[float, float, list, list]:
     """`gfl.time_with_peer` for the train step, keeping each side's loss of every step
-    (warm-up included): median seconds (fgd-jax, mmdetection) and the two loss lists."""
+    (warm-up included): median seconds (fgd-jax, mmdetection) and the two lists of
+    (loss, gradient global norm)."""
     import statistics
     import time
 
     train()
-    peer_losses = [float(peer.call("train")["loss"])]
+    first = peer.call("train")
+    peer_losses = [(float(first["loss"]), float(first["gnorm"]))]
     tj, tp = [], []
     for _ in range(iters):
         t0 = time.perf_counter()
@@ -142,7 +162,7 @@ def time_train(train: Any, peer: gfl.Peer, iters: int) -> tuple[float, float, li
         tj.append(time.perf_counter() - t0)
         reply = peer.call("train")
         tp.append(float(reply["s"]))
-        peer_losses.append(float(reply["loss"]))
+        peer_losses.append((float(reply["loss"]), float(reply["gnorm"])))
     return statistics.median(tj), statistics.median(tp), list(train.losses), peer_losses
 
 
@@ -160,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     from fgd_jax.models import build_detector
 
     ts, (ih, iw) = args.train_size, args.infer_size
-    tb, ib = yolox_batch(2, ts, ts), yolox_batch(1, ih, iw, seed=1)
+    tb, ib = yolox_batch(2, ts, ts, args.gt_slots), yolox_batch(1, ih, iw, seed=1)
     extra = () if args.score_bias is None else ("--score-bias", repr(args.score_bias))
     with tempfile.TemporaryDirectory() as tmp:
         batch_npz, state_npz = os.path.join(tmp, "batch.npz"), os.path.join(tmp, "state.npz")
@@ -191,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         (f"inference, batch 1, {ih}x{iw}", 1 / tj_inf, 1 / tp_inf),
     ]
     lines += common.table(rows, "mmdetection")
+    lines += ["", f"GT rows per training image on the fgd-jax side: {args.gt_slots} (8 valid)."]
     bias = "mmdetection's init" if args.score_bias is None else f"{args.score_bias:g}"
     lines += [
         "",
@@ -199,11 +220,11 @@ def main(argv: list[str] | None = None) -> None:
         f"Inference (cls / obj biases: {bias}): priors with score >= 0.01 (NMS input): fgd-jax "
         f"{n_cand}, mmdetection {reply['candidates']}; detections after NMS: fgd-jax {n_det}, "
         f"mmdetection {reply['dets']}.",
-        "Total loss of each train step (warm-up first; step 1 from the same weights, then each "
-        "side's own SGD updates): fgd-jax "
-        + ", ".join(f"{v:.4f}" for v in lj)
+        "Total loss / gradient global norm of each train step (warm-up first; step 1 from the "
+        "same weights, then each side's own SGD updates): fgd-jax "
+        + ", ".join(f"{a:.4f} / {b:.3f}" for a, b in lj)
         + "; mmdetection "
-        + ", ".join(f"{v:.4f}" for v in lp)
+        + ", ".join(f"{a:.4f} / {b:.3f}" for a, b in lp)
         + ".",
         f"Peak RSS of the fgd-jax process: {common.peak_rss_gib():.2f} GiB.",
     ]
