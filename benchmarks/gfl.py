@@ -64,11 +64,20 @@ def oracle_problem(python: str) -> str | None:
 
 
 class Peer:
-    """The mmdetection subprocess (`mmdet_gfl_peer.py`): `call('train' | 'infer')` -> reply."""
+    """The mmdetection subprocess (`script`, default `mmdet_gfl_peer.py`, with `extra`
+    arguments): `call('train' | 'infer')` -> reply."""
 
-    def __init__(self, python: str, batch_npz: str, state_npz: str, threads: int) -> None:
+    def __init__(
+        self,
+        python: str,
+        batch_npz: str,
+        state_npz: str,
+        threads: int,
+        script: str = PEER,
+        extra: tuple[str, ...] = (),
+    ) -> None:
         cores = [str(c) for c in sorted(os.sched_getaffinity(0))]
-        cmd = [python, PEER, "--batch", batch_npz, "--state-out", state_npz]
+        cmd = [python, script, "--batch", batch_npz, "--state-out", state_npz, *extra]
         cmd += ["--threads", str(threads), "--cores", *cores]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         env.pop("PYTHONPATH", None)  # the oracle venv must not import this repository's code

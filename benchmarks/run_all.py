@@ -216,6 +216,14 @@ BENCHES = [
         parse_md_table,
         [],
     ),
+    # YOLOX-s vs mmdetection's CPU YOLOX (the oracle venv, a subprocess); skipped without it
+    Bench(
+        "yolox",
+        ["--iters", "1", "--train-size", "256", "--infer-size", "320", "320"],
+        ["--iters", "3", "--train-size", "640", "--infer-size", "640", "640"],
+        parse_md_table,
+        [],
+    ),
 ]
 
 
@@ -308,7 +316,8 @@ def main(argv: list[str] | None = None) -> None:
         "rows it is torch ms / fgd-jax ms, for GiB rows (memory) torch GiB / fgd-jax GiB (> 1: "
         "fgd-jax holds less). PyTorch peers: torchvision models, the original FGD "
         "loss (`benchmarks/fgd_torch_reference.py`), `benchmarks/torch_fgd_peer.py`; gfl: "
-        "mmdetection's own CPU model (the oracle venv, `benchmarks/mmdet_gfl_peer.py`).",
+        "mmdetection's own CPU model (the oracle venv, `benchmarks/mmdet_gfl_peer.py`); yolox: "
+        "mmdetection's CPU YOLOX-s (`benchmarks/mmdet_yolox_peer.py`).",
         "",
         "| benchmark | workload | unit | fgd-jax | PyTorch | speed-up | script wall s | status |",
         "|---|---|---|---|---|---|---|---|",

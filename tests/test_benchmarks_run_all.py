@@ -65,6 +65,13 @@ SUMMARY deform_conv | DCN v1 fwd+bwd, batch 2, 64->64, 13x21, 3x3, groups 1, dg 
 | train step, batch 2, 128x128 | 0.163 | 0.173 | 0.94 |
 | inference, batch 1, 128x192 | 0.175 | 0.305 | 0.58 |
 """,
+    # yolox.py's table (2026-12-06 smoke run, --train-size 128 --infer-size 128 160)
+    "yolox": """\
+| workload | fgd-jax img/s | mmdetection img/s | ratio (jax/torch) |
+|---|---|---|---|
+| train step, batch 2, 128x128 | 5.652 | 5.073 | 1.11 |
+| inference, batch 1, 128x160 | 10.128 | 13.418 | 0.75 |
+""",
 }  # fmt: skip
 
 EXPECTED = {
@@ -94,6 +101,10 @@ EXPECTED = {
     "gfl": [
         ("train step, batch 2, 128x128", 0.163, 0.173),
         ("inference, batch 1, 128x192", 0.175, 0.305),
+    ],
+    "yolox": [
+        ("train step, batch 2, 128x128", 5.652, 5.073),
+        ("inference, batch 1, 128x160", 10.128, 13.418),
     ],
     "train_step": [
         ("FGD R101->R50 distill step, batch 2, 512x512", 0.159, 0.263),
@@ -126,3 +137,5 @@ def test_a_skipped_script_says_why():
     out = "SKIPPED benchmarks.gfl: no oracle python at /x/bin/python (the mmdetection venv)\n"
     assert R.skip_reason(out) == "no oracle python at /x/bin/python (the mmdetection venv)"
     assert R.skip_reason(LOGS["gfl"]) is None
+    out = "SKIPPED benchmarks.yolox: /x/bin/python cannot import mmdet / mmcv / torch: boom\n"
+    assert R.skip_reason(out) == "/x/bin/python cannot import mmdet / mmcv / torch: boom"
