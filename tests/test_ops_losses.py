@@ -41,14 +41,16 @@ def test_sigmoid_focal_loss_and_grad_vs_torchvision(gamma, alpha):
     np.testing.assert_allclose(np.asarray(g), xt.grad.numpy(), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("gamma,alpha", [(2.0, 0.25), (1.5, -1.0), (0.0, 0.5)])
-def test_sigmoid_focal_loss_sum_and_grad_vs_torchvision(gamma, alpha, monkeypatch):
+@pytest.mark.parametrize(
+    "gamma,alpha,n", [(2.0, 0.25, 30), (1.5, -1.0, 30), (0.0, 0.5, 30), (2.0, 0.25, 31)]
+)
+def test_sigmoid_focal_loss_sum_and_grad_vs_torchvision(gamma, alpha, n, monkeypatch):
     """The per-image sum (integer labels, background = C or -1, per-anchor weights, chunks of
-    anchors, its own backward pass) against torchvision's elementwise focal loss, also under jit
-    and in bf16."""
-    monkeypatch.setattr(L, "FOCAL_CHUNK_ROWS", 7)  # 30 anchors -> 5 chunks of 6
+    anchors, padded when the count has no near divisor, its own backward pass) against
+    torchvision's elementwise focal loss, also under jit and in bf16."""
+    monkeypatch.setattr(L, "FOCAL_CHUNK_ROWS", 7)  # 30 anchors: 5 x 6; 31 (prime): 5 x 7, padded
     rng = np.random.default_rng(3)
-    b, n, c = 2, 30, 6
+    b, c = 2, 6
     x = rng.normal(0, 3, (b, n, c)).astype(np.float32)
     x[0, 0] = [-60.0, 60.0, -30.0, 30.0, 0.0, 5.0]
     labels = rng.integers(0, c + 1, (b, n))

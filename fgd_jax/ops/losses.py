@@ -77,19 +77,27 @@ def sigmoid_focal_loss_sum(
 FOCAL_CHUNK_ROWS = 32768  # anchors per chunk of `sigmoid_focal_loss_sum` (x C classes)
 
 
-def _chunks(n: int) -> int:
-    """The number of equal chunks of at most FOCAL_CHUNK_ROWS rows splitting n (a divisor)."""
-    k = max(1, -(-n // FOCAL_CHUNK_ROWS))
-    while n % k:
-        k += 1
-    return k
+def _chunks(n: int) -> tuple[int, int]:
+    """(k, rows): n rows as k equal chunks of `rows` <= FOCAL_CHUNK_ROWS, k * rows >= n. A
+    divisor of n within twice the fewest chunks when there is one (no padding), else the
+    fewest chunks with the last padded (e.g. n prime)."""
+    k0 = max(1, -(-n // FOCAL_CHUNK_ROWS))
+    for k in range(k0, 2 * k0 + 1):
+        if n % k == 0:
+            return k, n // k
+    return k0, -(-n // k0)
 
 
 def _focal_terms(logits: Array, labels: Array, weight: Array, gamma: float, alpha: float, grad):
     """Per-row-chunk focal sums `[B]` and (if grad) the unit-cotangent derivative `[B, N, C]`."""
     b, n, c = logits.shape
     dt = float_dtype(logits, weight)
-    k = _chunks(n)
+    k, rows = _chunks(n)
+    if k * rows > n:  # padded rows: weight 0, background label (they add 0 and get 0)
+        pad = ((0, 0), (0, k * rows - n))
+        logits = jnp.pad(logits, pad + ((0, 0),))
+        labels = jnp.pad(labels, pad, constant_values=-1)
+        weight = jnp.pad(weight, pad)
 
     def one(args):
         x, lab, w = args
@@ -112,15 +120,15 @@ def _focal_terms(logits: Array, labels: Array, weight: Array, gamma: float, alph
         return loss, (jnp.where(t > 0, d_pos, d_neg) * w).astype(logits.dtype)
 
     xs = (
-        logits.reshape(b * k, n // k, c),
-        labels.reshape(b * k, n // k),
-        weight.reshape(b * k, n // k),
+        logits.reshape(b * k, rows, c),
+        labels.reshape(b * k, rows),
+        weight.reshape(b * k, rows),
     )
     out = jax.lax.map(one, xs)
     if not grad:
         return jnp.sum(out.reshape(b, k), axis=1)
     loss, d = out
-    return jnp.sum(loss.reshape(b, k), axis=1), d.reshape(b, n, c)
+    return jnp.sum(loss.reshape(b, k), axis=1), d.reshape(b, k * rows, c)[:, :n]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
