@@ -23,6 +23,20 @@ from jax import Array
 from fgd_jax.ops.dtypes import float_dtype
 
 
+def grid_point_weights(t: Array, lo: Array, hi: Array, cells: int) -> Array:
+    """`[..., cells]`: bilinear weights of the points `t` (continuous pixels) on the centres of
+    `cells` grid cells spanning `[lo, hi]` (broadcast against `t`), zero beyond the grid."""
+    cell = jnp.maximum((hi - lo) / cells, 1e-6)
+    u = (t - lo) / cell - 0.5
+    low = jnp.floor(u)
+    frac = u - low
+    idx = jnp.arange(cells, dtype=u.dtype)
+    w = (idx == low[..., None]) * (1.0 - frac)[..., None] + (idx == low[..., None] + 1.0) * frac[
+        ..., None
+    ]
+    return w.astype(u.dtype)
+
+
 def _axis_weights(
     lo: Array, hi: Array, g_lo: Array, g_hi: Array, out: int, cells: int, samples: int
 ) -> Array:
@@ -32,14 +46,7 @@ def _axis_weights(
     b = jnp.arange(out, dtype=dt)[:, None]
     k = (jnp.arange(samples, dtype=dt)[None, :] + 0.5) / samples
     t = lo[:, None, None] + (b + k)[None] * ((hi - lo) / out)[:, None, None]  # [P, out, s]
-    cell = jnp.maximum((g_hi - g_lo) / cells, 1e-6)
-    u = (t - g_lo[:, None, None]) / cell[:, None, None] - 0.5
-    low = jnp.floor(u)
-    frac = u - low
-    idx = jnp.arange(cells, dtype=dt)
-    w = (idx == low[..., None]) * (1.0 - frac)[..., None] + (idx == low[..., None] + 1.0) * frac[
-        ..., None
-    ]
+    w = grid_point_weights(t, g_lo[:, None, None], g_hi[:, None, None], cells)
     return w.mean(axis=2).astype(dt)
 
 

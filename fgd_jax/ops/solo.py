@@ -19,6 +19,7 @@ import numpy as np
 from jax import Array
 
 from fgd_jax.ops.dtypes import float_dtype
+from fgd_jax.ops.masks import grid_point_weights
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -156,21 +157,6 @@ def _grid_values(grids: Array, dt) -> Array:
     return grids.astype(dt)
 
 
-def _point_weights(t: Array, lo: Array, hi: Array, cells: int) -> Array:
-    """`[G, P, cells]`: bilinear weights of the points `t [P]` (continuous pixels) on the grid
-    cell centres of each GT's interval `[lo, hi]` (`[G]`), zero beyond the grid."""
-    dt = t.dtype
-    cell = jnp.maximum((hi - lo) / cells, 1e-6)
-    u = (t[None, :] - lo[:, None]) / cell[:, None] - 0.5  # [G, P]
-    low = jnp.floor(u)
-    frac = u - low
-    idx = jnp.arange(cells, dtype=dt)
-    w = (idx == low[..., None]) * (1.0 - frac)[..., None] + (idx == low[..., None] + 1.0) * frac[
-        ..., None
-    ]
-    return w.astype(dt)
-
-
 @functools.partial(jax.jit, static_argnames=("out_hw", "stride", "threshold"))
 def grid_masks_at_stride(
     grids: Array, regions: Array, out_hw: tuple[int, int], stride: int, threshold: float = 0.375
@@ -198,8 +184,9 @@ def grid_masks_at_stride(
     cells = grids.shape[-1]
     ty = (jnp.arange(out_hw[0], dtype=dt) + 0.5) * stride
     tx = (jnp.arange(out_hw[1], dtype=dt) + 0.5) * stride
-    wy = _point_weights(ty, reg[:, 1], reg[:, 3], cells)
-    wx = _point_weights(tx, reg[:, 0], reg[:, 2], cells)
+    # [G, h, cells] / [G, w, cells]: each output row / column on each GT's grid
+    wy = grid_point_weights(ty[None, :], reg[:, 1:2], reg[:, 3:4], cells)
+    wx = grid_point_weights(tx[None, :], reg[:, 0:1], reg[:, 2:3], cells)
     img = jnp.einsum("gym,gmn,gxn->gyx", wy, vals, wx, precision=HIGHEST)
     return (img >= threshold).astype(dt)
 
