@@ -394,6 +394,9 @@ def schedule_2x(batch_size: int = 16, base_lr: float = 0.01) -> ConfigDict:
             keep_ckpts=3,
             eval_every=-1,  # steps; -1: once per epoch; 0: only at the end
             backbone_init="",  # ImageNet .pth for the student backbone (torchvision/mmdet)
+            # True: the recipe trains from random weights (YOLOX): no ImageNet warning, and
+            # backbone_init must stay empty
+            from_scratch=False,
         )
     )
 
@@ -432,6 +435,7 @@ def schedule_yolox(batch_size: int = 64, base_lr: float = 0.01) -> ConfigDict:
         decay_epochs=(),
         ema_momentum=1e-4,
         ema_total_iter=2000,
+        from_scratch=True,  # mmdetection's YOLOX config loads no ImageNet weights
         multiscale_sizes=tuple(range(480, 801, 32)),
         multiscale_interval=10,
         eval_every=10 * YOLOX_STEPS_PER_EPOCH,

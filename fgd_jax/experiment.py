@@ -382,14 +382,20 @@ def init_train_state(
     exp: Experiment, batch: Mapping[str, np.ndarray], steps_per_epoch: int, teacher_vars=None
 ) -> tuple[TrainState, optax.GradientTransformation, optax.Schedule]:
     """A fresh TrainState (host arrays): student init, FGD params, ImageNet backbone weights
-    (`train.backbone_init`), the inheriting strategy (`distill.init_student`), optimizer."""
+    (`train.backbone_init`; none with `train.from_scratch`), the inheriting strategy
+    (`distill.init_student`), optimizer."""
     cfg = exp.cfg
+    from_scratch = bool(cfg.train.get("from_scratch", False))
+    if from_scratch and cfg.train.get("backbone_init"):
+        raise ValueError(
+            f"train.from_scratch=True (the recipe trains from random weights) contradicts "
+            f"train.backbone_init={cfg.train.backbone_init!r}: set one of them"
+        )
     rng = jax.random.PRNGKey(cfg.seed)
     init_rng, state_rng = jax.random.split(rng)
     variables = exp.init_variables(init_rng, batch)
     params = variables["params"]
     model_state = {k: v for k, v in variables.items() if k != "params"}
-    from_scratch = cfg.model.get("type") == "yolox"  # YOLOX trains without ImageNet weights
     if (
         not cfg.train.get("backbone_init")
         and cfg.data.get("source", "coco") == "coco"

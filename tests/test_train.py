@@ -258,3 +258,6 @@ def test_backbone_init_loads_imagenet_weights_into_the_student(tmp_path):
     cfg.train.backbone_init = str(tmp_path / "nope.pth")
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         init_train_state(Experiment(cfg), dummy_batch(cfg.data), 4, tvars)
+    cfg.train.from_scratch = True  # a from-scratch recipe (YOLOX) names no ImageNet weights
+    with pytest.raises(ValueError, match="from_scratch=True .* contradicts train.backbone_init"):
+        init_train_state(Experiment(cfg), dummy_batch(cfg.data), 4, tvars)
