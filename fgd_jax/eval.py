@@ -71,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         if "segm_AP" in metrics:  # a detector predicting masks (Mask R-CNN)
             rows["model segm"] = {k: metrics[f"segm_{k}"] for k in evaluation.METRIC_NAMES}
         print(evaluation.format_table(rows))
+        if "images_at_detection_cap" in metrics:
+            print(
+                f"detection cap (test_cfg.max_per_img = {metrics['detections_cap']}) reached in "
+                f"{metrics['images_at_detection_cap']} images"
+            )
         for kind in ("", "segm_"):
             per_class = metrics.get(f"{kind}per_class_AP", {})
             if per_class:

@@ -23,6 +23,7 @@ import contextlib
 import functools
 import io
 import json
+import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -37,6 +38,8 @@ from tqdm import tqdm
 
 from fgd_jax import parallel
 from fgd_jax.data import pipeline
+
+log = logging.getLogger("fgd_jax.evaluation")
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -191,12 +194,27 @@ def _predict(module, variables, images, img_shape, scale_factor):
     return module.apply(variables, images, img_shape, scale_factor, method="predict")
 
 
+def images_at_cap(valid: np.ndarray, image_ids: np.ndarray) -> int:
+    """How many real images (image_id >= 0) of a batch fill every one of the K static
+    detection slots (valid `[B, K]` bool): there the cap (`test_cfg.max_per_img`) may have cut
+    detections that a detector without one (mmdetection's YOLOX) would keep."""
+    full = np.asarray(valid).all(axis=1) & (np.asarray(image_ids) >= 0)
+    return int(full.sum())
+
+
 def predict_dataset(
-    module, variables: Mapping, cfg: ml_collections.ConfigDict, mesh=None, progress: bool = True
+    module,
+    variables: Mapping,
+    cfg: ml_collections.ConfigDict,
+    mesh=None,
+    progress: bool = True,
+    stats: dict | None = None,
 ) -> tuple[list[dict], list[int]]:
     """Jitted inference over the whole val set, data-parallel over the mesh.
 
-    Returns the COCO result dicts (on every process) and the evaluated image ids.
+    Returns the COCO result dicts (on every process) and the evaluated image ids. `stats`, when
+    given, receives `detections_cap` (K, the static number of detection slots per image) and
+    `images_at_detection_cap` (how many images filled all K: `images_at_cap`).
     """
     mesh = mesh or parallel.make_mesh()
     loader = pipeline.build_eval_loader(
@@ -210,6 +228,7 @@ def predict_dataset(
 
     results: list[dict] = []
     image_ids: list[int] = []
+    at_cap, cap = 0, 0
     show = progress and jax.process_index() == 0
     for host_batch in tqdm(loader, desc="eval", disable=not show, leave=False):
         batch = parallel.host_batch_to_global(host_batch, mesh)
@@ -219,6 +238,8 @@ def predict_dataset(
         out = parallel.fetch(out)
         ids = np.asarray(out["image_id"])
         image_ids.extend(int(i) for i in ids if i >= 0)
+        cap = int(np.shape(out["valid"])[1])
+        at_cap += images_at_cap(out["valid"], ids)
         segms = None
         if "mask_probs" in out or "mask_probs_canvas" in out:
             from fgd_jax.data.masks import encode_rle
@@ -244,6 +265,8 @@ def predict_dataset(
                 segms,
             )
         )
+    if stats is not None:
+        stats.update(detections_cap=cap, images_at_detection_cap=at_cap)
     return results, image_ids
 
 
@@ -255,12 +278,25 @@ def evaluate_variables(
     out_dir: str | None = None,
 ) -> dict:
     """COCO bbox metrics of `module` with `variables` on `cfg.data`'s val set, and the segm
-    ones (`segm_AP`, ..., `segm_per_class_AP`) for a detector predicting masks."""
-    results, image_ids = predict_dataset(module, variables, cfg, mesh)
+    ones (`segm_AP`, ..., `segm_per_class_AP`) for a detector predicting masks; also
+    `detections_cap` / `images_at_detection_cap` (`predict_dataset`): how often the static
+    cap on detections per image was reached (a warning when it was)."""
+    stats: dict = {}
+    results, image_ids = predict_dataset(module, variables, cfg, mesh, stats=stats)
+    if stats.get("images_at_detection_cap"):
+        log.warning(
+            "%d of %d images filled all %d detection slots (test_cfg.max_per_img): raise it if "
+            "the metric should see more than %d detections per image",
+            stats["images_at_detection_cap"],
+            len(image_ids),
+            stats["detections_cap"],
+            stats["detections_cap"],
+        )
     gt = val_ground_truth(cfg.data)
     # before the bbox evaluation: pycocotools' loadRes adds box polygons as `segmentation`
     has_masks = bool(results) and "segmentation" in results[0]
     metrics = coco_evaluate(gt, results, image_ids)
+    metrics.update(stats)
     if has_masks:
         segm = coco_evaluate(gt, results, image_ids, iou_type="segm")
         metrics["summary"] += "\nsegm:\n" + segm.pop("summary")

@@ -49,6 +49,11 @@ def test_eval_cli_equals_pycocotools_on_its_detections(fgd_run, tmp_path, capsys
     assert {d["image_id"] for d in dets} <= set(gt.getImgIds())
     printed = capsys.readouterr().out
     assert "wrote" in printed and "per-class AP" in printed
+    # how often the static cap on detections per image was reached, counted on the real images
+    cap = ours["detections_cap"]
+    per_image = np.bincount([d["image_id"] for d in dets], minlength=max(gt.getImgIds()) + 1)
+    assert ours["images_at_detection_cap"] == int((per_image == cap).sum())
+    assert f"reached in {ours['images_at_detection_cap']} images" in printed
     for name, ap in ours["per_class_AP"].items():  # every class printed with its AP
         assert f"  {name}" in printed and f"{100 * ap:5.1f}" in printed
 

@@ -111,3 +111,13 @@ def test_missing_and_empty_annotation_files(tmp_path):
 def test_format_table():
     t = E.format_table({"teacher": {n: 0.5 for n in E.METRIC_NAMES}})
     assert "teacher" in t and "50.0" in t
+
+
+def test_images_at_cap_counts_full_real_images_only():
+    """An image fills the cap when every one of its K slots is valid; padding examples
+    (image_id -1) never count."""
+    from fgd_jax.evaluation import images_at_cap
+
+    valid = np.array([[1, 1, 1], [1, 1, 0], [1, 1, 1], [0, 0, 0]], bool)
+    assert images_at_cap(valid, np.array([5, 6, -1, 7])) == 1
+    assert images_at_cap(valid, np.array([5, 6, 8, 7])) == 2
