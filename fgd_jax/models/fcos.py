@@ -62,7 +62,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fgd_jax.models.build import build_module, check_keys
 from fgd_jax.models.dense_heads import (
     DenseTestCfg,
     flatten_levels,
@@ -70,6 +69,7 @@ from fgd_jax.models.dense_heads import (
     top_candidates,
 )
 from fgd_jax.models.layers import ConvModule, head_out_conv, head_tower
+from fgd_jax.models.single_stage import SingleStageDetector
 from fgd_jax.ops import anchors as anchor_ops
 from fgd_jax.ops import boxes as box_ops
 from fgd_jax.ops import dtypes
@@ -526,7 +526,7 @@ def shift_input(images: Array, shift: Sequence[float], img_shape: Array | None =
     return images + jnp.where(inside[..., None], delta, jnp.zeros((), images.dtype))
 
 
-class FCOS(nn.Module):
+class FCOS(SingleStageDetector):
     """mmdetection 2.x `FCOS` implementing the detector API of docs/contracts.md.
 
     Build with `FCOS.from_config(fgd_jax.config.fcos_model(...))` or by hand. The model
@@ -542,38 +542,28 @@ class FCOS(nn.Module):
     test_cfg: FCOSTestCfg = FCOSTestCfg()
     input_shift: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
-    @classmethod
-    def from_config(cls, model_cfg: ml_collections.ConfigDict, dtype: Any = None) -> FCOS:
-        """Build from `fgd_jax.config.fcos_model(...)`; `dtype` is the compute dtype."""
-        from fgd_jax.models.fpn import build_neck
-        from fgd_jax.models.resnet import build_backbone
+    KIND = "fcos"
+    HEAD = FCOSHead
+    TRAIN_CFG = FCOSTrainCfg
+    TEST_CFG = FCOSTestCfg
+    EXTRA_KEYS = ("pixel_mean", "data_pixel_mean")
 
-        for key in ("backbone", "neck", "head", "num_classes"):
-            if key not in model_cfg:
-                raise ValueError(f"fcos model config: missing key {key!r}")
-        check_keys(
-            cls,
-            model_cfg,
-            allowed=("type", "num_classes", "head", "pixel_mean", "data_pixel_mean"),
-        )
-        head = build_module(
-            FCOSHead, model_cfg.head, "head", num_classes=model_cfg.num_classes, dtype=dtype
-        )
+    @classmethod
+    def build_parts(cls, model_cfg: ml_collections.ConfigDict, dtype: Any = None) -> dict:
+        """`SingleStageDetector.build_parts` and FCOS's own checks: regress_ranges per
+        stride, the bbox loss, the score style, and `input_shift` from `pixel_mean` /
+        `data_pixel_mean`."""
+        parts = super().build_parts(model_cfg, dtype)
+        head, test_cfg = parts["bbox_head"], parts["test_cfg"]
         if len(head.regress_ranges) != len(head.strides):
             raise ValueError(
                 f"fcos model config: head.regress_ranges has {len(head.regress_ranges)} entries "
                 f"but head.strides has {len(head.strides)}"
             )
-        if model_cfg.neck.num_outs != len(head.strides):
-            raise ValueError(
-                f"fcos model config: neck.num_outs {model_cfg.neck.num_outs} != "
-                f"{len(head.strides)} head.strides"
-            )
         if head.loss_bbox not in LOSS_BBOX:
             raise ValueError(
                 f"fcos model config: head.loss_bbox {head.loss_bbox!r} not in {LOSS_BBOX}"
             )
-        test_cfg = build_module(FCOSTestCfg, model_cfg.get("test_cfg"), "test_cfg")
         if test_cfg.score_style not in SCORE_STYLES:
             raise ValueError(
                 f"fcos model config: test_cfg.score_style {test_cfg.score_style!r} not in "
@@ -592,22 +582,7 @@ class FCOS(nn.Module):
                     "fcos model config: pixel_mean and data_pixel_mean need 3 values (BGR)"
                 )
             shift = tuple(float(d) - float(p) for d, p in zip(data_mean, pixel_mean, strict=True))
-        return cls(
-            backbone=build_backbone(model_cfg.backbone, dtype=dtype),
-            neck=build_neck(model_cfg.neck, dtype=dtype),
-            bbox_head=head,
-            train_cfg=build_module(FCOSTrainCfg, model_cfg.get("train_cfg"), "train_cfg"),
-            test_cfg=test_cfg,
-            input_shift=shift,
-        )
-
-    @property
-    def num_classes(self) -> int:
-        return self.bbox_head.num_classes
-
-    @property
-    def strides(self) -> Sequence[int]:
-        return self.bbox_head.strides
+        return dict(parts, input_shift=shift)
 
     @property
     def regress_ranges(self) -> Sequence[tuple[float, float]]:
@@ -644,9 +619,7 @@ class FCOS(nn.Module):
 
     def loss(self, outs: dict[str, Any], batch: dict[str, Array]) -> dict[str, Array]:
         """Losses from head outputs `outs` (as `__call__` returns) and a batch dict."""
-        for key in ("boxes", "labels", "valid", "img_shape"):
-            if key not in batch:
-                raise KeyError(f"FCOS.forward_train: batch has no {key!r} (see contracts)")
+        self.check_batch(batch)
         head = self.bbox_head
         shapes = [tuple(c.shape[1:3]) for c in outs["cls_scores"]]
         counts = [h * w for h, w in shapes]
@@ -676,22 +649,9 @@ class FCOS(nn.Module):
             loss_centerness_weight=head.loss_centerness_weight,
         )
 
-    def forward_train(
-        self, batch: dict[str, Array], train: bool = True
-    ) -> tuple[dict[str, Array], tuple[Array, ...]]:
-        """Batch dict (docs/contracts.md) -> ({'loss_cls', 'loss_bbox', 'loss_centerness'},
-        FPN features)."""
-        for key in ("image", "boxes", "labels", "valid", "img_shape"):
-            if key not in batch:
-                raise KeyError(f"FCOS.forward_train: batch has no {key!r} (see contracts)")
-        outs = self(batch["image"], train=train, img_shape=batch["img_shape"])
-        return self.loss(outs, batch), outs["features"]
-
-    def predict(self, images: Array, img_shape: Array, scale_factor: Array) -> dict[str, Array]:
-        """Detections in ORIGINAL image pixels: dict(boxes [B,K,4], scores [B,K],
-        labels [B,K] int32, valid [B,K] bool), K = max_per_img."""
-        outs = self(images, train=False, img_shape=img_shape)
-        return self.postprocess(outs, img_shape, scale_factor)
+    def input_kwargs(self, img_shape: Array | None) -> dict[str, Any]:
+        """`__call__` gets the batch's `img_shape`: it bounds the `input_shift`."""
+        return dict(img_shape=img_shape)
 
     def postprocess(
         self, outs: dict[str, Any], img_shape: Array, scale_factor: Array

@@ -51,9 +51,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from fgd_jax.models.build import build_module, check_keys
 from fgd_jax.models.dense_heads import (
     DenseTestCfg,
     anchor_valid_flags,
@@ -64,6 +62,7 @@ from fgd_jax.models.dense_heads import (
 from fgd_jax.models.fcos import Scale
 from fgd_jax.models.layers import ConvModule, head_out_conv, head_tower
 from fgd_jax.models.retinanet import retina_anchors
+from fgd_jax.models.single_stage import SingleStageDetector
 from fgd_jax.ops import assign as assign_ops
 from fgd_jax.ops import boxes as box_ops
 from fgd_jax.ops import dtypes
@@ -404,7 +403,7 @@ def gfl_postprocess(
 
 
 # -------------------------------------------------------------------------------- detector
-class GFL(nn.Module):
+class GFL(SingleStageDetector):
     """mmdetection 2.x `GFL` implementing the detector API of docs/contracts.md.
 
     Build with `GFL.from_config(fgd_jax.config.gfl_model(...))` or by hand. The model config's
@@ -419,43 +418,10 @@ class GFL(nn.Module):
     train_cfg: GFLTrainCfg = GFLTrainCfg()
     test_cfg: GFLTestCfg = GFLTestCfg()
 
-    @classmethod
-    def from_config(cls, model_cfg: ml_collections.ConfigDict, dtype: Any = None) -> GFL:
-        """Build from `fgd_jax.config.gfl_model(...)`; `dtype` is the compute dtype."""
-        from fgd_jax.models.fpn import build_neck
-        from fgd_jax.models.resnet import build_backbone
-
-        for key in ("backbone", "neck", "head", "num_classes"):
-            if key not in model_cfg:
-                raise ValueError(f"gfl model config: missing key {key!r}")
-        check_keys(cls, model_cfg, "", allowed=("type", "num_classes", "head"))
-        head = build_module(
-            GFLHead, model_cfg.head, "head", num_classes=model_cfg.num_classes, dtype=dtype
-        )
-        if model_cfg.neck.num_outs != len(head.strides):
-            raise ValueError(
-                f"gfl model config: neck.num_outs {model_cfg.neck.num_outs} != "
-                f"{len(head.strides)} head.strides"
-            )
-        return cls(
-            backbone=build_backbone(model_cfg.backbone, dtype=dtype),
-            neck=build_neck(model_cfg.neck, dtype=dtype),
-            bbox_head=head,
-            train_cfg=build_module(GFLTrainCfg, model_cfg.get("train_cfg"), "train_cfg"),
-            test_cfg=build_module(GFLTestCfg, model_cfg.get("test_cfg"), "test_cfg"),
-        )
-
-    @property
-    def num_classes(self) -> int:
-        return self.bbox_head.num_classes
-
-    @property
-    def strides(self) -> Sequence[int]:
-        return self.bbox_head.strides
-
-    def extract_feat(self, images: Array, train: bool = False) -> tuple[Array, ...]:
-        """`[B, H, W, 3]` -> FPN maps P3..P7, NHWC, finest first."""
-        return tuple(self.neck(self.backbone(images, train=train)))
+    KIND = "gfl"
+    HEAD = GFLHead
+    TRAIN_CFG = GFLTrainCfg
+    TEST_CFG = GFLTestCfg
 
     def __call__(self, images: Array, train: bool = False) -> dict[str, Any]:
         """`[B, H, W, 3]` -> dict(features, cls_scores, bbox_preds), see `GFLHead`."""
@@ -472,9 +438,7 @@ class GFL(nn.Module):
 
     def loss(self, outs: dict[str, Any], batch: dict[str, Array]) -> dict[str, Array]:
         """Losses from head outputs `outs` (as `__call__` returns) and a batch dict."""
-        for key in ("boxes", "labels", "valid", "img_shape"):
-            if key not in batch:
-                raise KeyError(f"GFL.forward_train: batch has no {key!r} (see contracts)")
+        self.check_batch(batch)
         head, tc = self.bbox_head, self.train_cfg
         shapes = [tuple(c.shape[1:3]) for c in outs["cls_scores"]]
         counts = [h * w for h, w in shapes]
@@ -505,22 +469,6 @@ class GFL(nn.Module):
             loss_dfl_weight=head.loss_dfl_weight,
             giou_eps=head.giou_eps,
         )
-
-    def forward_train(
-        self, batch: dict[str, Array], train: bool = True
-    ) -> tuple[dict[str, Array], tuple[Array, ...]]:
-        """Batch dict (docs/contracts.md) -> ({'loss_cls', 'loss_bbox', 'loss_dfl'}, FPN
-        features)."""
-        if "image" not in batch:
-            raise KeyError("GFL.forward_train: batch has no 'image' (see contracts)")
-        outs = self(batch["image"], train=train)
-        return self.loss(outs, batch), outs["features"]
-
-    def predict(self, images: Array, img_shape: Array, scale_factor: Array) -> dict[str, Array]:
-        """Detections in ORIGINAL image pixels: dict(boxes [B,K,4], scores [B,K],
-        labels [B,K] int32, valid [B,K] bool), K = max_per_img."""
-        outs = self(images, train=False)
-        return self.postprocess(outs, img_shape, scale_factor)
 
     def postprocess(
         self, outs: dict[str, Any], img_shape: Array, scale_factor: Array

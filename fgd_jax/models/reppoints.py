@@ -52,11 +52,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax.linen.dtypes import promote_dtype
 
-from fgd_jax.models.build import build_module, check_keys
 from fgd_jax.models.dense_heads import (
     DenseTestCfg,
     batched_multiclass_nms,
@@ -66,6 +64,7 @@ from fgd_jax.models.dense_heads import (
     top_candidates,
 )
 from fgd_jax.models.layers import head_tower
+from fgd_jax.models.single_stage import SingleStageDetector
 from fgd_jax.ops import assign as assign_ops
 from fgd_jax.ops import dtypes
 from fgd_jax.ops import losses as loss_ops
@@ -524,7 +523,7 @@ def reppoints_postprocess(
 
 
 # -------------------------------------------------------------------------------- detector
-class RepPoints(nn.Module):
+class RepPoints(SingleStageDetector):
     """mmdetection 2.x `RepPointsDetector` implementing the detector API of
     docs/contracts.md.
 
@@ -539,39 +538,11 @@ class RepPoints(nn.Module):
     train_cfg: RepPointsTrainCfg = RepPointsTrainCfg()
     test_cfg: DenseTestCfg = DenseTestCfg()
 
-    @classmethod
-    def from_config(cls, model_cfg: ml_collections.ConfigDict, dtype: Any = None) -> RepPoints:
-        """Build from `fgd_jax.config.reppoints_model(...)`; `dtype` is the compute dtype."""
-        from fgd_jax.models.fpn import build_neck
-        from fgd_jax.models.resnet import build_backbone
-
-        for key in ("backbone", "neck", "head", "num_classes"):
-            if key not in model_cfg:
-                raise ValueError(f"reppoints model config: missing key {key!r}")
-        check_keys(cls, model_cfg, "", allowed=("type", "num_classes", "head"))
-        head = build_module(
-            RepPointsHead, model_cfg.head, "head", num_classes=model_cfg.num_classes, dtype=dtype
-        )
-        if model_cfg.neck.num_outs != len(head.point_strides):
-            raise ValueError(
-                f"reppoints model config: neck.num_outs {model_cfg.neck.num_outs} != "
-                f"{len(head.point_strides)} head.point_strides"
-            )
-        return cls(
-            backbone=build_backbone(model_cfg.backbone, dtype=dtype),
-            neck=build_neck(model_cfg.neck, dtype=dtype),
-            bbox_head=head,
-            train_cfg=build_module(RepPointsTrainCfg, model_cfg.get("train_cfg"), "train_cfg"),
-            test_cfg=build_module(DenseTestCfg, model_cfg.get("test_cfg"), "test_cfg"),
-        )
-
-    @property
-    def num_classes(self) -> int:
-        return self.bbox_head.num_classes
-
-    @property
-    def strides(self) -> Sequence[int]:
-        return self.bbox_head.point_strides
+    KIND = "reppoints"
+    HEAD = RepPointsHead
+    TRAIN_CFG = RepPointsTrainCfg
+    TEST_CFG = DenseTestCfg
+    STRIDES_FIELD = "point_strides"
 
     def _neck(self, images: Array, train: bool) -> tuple[tuple[Array, ...], tuple[Array, ...]]:
         return self.neck(self.backbone(images, train=train), with_pre_norm=True)
@@ -596,9 +567,7 @@ class RepPoints(nn.Module):
 
     def loss(self, outs: dict[str, Any], batch: dict[str, Array]) -> dict[str, Array]:
         """Losses from head outputs `outs` (as `__call__` returns) and a batch dict."""
-        for key in ("boxes", "labels", "valid", "img_shape"):
-            if key not in batch:
-                raise KeyError(f"RepPoints.forward_train: batch has no {key!r} (see contracts)")
+        self.check_batch(batch)
         head, tc = self.bbox_head, self.train_cfg
         shapes = [tuple(c.shape[1:3]) for c in outs["cls_scores"]]
         points, strides = reppoints_points(shapes, head.point_strides)
@@ -630,22 +599,6 @@ class RepPoints(nn.Module):
             refine_min_pos_iou=tc.refine_min_pos_iou,
             loss_norm_group=tc.loss_norm_group,
         )
-
-    def forward_train(
-        self, batch: dict[str, Array], train: bool = True
-    ) -> tuple[dict[str, Array], tuple[Array, ...]]:
-        """Batch dict (docs/contracts.md) -> ({'loss_cls', 'loss_pts_init',
-        'loss_pts_refine'}, the distilled FPN features)."""
-        if "image" not in batch:
-            raise KeyError("RepPoints.forward_train: batch has no 'image' (see contracts)")
-        outs = self(batch["image"], train=train)
-        return self.loss(outs, batch), outs["features"]
-
-    def predict(self, images: Array, img_shape: Array, scale_factor: Array) -> dict[str, Array]:
-        """Detections in ORIGINAL image pixels: dict(boxes [B,K,4], scores [B,K],
-        labels [B,K] int32, valid [B,K] bool), K = max_per_img."""
-        outs = self(images, train=False)
-        return self.postprocess(outs, img_shape, scale_factor)
 
     def postprocess(
         self, outs: dict[str, Any], img_shape: Array, scale_factor: Array

@@ -31,9 +31,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from fgd_jax.models.build import build_module, check_keys
 from fgd_jax.models.dense_heads import (
     DenseTestCfg,
     anchor_valid_flags,
@@ -43,6 +41,7 @@ from fgd_jax.models.dense_heads import (
     top_candidates,
 )
 from fgd_jax.models.layers import ConvModule, head_out_conv, head_tower
+from fgd_jax.models.single_stage import SingleStageDetector
 from fgd_jax.ops import anchors as anchor_ops
 from fgd_jax.ops import assign as assign_ops
 from fgd_jax.ops import boxes as box_ops
@@ -325,7 +324,7 @@ def retina_postprocess(
 
 
 # -------------------------------------------------------------------------------- detector
-class RetinaNet(nn.Module):
+class RetinaNet(SingleStageDetector):
     """mmdetection 2.x `RetinaNet` implementing the detector API of docs/contracts.md.
 
     Build with `RetinaNet.from_config(fgd_jax.config.retinanet_model(...))` or by hand. The
@@ -340,41 +339,14 @@ class RetinaNet(nn.Module):
     train_cfg: RetinaTrainCfg = RetinaTrainCfg()
     test_cfg: DenseTestCfg = DenseTestCfg()
 
-    @classmethod
-    def from_config(cls, model_cfg: ml_collections.ConfigDict, dtype: Any = None) -> RetinaNet:
-        """Build from `fgd_jax.config.retinanet_model(...)`; `dtype` is the compute dtype."""
-        from fgd_jax.models.fpn import build_neck
-        from fgd_jax.models.resnet import build_backbone
-
-        for key in ("backbone", "neck", "head", "num_classes"):
-            if key not in model_cfg:
-                raise ValueError(f"retinanet model config: missing key {key!r}")
-        check_keys(cls, model_cfg, "", allowed=("type", "num_classes", "head"))
-        return cls(
-            backbone=build_backbone(model_cfg.backbone, dtype=dtype),
-            neck=build_neck(model_cfg.neck, dtype=dtype),
-            bbox_head=build_module(
-                RetinaHead, model_cfg.head, "head", num_classes=model_cfg.num_classes, dtype=dtype
-            ),
-            train_cfg=build_module(RetinaTrainCfg, model_cfg.get("train_cfg"), "train_cfg"),
-            test_cfg=build_module(DenseTestCfg, model_cfg.get("test_cfg"), "test_cfg"),
-        )
-
-    @property
-    def num_classes(self) -> int:
-        return self.bbox_head.num_classes
-
-    @property
-    def strides(self) -> Sequence[int]:
-        return self.bbox_head.strides
+    KIND = "retinanet"
+    HEAD = RetinaHead
+    TRAIN_CFG = RetinaTrainCfg
+    TEST_CFG = DenseTestCfg
 
     @property
     def num_anchors(self) -> int:
         return self.bbox_head.anchors_per_cell
-
-    def extract_feat(self, images: Array, train: bool = False) -> tuple[Array, ...]:
-        """`[B, H, W, 3]` -> FPN maps P3..P7, NHWC, finest first."""
-        return tuple(self.neck(self.backbone(images, train=train)))
 
     def __call__(self, images: Array, train: bool = False) -> dict[str, Any]:
         """`[B, H, W, 3]` -> dict(features, cls_scores, bbox_preds), see docs/contracts.md."""
@@ -395,9 +367,7 @@ class RetinaNet(nn.Module):
 
     def loss(self, outs: dict[str, Any], batch: dict[str, Array]) -> dict[str, Array]:
         """Losses from head outputs `outs` (as `__call__` returns) and a batch dict."""
-        for key in ("boxes", "labels", "valid", "img_shape"):
-            if key not in batch:
-                raise KeyError(f"RetinaNet.forward_train: batch has no {key!r} (see contracts)")
+        self.check_batch(batch)
         head, tc = self.bbox_head, self.train_cfg
         shapes = [tuple(c.shape[1:3]) for c in outs["cls_scores"]]
         anchors = jnp.concatenate(self.anchors(shapes), axis=0)
@@ -424,21 +394,6 @@ class RetinaNet(nn.Module):
             loss_bbox_weight=head.loss_bbox_weight,
             loss_norm_group=tc.loss_norm_group,
         )
-
-    def forward_train(
-        self, batch: dict[str, Array], train: bool = True
-    ) -> tuple[dict[str, Array], tuple[Array, ...]]:
-        """Batch dict (docs/contracts.md) -> ({'loss_cls', 'loss_bbox'}, FPN features)."""
-        if "image" not in batch:
-            raise KeyError("RetinaNet.forward_train: batch has no 'image' (see contracts)")
-        outs = self(batch["image"], train=train)
-        return self.loss(outs, batch), outs["features"]
-
-    def predict(self, images: Array, img_shape: Array, scale_factor: Array) -> dict[str, Array]:
-        """Detections in ORIGINAL image pixels: dict(boxes [B,K,4], scores [B,K],
-        labels [B,K] int32, valid [B,K] bool), K = max_per_img."""
-        outs = self(images, train=False)
-        return self.postprocess(outs, img_shape, scale_factor)
 
     def postprocess(
         self, outs: dict[str, Any], img_shape: Array, scale_factor: Array
