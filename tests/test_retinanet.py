@@ -525,6 +525,10 @@ def test_from_config_shapes_and_names():
     assert [c.shape for c in out["cls_scores"]] == [(2, h, w, 27) for h, w in feat_shapes(64, 96)]
     assert [r.shape[-1] for r in out["bbox_preds"]] == [36] * 5
     assert len(out["features"]) == 5
+    cfg.neck.num_outs = 4  # one FPN level fewer than the head's 5 strides
+    with pytest.raises(ValueError, match=r"retinanet model config: neck.num_outs 4 != 5"):
+        RetinaNet.from_config(cfg)
+    cfg.neck.num_outs = 5
     with pytest.raises(ValueError, match="missing key 'head'"):
         del cfg["head"]
         RetinaNet.from_config(cfg)
