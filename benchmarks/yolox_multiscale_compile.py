@@ -1,22 +1,39 @@
 """Compile time of YOLOX's batch multi-scale: one jitted train step per size (11 sizes,
-480..800 step 32), compiled ahead of time (`jit(...).lower(...).compile()`, no step run).
+480..800 step 32), compiled ahead of time the way `fgd_jax.trainer.train` does it
+(`trainer.StepsBySize.precompile`: lowering in the main thread, `compile()` in a thread pool)
+without running a step.
 
-    python -m benchmarks.yolox_multiscale_compile --cache /tmp/xla_cache   # cold, then
-    python -m benchmarks.yolox_multiscale_compile --cache /tmp/xla_cache   # warm (cache hits)
+    python -m benchmarks.yolox_multiscale_compile --cache /tmp/c --mode lazy      # cold
+    python -m benchmarks.yolox_multiscale_compile --cache /tmp/c2 --mode parallel # cold
+    python -m benchmarks.yolox_multiscale_compile --cache /tmp/c2 --mode parallel # warm
 
-The model is a tiny YOLOX (`--widen 0.0625`: 16 neck channels) by default: the step's graph
-(SimOTA, losses, optimizer, EMA, the resize) is the full one, only the channel counts are
-small, so the compile time is close to a real model's while the run stays short. `--fgd`
-compiles the FGD YOLOX variant's step (student + teacher). The persistent compilation cache
-(`trainer.enable_compilation_cache`, on by default in training) makes a restarted run
-read the 11 executables instead of compiling them.
+`--mode lazy` compiles the sizes one after another in one thread: the compile work a
+`train.precompile='lazy'` run pays at each size's first use (spread over its first
+iterations); `--mode parallel` (`train.precompile`'s default) compiles them in `--threads`
+threads (0: one per CPU, capped by the number of sizes). A cache directory that is empty is a
+cold start; run again on the same directory for the warm one (a restarted run reads the
+executables from the persistent compilation cache). `--hlo` prints, for the first size, the
+op counts of the lowered (StableHLO) and the optimized (HLO) program and the ops that
+dominate them.
+
+The model is a tiny YOLOX (`--widen 0.0625`: 16 neck channels, the student of
+tests/test_yolox_fgd_train.py) by default: the step's graph (SimOTA, losses, optimizer, EMA,
+the resize) is the full one, only the channel counts are small, so the compile time is close
+to a real model's while the run stays short. `--fgd` compiles the FGD YOLOX variant's step
+(student + a teacher twice as wide).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
+import re
 import time
+
+
+def _op_counts(text: str, pattern: str) -> collections.Counter:
+    return collections.Counter(re.findall(pattern, text))
 
 
 def main() -> None:
@@ -25,12 +42,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--sizes", type=int, nargs="+", default=list(range(480, 801, 32)))
     ap.add_argument("--cache", default="", help="persistent compilation cache dir ('' = off)")
+    ap.add_argument("--mode", choices=("lazy", "parallel"), default="parallel")
+    ap.add_argument("--threads", type=int, default=0, help="parallel mode (0: one per CPU)")
     ap.add_argument("--fgd", action="store_true", help="the FGD YOLOX variant's step")
+    ap.add_argument("--hlo", action="store_true", help="op counts of the first size's program")
     args = ap.parse_args()
 
     import jax
 
     from fgd_jax import config as C
+    from fgd_jax import parallel
     from fgd_jax.experiment import (
         Experiment,
         dummy_batch,
@@ -38,7 +59,7 @@ def main() -> None:
         make_train_step,
         run_optimizer,
     )
-    from fgd_jax.trainer import enable_compilation_cache
+    from fgd_jax.trainer import StepsBySize, abstract_tree, enable_compilation_cache
 
     enable_compilation_cache(args.cache)
     cfg = C.ConfigDict()
@@ -51,6 +72,8 @@ def main() -> None:
     cfg.train = C.schedule_yolox(batch_size=args.batch)
     cfg.seed = 0
     exp = Experiment(cfg)
+    mesh = parallel.make_mesh()
+    rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
     batch = dummy_batch(cfg.data, args.batch)
     batch["use_l1"] = batch["flip"]
     t0 = time.perf_counter()
@@ -61,26 +84,51 @@ def main() -> None:
         teacher = jax.eval_shape(
             lambda: exp.teacher.init(jax.random.key(0), batch["image"][:1], train=False)
         )
-    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+    state, teacher = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), (state, teacher)
+    )
+    batch = abstract_tree(parallel.host_batch_to_global(batch, mesh))
     print(f"abstract state in {time.perf_counter() - t0:.1f} s")
-    total = total_cpu = 0.0
-    for s in args.sizes:
-        t, c = time.perf_counter(), time.process_time()
-        step = jax.jit(make_train_step(exp, tx, schedule, input_size=(s, s)), donate_argnums=(0,))
-        lowered = step.lower(state, teacher, shapes)
+    sizes = [(s, s) for s in args.sizes]
+    steps = StepsBySize(
+        lambda size: jax.jit(
+            make_train_step(exp, tx, schedule, input_size=size),
+            in_shardings=(rep, rep, shard),
+            out_shardings=(rep, rep),
+            donate_argnums=(0,),
+        ),
+        mode="parallel",
+        threads=1 if args.mode == "lazy" else args.threads,
+    )
+    if args.hlo:
+        t = time.perf_counter()
+        lowered = steps.jitted(sizes[0]).lower(state, teacher, batch)
         t_lower = time.perf_counter() - t
-        lowered.compile()
-        dt, dc = time.perf_counter() - t, time.process_time() - c
-        total += dt
-        total_cpu += dc
+        text = lowered.as_text()
+        t = time.perf_counter()
+        compiled = lowered.compile()
+        t_compile = time.perf_counter() - t
+        hlo = compiled.as_text()
+        shlo = _op_counts(text, r"= (?:\"?)([a-z_]+\.[a-z_]+)")
+        ops = _op_counts(hlo, r"= [a-z0-9\[\]{}, ]*?\b([a-z][a-z\-]*)\(")
         print(
-            f"size {s}: {dt:.1f} s ({t_lower:.1f} s tracing + lowering, "
-            f"{dt - t_lower:.1f} s compiling or reading the cache), {dc:.1f} CPU-s"
+            f"size {sizes[0]}: lowering {t_lower:.1f} s, compiling {t_compile:.1f} s; "
+            f"StableHLO {sum(shlo.values())} ops, {len(text) / 1e6:.2f} MB; optimized HLO "
+            f"{sum(ops.values())} ops, {hlo.count('fusion(')} fusions, "
+            f"{ops.get('while', 0)} while loops"
         )
+        print("StableHLO top ops:", ", ".join(f"{k} {v}" for k, v in shlo.most_common(12)))
+        print("HLO top ops:", ", ".join(f"{k} {v}" for k, v in ops.most_common(12)))
+        return
+    c0 = time.process_time()
+    record, line = steps.precompile(sizes, (state, teacher, batch))
+    cpu = time.process_time() - c0
+    print(line)
     print(
-        f"total {total:.1f} s, {total_cpu:.1f} CPU-s for {len(args.sizes)} sizes (cache: "
-        f"{args.cache or 'off'}, {'FGD' if args.fgd else 'baseline'} step, widen "
-        f"{args.widen}, batch {args.batch}; load average {os.getloadavg()[0]:.1f})"
+        f"total {record['total_wall_s']:.1f} s wall, {cpu:.1f} CPU-s for {len(sizes)} sizes "
+        f"(mode {args.mode}, {record['threads']} threads, cache: {args.cache or 'off'}, "
+        f"{'FGD' if args.fgd else 'baseline'} step, widen {args.widen}, batch {args.batch}; "
+        f"load average after {os.getloadavg()[0]:.1f}, {jax.devices()[0].device_kind})"
     )
 
 

@@ -404,6 +404,13 @@ def schedule_2x(batch_size: int = 16, base_lr: float = 0.01) -> ConfigDict:
 # COCO train2017 images (mmdetection's YOLOX keeps the images without boxes) per epoch at 64.
 YOLOX_STEPS_PER_EPOCH = 1849  # ceil(118287 / 64)
 
+# `train.precompile` (batch multi-scale only): 'parallel' compiles the train step of every size
+# the run will use ahead of time, before the first step, in `train.precompile_threads` threads
+# (0: the CPU count, capped by the number of sizes); 'lazy' compiles each size at its first use.
+# Both read and write the persistent compilation cache (`trainer.enable_compilation_cache`).
+PRECOMPILE_MODES = ("parallel", "lazy")
+PRECOMPILE_DEFAULT = "parallel"
+
 
 def schedule_yolox(batch_size: int = 64, base_lr: float = 0.01) -> ConfigDict:
     """mmdetection 2.x YOLOX's optimizer, schedule and training hooks: 300 epochs, SGD
@@ -415,7 +422,10 @@ def schedule_yolox(batch_size: int = 64, base_lr: float = 0.01) -> ConfigDict:
     momentum 1e-4, ramp over 2000 iterations) for evaluation and export; batch multi-scale
     (every 10 iterations one size of 480..800 step 32 for the whole batch,
     `experiment.batch_input_size`); evaluation every 10 epochs. The mode switch of the last 15
-    epochs is the data's (`yolox_coco_data(mode_switch_epoch=285)`)."""
+    epochs is the data's (`yolox_coco_data(mode_switch_epoch=285)`). The multi-scale sizes'
+    train steps are compiled ahead of time, in parallel, before the first step
+    (`precompile='parallel'`, `precompile_threads=0`: one per CPU; 'lazy': each at its first
+    use; see `PRECOMPILE_MODES`)."""
     cfg = schedule_2x(batch_size=batch_size, base_lr=base_lr)
     cfg.update(
         reference_batch_size=64,
@@ -438,6 +448,8 @@ def schedule_yolox(batch_size: int = 64, base_lr: float = 0.01) -> ConfigDict:
         from_scratch=True,  # mmdetection's YOLOX config loads no ImageNet weights
         multiscale_sizes=tuple(range(480, 801, 32)),
         multiscale_interval=10,
+        precompile=PRECOMPILE_DEFAULT,
+        precompile_threads=0,
         eval_every=10 * YOLOX_STEPS_PER_EPOCH,
     )
     return cfg

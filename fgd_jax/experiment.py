@@ -255,6 +255,34 @@ def batch_input_size(
     return (s, s)
 
 
+def batch_input_sizes_used(
+    train_cfg: ml_collections.ConfigDict,
+    start: int,
+    stop: int,
+    seed: int = 0,
+    default_hw: tuple[int, int] | None = None,
+) -> tuple[tuple[int, int] | None, ...]:
+    """The distinct `batch_input_size` values of steps `start..stop-1` (0-based), in order of
+    first use: the train steps a run (or a resumed run) will need compiled. Empty when
+    multi-scale is off (`train.multiscale_sizes` empty) or the range is empty. Draws one size
+    per interval and stops as soon as every size of `train.multiscale_sizes` (and the
+    default) has come up, so a 300-epoch schedule costs a few hundred draws."""
+    sizes = tuple(int(s) for s in train_cfg.get("multiscale_sizes", ()))
+    if not sizes or stop <= start:
+        return ()
+    interval = int(train_cfg.get("multiscale_interval", 10))
+    possible = {(s, s) for s in sizes}
+    possible.add(None if default_hw is None else (int(default_hw[0]), int(default_hw[1])))
+    seen: dict = {}
+    first = int(start) // interval
+    for block in range(first, (int(stop) - 1) // interval + 1):
+        step = max(block * interval, int(start))
+        seen.setdefault(batch_input_size(train_cfg, step, seed, default_hw), None)
+        if len(seen) == len(possible):
+            break
+    return tuple(seen)
+
+
 def resize_batch(batch: Mapping[str, jax.Array], size: tuple[int, int]) -> dict:
     """mmdetection 2.x `YOLOX._preprocess`: images bilinearly resized to `size` (h, w) (torch
     `F.interpolate(mode='bilinear', align_corners=False)`: no antialiasing), GT boxes scaled by

@@ -13,13 +13,15 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import ml_collections
 import numpy as np
 
 from fgd_jax import checkpoint as ckpt_lib
+from fgd_jax import config as config_lib
 from fgd_jax import evaluation, logging_utils, parallel
 from fgd_jax.data import classes as data_classes
 from fgd_jax.data import pipeline
@@ -27,6 +29,7 @@ from fgd_jax.experiment import (
     Experiment,
     abstract_train_state,
     batch_input_size,
+    batch_input_sizes_used,
     check_batch_sizes,
     dummy_batch,
     init_train_state,
@@ -51,6 +54,143 @@ def enable_compilation_cache(path: str | None = None) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     except Exception as e:  # noqa: BLE001 - a cache problem must never stop training
         log.warning("compilation cache disabled: %s", e)
+
+
+def abstract_tree(tree):
+    """Every array leaf of `tree` -> `jax.ShapeDtypeStruct` with its shape, dtype, weak type
+    and sharding (what `jit(...).lower` needs to compile for it; no buffer is held)."""
+
+    def leaf(x):
+        if isinstance(x, jax.Array | np.ndarray | np.generic):
+            sharding = getattr(x, "sharding", None)
+            weak = bool(getattr(getattr(x, "aval", None), "weak_type", False))
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding, weak_type=weak)
+        return x
+
+    return jax.tree.map(leaf, tree)
+
+
+def precompile_threads(requested: int, num_jobs: int) -> int:
+    """Threads for `precompile`: `requested` (> 0), else the CPUs this process may use;
+    capped by `num_jobs`, at least 1."""
+    if requested <= 0:
+        try:
+            requested = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            requested = os.cpu_count() or 1
+    return max(1, min(int(requested), int(num_jobs)))
+
+
+def precompile(
+    jitted: Mapping[Hashable, Callable],
+    args: Sequence,
+    threads: int = 0,
+) -> tuple[dict, dict, float]:
+    """Ahead-of-time compile of several jitted functions for the same arguments.
+
+    Each `jitted[key]` (a `jax.jit` wrapper) is traced and lowered for `args` (arrays or
+    `jax.ShapeDtypeStruct`s; see `abstract_tree`) in this thread, one after another (tracing
+    holds the GIL), and each lowered program is handed at once to a pool of `threads`
+    threads (0: `precompile_threads`) that compile them (XLA's compile releases the GIL),
+    reading and writing the persistent compilation cache as `jit` does.
+
+    Returns `(compiled, seconds, wall)`: `{key: jax.stages.Compiled}` (call them instead of
+    the jit wrappers: a wrapper compiles again at its first call), `{key: (lower_s,
+    compile_s)}` (wall seconds of each phase; compiles overlap), and the wall seconds of the
+    whole. An error of any compile is raised after the others have finished."""
+    keys = list(jitted)
+    n = precompile_threads(threads, len(keys))
+    seconds: dict = {}
+    t0 = time.perf_counter()
+
+    def compile_one(key, lowered):
+        t = time.perf_counter()
+        out = lowered.compile()
+        seconds[key] = (seconds[key][0], time.perf_counter() - t)
+        return out
+
+    futures = {}
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="precompile") as pool:
+        for key in keys:
+            t = time.perf_counter()
+            lowered = jitted[key].lower(*args)
+            seconds[key] = (time.perf_counter() - t, 0.0)
+            futures[key] = pool.submit(compile_one, key, lowered)
+    compiled = {key: futures[key].result() for key in keys}
+    return compiled, seconds, time.perf_counter() - t0
+
+
+class StepsBySize:
+    """The jitted train step of each batch multi-scale size (`experiment.batch_input_size`:
+    an (h, w) or None), made by `make_jitted(size)` (a `jax.jit` wrapper) and kept.
+
+    `mode` (`train.precompile`, `config.PRECOMPILE_MODES`): 'lazy' compiles a size at its
+    first call; 'parallel' compiles the sizes given to `precompile` ahead of time, in
+    `threads` threads (0: one per CPU, capped by the number of sizes), and the step then
+    calls those executables: no size compiles again at its first real use."""
+
+    def __init__(
+        self,
+        make_jitted: Callable[[tuple[int, int] | None], Callable],
+        mode: str = config_lib.PRECOMPILE_DEFAULT,
+        threads: int = 0,
+    ):
+        if mode not in config_lib.PRECOMPILE_MODES:
+            raise ValueError(
+                f"train.precompile must be one of {config_lib.PRECOMPILE_MODES}, got {mode!r}"
+            )
+        self.make_jitted, self.mode, self.threads = make_jitted, mode, int(threads)
+        self._jitted: dict = {}
+        self._compiled: dict = {}
+
+    def jitted(self, size: tuple[int, int] | None) -> Callable:
+        """The jit wrapper of `size`'s step (made once)."""
+        if size not in self._jitted:
+            self._jitted[size] = self.make_jitted(size)
+        return self._jitted[size]
+
+    def __call__(self, size: tuple[int, int] | None, *args):
+        """Run `size`'s step on `args`: its precompiled executable if any, else the jit
+        wrapper (compiled at its first call, then cached by jit). Arguments unlike those an
+        executable was compiled for (another dtype or shape: a changed batch) fall back to
+        the jit wrapper, with a warning, instead of failing (checked before any buffer is
+        donated)."""
+        exe = self._compiled.get(size)
+        if exe is not None:
+            try:
+                return exe(*args)
+            except TypeError as e:
+                log.warning("precompiled train step %s: %s; compiling it again", size, e)
+                del self._compiled[size]
+        return self.jitted(size)(*args)
+
+    def is_compiled(self, size: tuple[int, int] | None) -> bool:
+        """Whether `size`'s step was compiled ahead of time (`precompile`)."""
+        return size in self._compiled
+
+    def precompile(self, sizes: Sequence, args: Sequence) -> tuple[dict, str] | None:
+        """'parallel' mode: compile the steps of `sizes` for `args` (the step's arguments or
+        their `abstract_tree`) before any runs (`precompile`). Returns what to log: a record
+        `{"total_wall_s", "threads", "<h>x<w>_lower_s", "<h>x<w>_compile_s"}` (seconds, wall)
+        and a line saying the same; None in 'lazy' mode or when nothing is left to compile."""
+        todo = [s for s in sizes if s not in self._compiled]
+        if self.mode != "parallel" or not todo:
+            return None
+        n = precompile_threads(self.threads, len(todo))
+        compiled, seconds, wall = precompile({s: self.jitted(s) for s in todo}, args, n)
+        self._compiled.update(compiled)
+        record = {"total_wall_s": wall, "threads": n}
+        parts = []
+        for size, (lo, co) in seconds.items():
+            name = "x".join(map(str, size)) if size is not None else "unresized"
+            record[f"{name}_lower_s"], record[f"{name}_compile_s"] = lo, co
+            parts.append(f"{name} {lo:.1f}+{co:.1f}")
+        line = (
+            f"precompiled {len(todo)} train steps in {wall:.1f} s wall, {n} threads (per size, "
+            f"seconds lowering + compiling or reading the cache: {', '.join(parts)})"
+        )
+        log.info(line)
+        return record, line
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -105,21 +245,22 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     # Explicit shardings (pjit style): state and teacher replicated, the batch split on 'data';
     # the state is donated (updated in place).
     rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
-    # YOLOX's batch multi-scale (train.multiscale_sizes): one compiled step per size, each
-    # compiled at its first use (and read from the persistent compilation cache on restarts)
+    # YOLOX's batch multi-scale (train.multiscale_sizes): one compiled step per size, all
+    # the run will use compiled ahead of time in parallel before the first step
+    # (train.precompile='parallel'), or each at its first use ('lazy'); either way read from
+    # the persistent compilation cache on restarts
     if tc.get("multiscale_sizes", ()) and len(cfg.data.canvases) != 1:
         raise ValueError("train.multiscale_sizes resizes one canvas: give data.canvases one")
-    steps_by_size: dict = {}
-
-    def train_step_for(size):
-        if size not in steps_by_size:
-            steps_by_size[size] = jax.jit(
-                make_train_step(exp, tx, schedule, input_size=size),
-                in_shardings=(rep, rep, shard),
-                out_shardings=(rep, rep),
-                donate_argnums=(0,),
-            )
-        return steps_by_size[size]
+    steps = StepsBySize(
+        lambda size: jax.jit(
+            make_train_step(exp, tx, schedule, input_size=size),
+            in_shardings=(rep, rep, shard),
+            out_shardings=(rep, rep),
+            donate_argnums=(0,),
+        ),
+        mode=tc.get("precompile", config_lib.PRECOMPILE_DEFAULT),
+        threads=tc.get("precompile_threads", 0),
+    )
 
     step = int(parallel.fetch(state.step))
     logger = logging_utils.MetricLogger(
@@ -129,12 +270,25 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     pending = None
     t_last, step_last, paused = time.time(), step, 0.0
     stop = _StopRequest()
+    canvas = tuple(cfg.data.canvases[0])
+    sizes_ahead = batch_input_sizes_used(tc, step, total_steps, cfg.seed, canvas)
+    first_batch = None
     try:
+        if steps.mode == "parallel" and sizes_ahead:
+            # the first batch gives the shapes, dtypes and shardings every step gets
+            first_batch = parallel.host_batch_to_global(next(loader), mesh)
+            done = steps.precompile(sizes_ahead, abstract_tree((state, teacher_vars, first_batch)))
+            if done is not None:
+                logger.write(done[1])
+                logger.log(step, done[0], prefix="compile/")
+                paused += done[0]["total_wall_s"]  # not in the first images_per_s
         while step < total_steps:
-            batch = parallel.host_batch_to_global(next(loader), mesh)
-            size = batch_input_size(tc, step, cfg.seed, tuple(cfg.data.canvases[0]))
-            train_step = train_step_for(size)
-            state, metrics = train_step(state, teacher_vars, batch)
+            if first_batch is not None:
+                batch, first_batch = first_batch, None
+            else:
+                batch = parallel.host_batch_to_global(next(loader), mesh)
+            size = batch_input_size(tc, step, cfg.seed, canvas)
+            state, metrics = steps(size, state, teacher_vars, batch)
             step += 1
             # Check the previous step's losses while this one runs (keeps the device busy).
             if pending is not None:
