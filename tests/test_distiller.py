@@ -12,6 +12,19 @@ from fgd_jax.models import build_detector
 from ._tiny import make_teacher, tiny_config
 
 
+@pytest.fixture(scope="module")
+def fgd(tmp_path_factory):
+    """The tiny FGD setup the tests below share, built once (a random R18 teacher, the
+    inherited initial train state): (cfg, teacher variables, Experiment, TrainState). Tests
+    that change the config copy it."""
+    tmp = tmp_path_factory.mktemp("distiller")
+    cfg = tiny_config(str(tmp / "data"), "fgd")
+    tvars = make_teacher(cfg, str(tmp / "teacher"))
+    exp = Experiment(cfg)
+    state, _, _ = init_train_state(exp, dummy_batch(cfg.data), 10, teacher_vars=tvars)
+    return cfg, tvars, exp, state
+
+
 def _batch(cfg, n=2, seed=0):
     rng = np.random.default_rng(seed)
     b = dummy_batch(cfg.data, n)
@@ -23,13 +36,10 @@ def _batch(cfg, n=2, seed=0):
     return {k: jnp.asarray(v) for k, v in b.items()}
 
 
-def test_inherit_copies_exactly_the_non_backbone_leaves(tmp_path):
-    cfg = tiny_config(str(tmp_path / "data"), "fgd")
-    tvars = make_teacher(cfg, str(tmp_path / "teacher"))
-    exp = Experiment(cfg)
+def test_inherit_copies_exactly_the_non_backbone_leaves(fgd):
+    cfg, tvars, exp, state = fgd  # state: init_train_state with the teacher's variables
     init_rng, _ = jax.random.split(jax.random.PRNGKey(cfg.seed))  # as init_train_state
     fresh = exp.init_variables(init_rng, dummy_batch(cfg.data))
-    state, _, _ = init_train_state(exp, dummy_batch(cfg.data), 10, teacher_vars=tvars)
     s_new, s_old, t = state.params["student"], fresh["params"]["student"], tvars["params"]
     for part in ("neck", "bbox_head"):
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), s_new[part], t[part])
@@ -52,49 +62,42 @@ def test_inherit_mismatch_lists_every_problem():
     assert "neck/a: student (3,) vs teacher (4,)" in msg
 
 
-def test_fgd_weight_zero_reproduces_the_student_loss(tmp_path):
-    cfg = tiny_config(str(tmp_path / "data"), "fgd")
+def test_fgd_weight_zero_reproduces_the_student_loss(fgd):
+    """With every FGD weight 0 the distiller's losses, their total and its gradients w.r.t.
+    the student's params equal the plain student detector's (reference: the detector alone).
+    Each side is one compiled program returning its losses and their gradients."""
+    cfg, tvars, _, state = fgd  # the initial state does not depend on the loss weights
+    cfg = cfg.copy_and_resolve_references()
     for k in ("alpha_fgd", "beta_fgd", "gamma_fgd", "lambda_fgd"):
         cfg.distill[k] = 0.0
-    tvars = make_teacher(cfg, str(tmp_path / "teacher"))
     exp = Experiment(cfg)
-    state, _, _ = init_train_state(exp, dummy_batch(cfg.data), 10, teacher_vars=tvars)
     batch = _batch(cfg)
-    losses, _ = jax.jit(exp.apply_losses)(
-        state.params, state.model_state, tvars, batch, jax.random.PRNGKey(0)
-    )
-    assert all(float(losses[f"loss_fgd_fpn_{i}"]) == 0.0 for i in range(5))
-    assert float(losses["loss_fgd_fpn_0/fg"]) > 0  # the parts are still computed
     student = build_detector(cfg.model)
     sv = exp.student_variables(state.params, state.model_state)
-    plain, _ = jax.jit(
-        lambda v, b: student.apply(
-            v, b, train=True, method="forward_train", mutable=["batch_stats"]
-        )
-    )(sv, batch)[0]
-    np.testing.assert_allclose(float(D.total_loss(losses)), float(D.total_loss(plain)), rtol=1e-6)
 
-    # gradients w.r.t. the student's params equal the plain detector's too
     def fgd_total(p):
         ls, _ = exp.apply_losses(p, state.model_state, tvars, batch, jax.random.PRNGKey(0))
-        return D.total_loss(ls)
+        return D.total_loss(ls), ls
 
     def plain_total(p):
         (ls, _), _ = student.apply(
             {**sv, "params": p}, batch, train=True, method="forward_train", mutable=["batch_stats"]
         )
-        return D.total_loss(ls)
+        return D.total_loss(ls), ls
 
-    g1 = jax.jit(jax.grad(fgd_total))(state.params)["student"]
-    g2 = jax.jit(jax.grad(plain_total))(sv["params"])
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g2)
+    (_, losses), g1 = jax.jit(jax.value_and_grad(fgd_total, has_aux=True))(state.params)
+    (_, plain), g2 = jax.jit(jax.value_and_grad(plain_total, has_aux=True))(sv["params"])
+    assert all(float(losses[f"loss_fgd_fpn_{i}"]) == 0.0 for i in range(5))
+    assert float(losses["loss_fgd_fpn_0/fg"]) > 0  # the parts are still computed
+    np.testing.assert_allclose(float(D.total_loss(losses)), float(D.total_loss(plain)), rtol=1e-6)
+    # gradients w.r.t. the student's params equal the plain detector's too
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1["student"], g2
+    )
 
 
-def test_teacher_gets_no_gradient_and_fgd_params_do(tmp_path):
-    cfg = tiny_config(str(tmp_path / "data"), "fgd")
-    tvars = make_teacher(cfg, str(tmp_path / "teacher"))
-    exp = Experiment(cfg)
-    state, _, _ = init_train_state(exp, dummy_batch(cfg.data), 10, teacher_vars=tvars)
+def test_teacher_gets_no_gradient_and_fgd_params_do(fgd):
+    cfg, tvars, exp, state = fgd
     batch = _batch(cfg)
 
     def total(p, t):
@@ -128,13 +131,10 @@ def test_inherit_allow_missing_keeps_only_listed_leaves():
         D.inherit_from_teacher(student, teacher, allow_missing=[r"^neck/"])
 
 
-def test_bfloat16_compute_matches_float32(tmp_path):
+def test_bfloat16_compute_matches_float32(fgd):
     """train.dtype='bfloat16': same params (float32), bf16 convolutions; every loss finite and
     within bf16 accuracy of the float32 run (reference: the float32 run)."""
-    cfg = tiny_config(str(tmp_path / "data"), "fgd")
-    tvars = make_teacher(cfg, str(tmp_path / "teacher"))
-    exp32 = Experiment(cfg)
-    state, _, _ = init_train_state(exp32, dummy_batch(cfg.data), 10, teacher_vars=tvars)
+    cfg, tvars, exp32, state = fgd
     cfg16 = cfg.copy_and_resolve_references()
     cfg16.train.dtype = "bfloat16"
     exp16 = Experiment(cfg16)
@@ -153,14 +153,15 @@ def test_bfloat16_compute_matches_float32(tmp_path):
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
 
 
-def test_bfloat16_train_step_keeps_float32_state(tmp_path):
-    """A whole jitted train step with train.dtype='bfloat16': params, BN statistics and the
-    optimizer state stay float32 after the update, every loss is finite, params move."""
+def test_bfloat16_train_step_keeps_float32_state(fgd):
+    """A whole jitted train step with train.dtype='bfloat16' (its state initialized under
+    bfloat16 too): params, BN statistics and the optimizer state stay float32 after the
+    update, every loss is finite, params move."""
     from fgd_jax.experiment import make_train_step
 
-    cfg = tiny_config(str(tmp_path / "data"), "fgd")
+    cfg, tvars, _, _ = fgd  # the teacher's variables do not depend on the compute dtype
+    cfg = cfg.copy_and_resolve_references()
     cfg.train.dtype = "bfloat16"
-    tvars = make_teacher(cfg, str(tmp_path / "teacher"))
     exp = Experiment(cfg)
     state, tx, schedule = init_train_state(exp, dummy_batch(cfg.data), 10, teacher_vars=tvars)
     before = jax.tree.map(np.asarray, state.params)

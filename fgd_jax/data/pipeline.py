@@ -229,13 +229,50 @@ def _wait_for_shared_memory_release() -> None:
     """Wait until grain has unlinked the segments of batches dropped unread at `close` (they
     are unlinked by a one-thread pool, in order: a no-op submitted now runs after them). At
     interpreter exit the pool would otherwise stop first and the segments leak."""
-    try:
-        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
-    except ImportError:  # another grain layout: nothing to wait for that we know of
-        return
-    pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
+    pool = getattr(_shared_memory_array_class(), "_del_thread_pool", None)
     if pool is not None:
         pool.apply(int)
+
+
+def _shared_memory_array_class() -> Any:
+    """grain's `SharedMemoryArray` (grain >= 0.2 layout), or None for another layout: then
+    there is nothing to wait for or to switch that we know of."""
+    try:
+        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+    except ImportError:
+        return None
+    return SharedMemoryArray
+
+
+def _unlink_synchronously_from_now_on() -> None:
+    """At exit, after the loaders are closed: arrays freed from now on unlink their segment in
+    the freeing thread instead of queueing it to grain's deletion pool. multiprocessing's
+    exit function terminates that pool (dropping whatever is queued) before it runs the
+    remaining finalizers, so a segment queued then would leak."""
+    cls = _shared_memory_array_class()
+    pool = getattr(cls, "_del_thread_pool", None)
+    disable = getattr(cls, "_disable_async_del", None)
+    if disable is not None:
+        disable()
+    if pool is not None:
+        pool.apply(int)  # what was queued before the switch is unlinked
+
+
+# grain kills a worker that has not exited this many seconds after being asked to stop; the
+# batch it holds then stays in shared memory (13 segments leaked when forced). Its default,
+# 25 s, is within reach on a loaded machine: a worker asked to stop while it is still
+# importing JAX took 12 s on 2 cores at load 16 (the test suite with other jobs running).
+_WORKER_STOP_TIMEOUT_S = 120.0
+
+
+def _allow_slow_worker_exit() -> None:
+    try:
+        from grain._src.python.dataset.transformations import process_prefetch
+    except ImportError:  # another grain layout: its own timeout applies
+        return
+    current = getattr(process_prefetch, "_PROCESS_KILL_TIMEOUT_S", None)
+    if isinstance(current, (int, float)) and current < _WORKER_STOP_TIMEOUT_S:
+        process_prefetch._PROCESS_KILL_TIMEOUT_S = _WORKER_STOP_TIMEOUT_S
 
 
 # loaders not closed yet, closed at exit (weak: a loader garbage-collected earlier drops out)
@@ -246,6 +283,7 @@ _OPEN_LOADERS: weakref.WeakSet = weakref.WeakSet()
 def _close_open_loaders() -> None:
     for loader in list(_OPEN_LOADERS):
         loader.close()
+    _unlink_synchronously_from_now_on()
 
 
 class DetectionLoader:
@@ -320,7 +358,11 @@ class DetectionLoader:
         if close is not None:
             close()
         del it
-        gc.collect()  # grain's iterators hold batches read ahead in reference cycles
+        # grain's iterators hold batches read ahead in reference cycles, and the finalizers
+        # one collection runs (a closed iterator's) can free more: collect until none is left
+        for _ in range(8):
+            if not gc.collect():
+                break
         _wait_for_shared_memory_release()
 
     @property
@@ -427,6 +469,7 @@ def _build(
     ids = ds.to_iter_dataset(read)
     if num_workers > 0:
         _ensure_flags_parsed()
+        _allow_slow_worker_exit()
         ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return DetectionLoader(ids, recs, maker.steps_per_epoch, canvases, maker)
 
