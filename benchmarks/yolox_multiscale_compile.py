@@ -59,7 +59,8 @@ def main() -> None:
         make_train_step,
         run_optimizer,
     )
-    from fgd_jax.trainer import StepsBySize, abstract_tree, enable_compilation_cache
+    from fgd_jax.parallel import enable_compilation_cache
+    from fgd_jax.trainer import StepsBySize, abstract_tree
 
     enable_compilation_cache(args.cache)
     cfg = C.ConfigDict()

@@ -407,7 +407,7 @@ YOLOX_STEPS_PER_EPOCH = 1849  # ceil(118287 / 64)
 # `train.precompile` (batch multi-scale only): 'parallel' compiles the train step of every size
 # the run will use ahead of time, before the first step, in `train.precompile_threads` threads
 # (0: the CPU count, capped by the number of sizes); 'lazy' compiles each size at its first use.
-# Both read and write the persistent compilation cache (`trainer.enable_compilation_cache`).
+# Both read and write the persistent compilation cache (`parallel.enable_compilation_cache`).
 PRECOMPILE_MODES = ("parallel", "lazy")
 PRECOMPILE_DEFAULT = "parallel"
 

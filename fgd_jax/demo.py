@@ -26,7 +26,7 @@ import time
 import jax
 
 from fgd_jax import checkpoint as ckpt_lib
-from fgd_jax import evaluation
+from fgd_jax import evaluation, parallel
 from fgd_jax.config import OVERRIDE_HELP, ConfigDict, parse_command_line
 from fgd_jax.data import pipeline
 from fgd_jax.demo_runs import (
@@ -44,6 +44,7 @@ from fgd_jax.models import build_detector
 def run(args) -> dict:
     workdir = args.workdir
     t_start = time.time()
+    parallel.enable_compilation_cache()  # the teacher's evaluation below compiles before train()
     pipeline.ensure_shapes_dataset(demo_config("baseline", args, workdir).data)
     rows: dict[str, dict] = {}
 

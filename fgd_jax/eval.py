@@ -20,7 +20,7 @@ import sys
 import jax
 from flax.errors import FlaxError
 
-from fgd_jax import evaluation
+from fgd_jax import evaluation, parallel
 from fgd_jax.config import OVERRIDE_HELP, apply_overrides, load_config, parse_command_line
 from fgd_jax.experiment import check_batch_sizes, check_variables, load_model
 from fgd_jax.models import build_detector
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p = parser()
     args, overrides = parse_command_line(p, argv)
     overrides = [*args.overrides, *overrides]
+    parallel.enable_compilation_cache()
     try:
         variables, cfg = load_model(args.ckpt, teacher=args.teacher)
         if args.config:

@@ -276,3 +276,19 @@ def sync(name: str = "fgd_jax_sync") -> None:
     """Barrier across processes (no-op on one process)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+def enable_compilation_cache(path: str | None = None) -> None:
+    """Persistent XLA compilation cache (on by default in every command), so a restarted run
+    or a repeated evaluation does not pay compilation again. `FGD_JAX_COMPILATION_CACHE`
+    overrides the directory; '' disables."""
+    path = os.environ.get("FGD_JAX_COMPILATION_CACHE", path) if path is None else path
+    if path is None:
+        path = os.path.expanduser("~/.cache/fgd_jax/xla")
+    if not path:
+        return
+    try:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    except Exception as e:  # noqa: BLE001 - a cache problem must never stop training
+        _log.warning("compilation cache disabled: %s", e)

@@ -41,21 +41,6 @@ from fgd_jax.experiment import (
 log = logging.getLogger("fgd_jax.trainer")
 
 
-def enable_compilation_cache(path: str | None = None) -> None:
-    """Persistent XLA compilation cache (on by default), so a restarted run does not pay
-    compilation again. `FGD_JAX_COMPILATION_CACHE` overrides the directory; '' disables."""
-    path = os.environ.get("FGD_JAX_COMPILATION_CACHE", path) if path is None else path
-    if path is None:
-        path = os.path.expanduser("~/.cache/fgd_jax/xla")
-    if not path:
-        return
-    try:
-        jax.config.update("jax_compilation_cache_dir", path)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    except Exception as e:  # noqa: BLE001 - a cache problem must never stop training
-        log.warning("compilation cache disabled: %s", e)
-
-
 def abstract_tree(tree):
     """Every array leaf of `tree` -> `jax.ShapeDtypeStruct` with its shape, dtype, weak type
     and sharding (what `jit(...).lower` needs to compile for it; no buffer is held)."""
@@ -202,7 +187,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     # every batch size, before anything is written or compiled (eval's too: its first use
     # comes after a checkpoint)
     check_batch_sizes(cfg, jax.device_count(), jax.process_count())
-    enable_compilation_cache()
+    parallel.enable_compilation_cache()
     mesh = parallel.make_mesh()
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
