@@ -90,6 +90,7 @@ def test_conv_other_layouts_fall_back_to_lax() -> None:
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+@pytest.mark.slow  # ~6 s: the 2-D pools' VJP compiles slowly
 def test_spp_pools_equal_2d_pools() -> None:
     """Values bitwise equal to `max_pool_torch` (also on a map smaller than the windows, and
     with a repeated value in every window: a constant row), gradients (the sum over the
