@@ -9,7 +9,7 @@ of `tile_size` under `lax.while_loop`. Inside a tile the greedy result is the un
 of `keep_k = alive_k & ~any_{j<k}(keep_j & iou_jk > thr)`, reached by iteration (at most
 `tile_size` rounds, usually a few); the tile's kept boxes then suppress every later box with one
 `[tile, N]` IoU block. Memory is O(tile * N), never N x N; the loop stops as soon as
-`max_output` boxes are kept.
+`max_output` boxes are kept or no tile with a valid entry is left (the same result).
 """
 
 from __future__ import annotations
@@ -99,9 +99,12 @@ def nms(
         alive = alive & ~(sup & later)
         return i + 1, alive, count + jnp.sum(keep, dtype=jnp.int32)
 
+    # the valid entries come first in `order`: tiles past them hold nothing to keep
+    n_valid = jnp.sum(score_valid, dtype=jnp.int32)
+
     def tile_cond(state):
         i, _, count = state
-        return (i < num_tiles) & (count < max_output)
+        return (i < num_tiles) & (i * t < n_valid) & (count < max_output)
 
     i_end, alive, count = lax.while_loop(tile_cond, tile_body, (jnp.int32(0), alive, jnp.int32(0)))
     keep = alive & (pos < i_end * t)  # tiles after an early stop were never finalized
