@@ -20,6 +20,7 @@ tests/golden/masks/masks.npz).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -68,6 +69,11 @@ class FCNMaskHead(nn.Module):
     num_convs: int = 4
     conv_out_channels: int = 256
     roi_feat_size: int = 14
+    # Training only (Mask R-CNN's `forward_train`, not this module's call): the RoI slot counts
+    # per image the mask branch may run on instead of the full positive quota, the smallest
+    # that holds the batch's largest positive count being chosen at run time
+    # (`MaskRoIHead.mask_train_loss`); each is one more compiled branch. () = always the quota.
+    train_roi_buckets: Sequence[int] = (16, 32, 64)
     dtype: Any = None
 
     @nn.compact
