@@ -77,7 +77,6 @@ def test_fgd_training_decreases_every_loss_part_and_evaluates_segm(tmp_path):
         m.test_cfg.rpn.nms_pre = 200
         m.test_cfg.rpn.max_per_img = 100
         m.backbone.norm_eval = False
-        m.roi_head.mask_head.train_roi_buckets = (8,)  # below the quota of 16: nn.switch runs
         return m
 
     cfg = tiny_config(str(tmp_path / "data"), "fgd", steps=40)

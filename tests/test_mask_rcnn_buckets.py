@@ -53,6 +53,7 @@ def test_bucket_list():
         mask_roi_buckets((0, 8), 16)
 
 
+@pytest.mark.slow  # compiles the full path and 2 buckets (RoIAlign, head, targets, grads)
 def test_bucketed_mask_loss_and_grads_equal_the_full_quota():
     rng = np.random.default_rng(0)
     # largest positive count per batch: 0, in the bucket of 4 (positives first / scattered),

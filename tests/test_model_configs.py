@@ -145,7 +145,7 @@ ADDED: dict[str, dict[str, object]] = {
     "mask_rcnn": {
         **_NO_NECK_NORM,
         # the mask branch's RoI slot buckets in training (branch maskspeed), same results
-        "roi_head/mask_head/train_roi_buckets": [16, 32, 64],
+        "roi_head/mask_head/train_roi_buckets": [],
     },
     "gfl": dict(_NO_NECK_NORM),
     "solo": dict(_NO_NECK_NORM),  # recorded on a branch beside the GN-neck option

@@ -69,11 +69,13 @@ class FCNMaskHead(nn.Module):
     num_convs: int = 4
     conv_out_channels: int = 256
     roi_feat_size: int = 14
-    # Training only (Mask R-CNN's `forward_train`, not this module's call): the RoI slot counts
+    # Training only (Mask R-CNN's `forward_train`, not this module's call): RoI slot counts
     # per image the mask branch may run on instead of the full positive quota, the smallest
-    # that holds the batch's largest positive count being chosen at run time
-    # (`MaskRoIHead.mask_train_loss`); each is one more compiled branch. () = always the quota.
-    train_roi_buckets: Sequence[int] = (16, 32, 64)
+    # that holds the batch's largest positive count being chosen at run time by `nn.switch`
+    # (`MaskRoIHead.mask_train_loss`, same results); each is one more compiled branch.
+    # () = always the quota (default): on XLA:CPU the switched train step MEASURED SLOWER
+    # (benchmarks/results/mask_rcnn_cpu.md, cause not found yet); e.g. (16, 32, 64) to try.
+    train_roi_buckets: Sequence[int] = ()
     dtype: Any = None
 
     @nn.compact

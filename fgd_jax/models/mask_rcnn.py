@@ -10,13 +10,13 @@
   (`fgd_jax.ops.masks.mask_targets`, batch keys `masks` / `mask_regions`: `data.with_mask`),
   `loss_mask` (`fgd_jax.models.mask_head.mask_loss`: mean over the positives x 28 x 28 of each
   group of `train_cfg.loss_norm_group` images, as mmdetection per GPU, averaged).
-  Static shapes, but not the cost of the full quota (128 slots per image, mostly padding):
-  the mask branch runs on the first k slots only, k the smallest of
-  `mask_head.train_roi_buckets` (default 16 / 32 / 64) or the quota that holds the batch's
+  Option (off by default): `mask_head.train_roi_buckets`, e.g. (16, 32, 64): the mask branch
+  runs on the first k slots only, k the smallest bucket or the quota that holds the batch's
   largest positive count, chosen at run time by `nn.switch` (`MaskRoIHead.mask_train_loss`;
   the same loss and gradients as the full quota, tests/test_mask_rcnn_buckets.py). Each
   bucket is one more compiled copy of the mask branch (RoIAlign, head, targets, loss and
-  their backward): `train_roi_buckets=()` compiles one, the quota.
+  their backward). On XLA:CPU the switched step measured slower than the full quota
+  (benchmarks/results/mask_rcnn_cpu.md; cause not found), hence the default () (one branch).
 - Inference (`predict`): Faster R-CNN's detections, then the mask head on the detected boxes
   scaled back to the network input (mmdetection `simple_test_mask` with rescale: boxes x
   scale_factor): `mask_probs [B, K, 28, 28]`, the sigmoid of each detection's class channel.
