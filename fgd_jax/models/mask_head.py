@@ -74,7 +74,8 @@ class FCNMaskHead(nn.Module):
     # that holds the batch's largest positive count being chosen at run time by `nn.switch`
     # (`MaskRoIHead.mask_train_loss`, same results); each is one more compiled branch.
     # () = always the quota (default): on XLA:CPU the switched train step MEASURED SLOWER
-    # (benchmarks/results/mask_rcnn_cpu.md, cause not found yet); e.g. (16, 32, 64) to try.
+    # (reverse-mode through lax.switch runs more than the chosen branch:
+    # benchmarks/results/mask_rcnn_cpu.md); e.g. (16, 32, 64) to try.
     train_roi_buckets: Sequence[int] = ()
     dtype: Any = None
 

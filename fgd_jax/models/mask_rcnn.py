@@ -16,7 +16,8 @@
   the same loss and gradients as the full quota, tests/test_mask_rcnn_buckets.py). Each
   bucket is one more compiled copy of the mask branch (RoIAlign, head, targets, loss and
   their backward). On XLA:CPU the switched step measured slower than the full quota
-  (benchmarks/results/mask_rcnn_cpu.md; cause not found), hence the default () (one branch).
+  (gradients through `lax.switch` cost more than the chosen branch:
+  benchmarks/results/mask_rcnn_cpu.md), hence the default () (one branch).
 - Inference (`predict`): Faster R-CNN's detections, then the mask head on the detected boxes
   scaled back to the network input (mmdetection `simple_test_mask` with rescale: boxes x
   scale_factor): `mask_probs [B, K, 28, 28]`, the sigmoid of each detection's class channel.
