@@ -117,6 +117,13 @@ def sides(
         info["jax_dets"] = len(paste_detections(det, 0, (ih, iw)))
 
     jax_train, jax_infer = common.jax_detector_calls(model, variables, tb, ib, lr, paste)
+    train = {"jax": jax_train}
+    if args.buckets:  # the mask branch on RoI slot buckets (nn.switch), not the full quota
+        cfg_b = C.mask_rcnn_model(depth=50)
+        cfg_b.roi_head.mask_head.train_roi_buckets = (16, 32, 64)
+        train["jax_buckets"], _ = common.jax_detector_calls(
+            build_detector(cfg_b), variables, tb, ib, lr
+        )
 
     peer = peer.to(device)
     opt = torch.optim.SGD([p for p in peer.parameters() if p.requires_grad], lr=lr, momentum=0.9)
@@ -154,11 +161,27 @@ def sides(
     info["grid_bytes"] = tb["masks"][0].nbytes + tb["mask_regions"][0].nbytes
     info["full_bytes"] = full[0].nbytes
     info["g"] = g
-    return {"jax": jax_train, "torch": torch_train}, {"jax": jax_infer, "torch": torch_infer}, info
+    train["torch"] = torch_train
+    return train, {"jax": jax_infer, "torch": torch_infer}, info
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """`common.detector_args`' flags plus `--buckets`."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    common.add_common_args(ap)
+    ap.add_argument("--train-size", type=int, default=512, help="square training images, batch 2")
+    ap.add_argument("--infer-size", type=int, nargs=2, default=(800, 1344), help="h w, batch 1")
+    ap.add_argument(
+        "--buckets",
+        action="store_true",
+        help="also time fgd-jax's train step with mask_head.train_roi_buckets=(16, 32, 64) "
+        "(the mask branch on the smallest bucket holding the positives, nn.switch)",
+    )
+    return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = common.detector_args(__doc__, argv)
+    args = parse_args(argv)
     device = common.setup(args)
 
     peer = build_peer()
@@ -173,6 +196,15 @@ def main(argv: list[str] | None = None) -> None:
         (f"train step, batch 2, {ts}x{ts}", 2 / t_train["jax"], 2 / t_train["torch"]),
         (f"inference + paste, batch 1, {ih}x{iw}", 1 / t_infer["jax"], 1 / t_infer["torch"]),
     ]
+    if "jax_buckets" in t_train:
+        rows.insert(
+            1,
+            (
+                f"train step, batch 2, {ts}x{ts}, mask RoI buckets 16/32/64 (nn.switch)",
+                2 / t_train["jax_buckets"],
+                2 / t_train["torch"],
+            ),
+        )
     lines += common.table(rows, "torchvision")
     jax_dev, torch_dev = common.peak_device_gib(device)
     lines.append("")

@@ -142,7 +142,11 @@ ADDED: dict[str, dict[str, object]] = {
         "train_cfg/rpn_proposal/iou_threshold": "=test_cfg/rpn/iou_threshold",
     },
     "features": dict(_NO_NECK_NORM),
-    "mask_rcnn": dict(_NO_NECK_NORM),
+    "mask_rcnn": {
+        **_NO_NECK_NORM,
+        # the mask branch's RoI slot buckets in training (branch maskspeed), same results
+        "roi_head/mask_head/train_roi_buckets": [],
+    },
     "gfl": dict(_NO_NECK_NORM),
     "solo": dict(_NO_NECK_NORM),  # recorded on a branch beside the GN-neck option
 }

@@ -20,6 +20,7 @@ tests/golden/masks/masks.npz).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -68,6 +69,14 @@ class FCNMaskHead(nn.Module):
     num_convs: int = 4
     conv_out_channels: int = 256
     roi_feat_size: int = 14
+    # Training only (Mask R-CNN's `forward_train`, not this module's call): RoI slot counts
+    # per image the mask branch may run on instead of the full positive quota, the smallest
+    # that holds the batch's largest positive count being chosen at run time by `nn.switch`
+    # (`MaskRoIHead.mask_train_loss`, same results); each is one more compiled branch.
+    # () = always the quota (default): on XLA:CPU the switched train step MEASURED SLOWER
+    # (reverse-mode through lax.switch runs more than the chosen branch:
+    # benchmarks/results/mask_rcnn_cpu.md); e.g. (16, 32, 64) to try.
+    train_roi_buckets: Sequence[int] = ()
     dtype: Any = None
 
     @nn.compact

@@ -10,6 +10,14 @@
   (`fgd_jax.ops.masks.mask_targets`, batch keys `masks` / `mask_regions`: `data.with_mask`),
   `loss_mask` (`fgd_jax.models.mask_head.mask_loss`: mean over the positives x 28 x 28 of each
   group of `train_cfg.loss_norm_group` images, as mmdetection per GPU, averaged).
+  Option (off by default): `mask_head.train_roi_buckets`, e.g. (16, 32, 64): the mask branch
+  runs on the first k slots only, k the smallest bucket or the quota that holds the batch's
+  largest positive count, chosen at run time by `nn.switch` (`MaskRoIHead.mask_train_loss`;
+  the same loss and gradients as the full quota, tests/test_mask_rcnn_buckets.py). Each
+  bucket is one more compiled copy of the mask branch (RoIAlign, head, targets, loss and
+  their backward). On XLA:CPU the switched step measured slower than the full quota
+  (gradients through `lax.switch` cost more than the chosen branch:
+  benchmarks/results/mask_rcnn_cpu.md), hence the default () (one branch).
 - Inference (`predict`): Faster R-CNN's detections, then the mask head on the detected boxes
   scaled back to the network input (mmdetection `simple_test_mask` with rescale: boxes x
   scale_factor): `mask_probs [B, K, 28, 28]`, the sigmoid of each detection's class channel.
@@ -23,6 +31,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -58,6 +67,73 @@ class MaskRoIHead(StandardRoIHead):
     def masks(self, mask_feats: Array) -> Array:
         """Mask logits `[..., 2S, 2S, num_classes]`."""
         return self.mask_head(mask_feats)
+
+    def mask_train_loss(
+        self,
+        feats: Sequence[Array],
+        rois: Array,
+        pos: Array,
+        gt_inds: Array,
+        labels: Array,
+        masks: Array,
+        mask_regions: Array,
+        canvas_hw: Array,
+        loss_norm_group: int = 0,
+    ) -> Array:
+        """`loss_mask` of the positive RoIs among `P` slots per image (the sampler's positive
+        quota): RoIAlign, mask head, targets (`mask_ops.mask_targets`) and `mask_loss`.
+
+        Only the first `k` slots run, `k` the smallest of `mask_roi_buckets` holding the
+        batch's largest positive count (positives put first, in their order): the loss and
+        its gradients are those of all `P` slots (the others are not positive and weigh 0),
+        up to float summation order. Each bucket is one `nn.switch` branch, compiled.
+        Args: feats: the FPN maps `[B, H_l, W_l, C]`; rois `[B, P, 4]`, pos `[B, P]` bool,
+          gt_inds `[B, P]`, labels `[B, P]` (`rcnn_targets`); masks `[B, G, M, M]` and
+          mask_regions `[B, G, 4]` (the batch's); canvas_hw `[2]` padded canvas (H, W).
+        Returns the scalar loss (`mask_loss`, `loss_norm_group` as there).
+        """
+        pos = jnp.asarray(pos, bool)
+        order = jnp.argsort(~pos, axis=1, stable=True)  # the sampler's order already
+        rois = jnp.take_along_axis(rois, order[..., None], axis=1)
+        pos, gt_inds, labels = (
+            jnp.take_along_axis(x, order, axis=1) for x in (pos, gt_inds, labels)
+        )
+        sizes = mask_roi_buckets(self.mask_head.train_roi_buckets, pos.shape[1])
+
+        def branch(k: int):
+            def run(head: MaskRoIHead, feats, rois, pos, gt_inds, labels, masks, regions):
+                rois, pos, gt_inds, labels = (x[:, :k] for x in (rois, pos, gt_inds, labels))
+                logits = head.masks(head.mask_feats(feats, rois))
+                out_size = logits.shape[-2]
+                mask_t = jax.vmap(
+                    lambda g, r, ro, gi: mask_ops.mask_targets(
+                        g, r, ro, gi, canvas_hw, out_size=out_size
+                    )
+                )(masks, regions, rois, gt_inds)
+                return mask_loss(
+                    logits,
+                    jax.lax.stop_gradient(mask_t),
+                    labels,
+                    pos,
+                    loss_norm_group=loss_norm_group,
+                )
+
+            return run
+
+        operands = (tuple(feats), rois, pos, gt_inds, labels, masks, mask_regions)
+        if len(sizes) == 1:
+            return branch(sizes[0])(self, *operands)
+        n = jnp.max(jnp.sum(pos, axis=1))
+        index = jnp.sum(jnp.asarray(sizes[:-1]) < n)  # the first size >= n
+        return nn.switch(index, [branch(k) for k in sizes], self, *operands)
+
+
+def mask_roi_buckets(buckets: Sequence[int], quota: int) -> tuple[int, ...]:
+    """The mask branch's slot counts per image (`FCNMaskHead.train_roi_buckets` below the
+    positive `quota`, ascending, then `quota` itself)."""
+    if any(int(k) <= 0 for k in buckets):
+        raise ValueError(f"mask_head.train_roi_buckets must be positive, got {tuple(buckets)}")
+    return tuple(sorted({int(k) for k in buckets if int(k) < quota})) + (int(quota),)
 
 
 class MaskRCNN(FasterRCNN):
@@ -116,19 +192,15 @@ class MaskRCNN(FasterRCNN):
                 )
         losses, feats, targets = self._forward_train(batch, train)
         p = self.max_mask_rois
-        rois, pos = targets["rois"][:, :p], targets["pos"][:, :p]
-        gt_inds, labels = targets["gt_inds"][:, :p], targets["labels"][:, :p]
-        logits = self.roi_head.masks(self.roi_head.mask_feats(feats, rois))
-        canvas = jnp.asarray(batch["image"].shape[1:3], jnp.int32)
-        out_size = logits.shape[-2]
-        mask_t = jax.vmap(
-            lambda g, r, ro, gi: mask_ops.mask_targets(g, r, ro, gi, canvas, out_size=out_size)
-        )(jnp.asarray(batch["masks"]), jnp.asarray(batch["mask_regions"]), rois, gt_inds)
-        losses["loss_mask"] = mask_loss(
-            logits,
-            jax.lax.stop_gradient(mask_t),
-            labels,
-            pos,
+        losses["loss_mask"] = self.roi_head.mask_train_loss(
+            feats,
+            targets["rois"][:, :p],
+            targets["pos"][:, :p],
+            targets["gt_inds"][:, :p],
+            targets["labels"][:, :p],
+            jnp.asarray(batch["masks"]),
+            jnp.asarray(batch["mask_regions"]),
+            jnp.asarray(batch["image"].shape[1:3], jnp.int32),
             loss_norm_group=self.train_cfg.loss_norm_group,
         )
         return losses, feats
