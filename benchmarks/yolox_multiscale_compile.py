@@ -56,11 +56,10 @@ def main() -> None:
         Experiment,
         dummy_batch,
         init_train_state,
-        make_train_step,
         run_optimizer,
     )
     from fgd_jax.parallel import enable_compilation_cache
-    from fgd_jax.trainer import StepsBySize, abstract_tree
+    from fgd_jax.trainer import abstract_tree, sharded_train_steps
 
     enable_compilation_cache(args.cache)
     cfg = C.ConfigDict()
@@ -74,7 +73,7 @@ def main() -> None:
     cfg.seed = 0
     exp = Experiment(cfg)
     mesh = parallel.make_mesh()
-    rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
+    rep = parallel.replicated(mesh)
     batch = dummy_batch(cfg.data, args.batch)
     batch["use_l1"] = batch["flip"]
     t0 = time.perf_counter()
@@ -91,15 +90,8 @@ def main() -> None:
     batch = abstract_tree(parallel.host_batch_to_global(batch, mesh))
     print(f"abstract state in {time.perf_counter() - t0:.1f} s")
     sizes = [(s, s) for s in args.sizes]
-    steps = StepsBySize(
-        lambda size: jax.jit(
-            make_train_step(exp, tx, schedule, input_size=size),
-            in_shardings=(rep, rep, shard),
-            out_shardings=(rep, rep),
-            donate_argnums=(0,),
-        ),
-        mode="parallel",
-        threads=1 if args.mode == "lazy" else args.threads,
+    steps = sharded_train_steps(
+        exp, tx, schedule, mesh, mode="parallel", threads=1 if args.mode == "lazy" else args.threads
     )
     if args.hlo:
         t = time.perf_counter()

@@ -178,6 +178,30 @@ class StepsBySize:
         return record, line
 
 
+def sharded_train_steps(
+    exp: Experiment,
+    tx,
+    schedule,
+    mesh,
+    mode: str = config_lib.PRECOMPILE_DEFAULT,
+    threads: int = 0,
+) -> StepsBySize:
+    """The run's train step per batch multi-scale size (`StepsBySize` with `mode` /
+    `threads`), jitted with explicit shardings (pjit style): state and teacher replicated,
+    the batch split on 'data'; the state is donated (updated in place)."""
+    rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
+    return StepsBySize(
+        lambda size: jax.jit(
+            make_train_step(exp, tx, schedule, input_size=size),
+            in_shardings=(rep, rep, shard),
+            out_shardings=(rep, rep),
+            donate_argnums=(0,),
+        ),
+        mode=mode,
+        threads=threads,
+    )
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """Run (or resume) training in `workdir`; returns the final eval metrics.
 
@@ -227,22 +251,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     if teacher_vars is not None:
         teacher_vars = parallel.replicate(teacher_vars, mesh)
 
-    # Explicit shardings (pjit style): state and teacher replicated, the batch split on 'data';
-    # the state is donated (updated in place).
-    rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
     # YOLOX's batch multi-scale (train.multiscale_sizes): one compiled step per size, all
     # the run will use compiled ahead of time in parallel before the first step
     # (train.precompile='parallel'), or each at its first use ('lazy'); either way read from
     # the persistent compilation cache on restarts
     if tc.get("multiscale_sizes", ()) and len(cfg.data.canvases) != 1:
         raise ValueError("train.multiscale_sizes resizes one canvas: give data.canvases one")
-    steps = StepsBySize(
-        lambda size: jax.jit(
-            make_train_step(exp, tx, schedule, input_size=size),
-            in_shardings=(rep, rep, shard),
-            out_shardings=(rep, rep),
-            donate_argnums=(0,),
-        ),
+    steps = sharded_train_steps(
+        exp,
+        tx,
+        schedule,
+        mesh,
         mode=tc.get("precompile", config_lib.PRECOMPILE_DEFAULT),
         threads=tc.get("precompile_threads", 0),
     )

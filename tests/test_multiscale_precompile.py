@@ -4,8 +4,9 @@ compiled before the first step, in threads, and no size compiles again at its fi
 step; 'lazy' compiles each size at its first step. Compiles are counted with JAX's own
 monitoring events (a program lowered to MLIR, a backend compile). The step is a toy one (the
 batch resize of the real step, a 1x1 conv, an SGD update) so that compiling it is cheap; the
-trainer builds its real step the same way (`jax.jit(make_train_step(..., input_size=size),
-in_shardings, out_shardings, donate_argnums=0)`)."""
+trainer builds its real step the same way (`trainer.sharded_train_steps`:
+`jax.jit(make_train_step(..., input_size=size), in_shardings, out_shardings,
+donate_argnums=0)`)."""
 
 from __future__ import annotations
 
