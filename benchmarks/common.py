@@ -167,13 +167,23 @@ def table(rows: list[tuple[str, float, float]], peer: str) -> list[str]:
     return lines
 
 
-def detector_args(doc: str, argv: list[str] | None = None) -> argparse.Namespace:
-    """The flags of a detector comparison: the common ones, `--train-size`, `--infer-size`."""
+def detector_parser(
+    doc: str, train_size: int = 512, infer_size: tuple[int, int] = (800, 1344)
+) -> argparse.ArgumentParser:
+    """The parser of a detector comparison: the common flags, `--train-size` (square, batch 2)
+    and `--infer-size` (h w, batch 1) with these defaults; a benchmark adds its own flags."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     add_common_args(ap)
-    ap.add_argument("--train-size", type=int, default=512, help="square training images, batch 2")
-    ap.add_argument("--infer-size", type=int, nargs=2, default=(800, 1344), help="h w, batch 1")
-    return ap.parse_args(argv)
+    ap.add_argument(
+        "--train-size", type=int, default=train_size, help="square training images, batch 2"
+    )
+    ap.add_argument("--infer-size", type=int, nargs=2, default=infer_size, help="h w, batch 1")
+    return ap
+
+
+def detector_args(doc: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags of a detector comparison (`detector_parser`), parsed."""
+    return detector_parser(doc).parse_args(argv)
 
 
 def detector_sides(

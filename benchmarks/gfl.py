@@ -43,10 +43,7 @@ PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mmdet_gfl_peer.
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    common.add_common_args(ap)
-    ap.add_argument("--train-size", type=int, default=512, help="square training images, batch 2")
-    ap.add_argument("--infer-size", type=int, nargs=2, default=(800, 1344), help="h w, batch 1")
+    ap = common.detector_parser(__doc__)
     ap.add_argument("--oracle-python", default=os.environ.get("FGD_ORACLE_PYTHON", ORACLE_PYTHON))
     return ap.parse_args(argv)
 

@@ -167,10 +167,7 @@ def sides(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """`common.detector_args`' flags plus `--buckets`."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    common.add_common_args(ap)
-    ap.add_argument("--train-size", type=int, default=512, help="square training images, batch 2")
-    ap.add_argument("--infer-size", type=int, nargs=2, default=(800, 1344), help="h w, batch 1")
+    ap = common.detector_parser(__doc__)
     ap.add_argument(
         "--buckets",
         action="store_true",

@@ -50,10 +50,7 @@ PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mmdet_yolox_pee
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    common.add_common_args(ap)
-    ap.add_argument("--train-size", type=int, default=640, help="square training images, batch 2")
-    ap.add_argument("--infer-size", type=int, nargs=2, default=(640, 640), help="h w, batch 1")
+    ap = common.detector_parser(__doc__, train_size=640, infer_size=(640, 640))
     ap.add_argument(
         "--score-bias",
         type=float,
