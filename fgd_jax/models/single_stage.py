@@ -1,7 +1,7 @@
-"""The glue the one-stage FPN detectors share (RetinaNet, FCOS, GFL, RepPoints).
+"""The glue the one-stage FPN detectors share (RetinaNet, FCOS, GFL, RepPoints, SOLO).
 
 `SingleStageDetector` is a Flax module without fields of its own: a detector subclasses it,
-declares its fields (`backbone`, `neck`, `bbox_head`, `train_cfg`, `test_cfg`, and any more)
+declares its fields (`backbone`, `neck`, the head, `train_cfg`, `test_cfg`, and any more)
 and names its parts in class constants; it inherits
 
 - `from_config(model_cfg, dtype)`: the model config's groups -> the parts (`build_parts`,
@@ -36,21 +36,24 @@ LOSS_KEYS = ("boxes", "labels", "valid", "img_shape")
 class SingleStageDetector(nn.Module):
     """Base of the one-stage FPN detectors: see the module docstring. Class constants a
     subclass sets: `KIND` (its `model.type`, for error messages), `HEAD`, `TRAIN_CFG`,
-    `TEST_CFG` (the classes its config groups build), `STRIDES_FIELD` (the head's field with
-    the level strides), `EXTRA_KEYS` (top-level model-config keys it reads itself)."""
+    `TEST_CFG` (the classes its config groups build), `HEAD_FIELD` (the detector's field that
+    holds the head: `bbox_head`, SOLO's `mask_head`; it names the head's parameters),
+    `STRIDES_FIELD` (the head's field with the level strides), `EXTRA_KEYS` (top-level
+    model-config keys it reads itself)."""
 
     KIND: ClassVar[str] = ""
     HEAD: ClassVar[type]
     TRAIN_CFG: ClassVar[type]
     TEST_CFG: ClassVar[type]
+    HEAD_FIELD: ClassVar[str] = "bbox_head"
     STRIDES_FIELD: ClassVar[str] = "strides"
     EXTRA_KEYS: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def build_parts(cls, model_cfg: ml_collections.ConfigDict, dtype: Any = None) -> dict:
-        """The constructor's arguments from a model config: backbone, neck, bbox_head,
-        train_cfg, test_cfg. Raises ValueError naming a missing group or unknown key, or a
-        neck whose number of outputs differs from the head's strides."""
+        """The constructor's arguments from a model config: backbone, neck, the head (under
+        `HEAD_FIELD`), train_cfg, test_cfg. Raises ValueError naming a missing group or
+        unknown key, or a neck whose number of outputs differs from the head's strides."""
         from fgd_jax.models.fpn import build_neck
         from fgd_jax.models.resnet import build_backbone
 
@@ -70,7 +73,7 @@ class SingleStageDetector(nn.Module):
         return dict(
             backbone=build_backbone(model_cfg.backbone, dtype=dtype),
             neck=build_neck(model_cfg.neck, dtype=dtype),
-            bbox_head=head,
+            **{cls.HEAD_FIELD: head},
             train_cfg=build_module(cls.TRAIN_CFG, model_cfg.get("train_cfg"), "train_cfg"),
             test_cfg=build_module(cls.TEST_CFG, model_cfg.get("test_cfg"), "test_cfg"),
         )
@@ -83,14 +86,14 @@ class SingleStageDetector(nn.Module):
 
     @property
     def num_classes(self) -> int:
-        return self.bbox_head.num_classes
+        return getattr(self, self.HEAD_FIELD).num_classes
 
     @property
     def strides(self) -> Sequence[int]:
-        return getattr(self.bbox_head, self.STRIDES_FIELD)
+        return getattr(getattr(self, self.HEAD_FIELD), self.STRIDES_FIELD)
 
     def extract_feat(self, images: Array, train: bool = False) -> tuple[Array, ...]:
-        """`[B, H, W, 3]` -> FPN maps P3..P7, NHWC, finest first."""
+        """`[B, H, W, 3]` -> the FPN maps (P3..P7; SOLO's P2..P6), NHWC, finest first."""
         return tuple(self.neck(self.backbone(images, train=train)))
 
     def check_batch(self, batch: Mapping[str, Any], keys: Iterable[str] = LOSS_KEYS) -> None:

@@ -57,12 +57,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from fgd_jax.models.build import build_module, check_keys
 from fgd_jax.models.dense_heads import group_mean
 from fgd_jax.models.layers import ConvModule, max_pool_torch
+from fgd_jax.models.single_stage import SingleStageDetector
 from fgd_jax.ops import dtypes
 from fgd_jax.ops import losses as loss_ops
 from fgd_jax.ops import solo as solo_ops
@@ -543,7 +542,7 @@ def paste_detections(det: dict[str, Any], i: int, orig_hw: tuple[int, int]) -> n
 
 
 # -------------------------------------------------------------------------------- detector
-class SOLO(nn.Module):
+class SOLO(SingleStageDetector):
     """mmdetection 2.x `SOLO` implementing the detector API of docs/contracts.md (module
     docstring). Groups: `backbone`, `neck`, `head` (-> `mask_head`, a `SOLOHead`),
     `train_cfg` (`SOLOTrainCfg`), `test_cfg` (`SOLOTestCfg`)."""
@@ -554,43 +553,11 @@ class SOLO(nn.Module):
     train_cfg: SOLOTrainCfg = SOLOTrainCfg()
     test_cfg: SOLOTestCfg = SOLOTestCfg()
 
-    @classmethod
-    def from_config(cls, model_cfg: ml_collections.ConfigDict, dtype: Any = None) -> SOLO:
-        """Build from `fgd_jax.config.solo_model(...)`; `dtype` is the compute dtype."""
-        from fgd_jax.models.fpn import build_neck
-        from fgd_jax.models.resnet import build_backbone
-
-        for key in ("backbone", "neck", "head", "num_classes"):
-            if key not in model_cfg:
-                raise ValueError(f"solo model config: missing key {key!r}")
-        check_keys(cls, model_cfg, "", allowed=("type", "num_classes", "head"))
-        head = build_module(
-            SOLOHead, model_cfg.head, "head", num_classes=model_cfg.num_classes, dtype=dtype
-        )
-        if model_cfg.neck.num_outs != len(head.strides):
-            raise ValueError(
-                f"solo model config: neck.num_outs {model_cfg.neck.num_outs} != "
-                f"{len(head.strides)} head.strides"
-            )
-        return cls(
-            backbone=build_backbone(model_cfg.backbone, dtype=dtype),
-            neck=build_neck(model_cfg.neck, dtype=dtype),
-            mask_head=head,
-            train_cfg=build_module(SOLOTrainCfg, model_cfg.get("train_cfg"), "train_cfg"),
-            test_cfg=build_module(SOLOTestCfg, model_cfg.get("test_cfg"), "test_cfg"),
-        )
-
-    @property
-    def num_classes(self) -> int:
-        return self.mask_head.num_classes
-
-    @property
-    def strides(self) -> Sequence[int]:
-        return self.mask_head.strides
-
-    def extract_feat(self, images: Array, train: bool = False) -> tuple[Array, ...]:
-        """`[B, H, W, 3]` -> FPN maps P2..P6, NHWC, finest first."""
-        return tuple(self.neck(self.backbone(images, train=train)))
+    KIND = "solo"
+    HEAD = SOLOHead
+    TRAIN_CFG = SOLOTrainCfg
+    TEST_CFG = SOLOTestCfg
+    HEAD_FIELD = "mask_head"
 
     def __call__(self, images: Array, train: bool = False) -> dict[str, Any]:
         """`[B, H, W, 3]` -> dict(features, mask_preds, cls_scores), see `SOLOHead`."""
@@ -642,22 +609,11 @@ class SOLO(nn.Module):
             loss_cls_weight=head.loss_cls_weight,
         )
 
-    def forward_train(
-        self, batch: dict[str, Array], train: bool = True
-    ) -> tuple[dict[str, Array], tuple[Array, ...]]:
-        """Batch dict (docs/contracts.md, with `masks` / `mask_regions`) -> ({'loss_mask',
-        'loss_cls'}, FPN features)."""
-        if "image" not in batch:
-            raise KeyError("SOLO.forward_train: batch has no 'image' (see contracts)")
-        outs = self(batch["image"], train=train)
-        return self.loss(outs, batch), outs["features"]
-
     def predict(self, images: Array, img_shape: Array, scale_factor: Array) -> dict[str, Array]:
         """Detections: dict(boxes [B,K,4] (of the masks, ORIGINAL pixels), scores [B,K],
         labels [B,K] int32, valid [B,K] bool, mask_probs_canvas [B,K,H/4,W/4], img_shape
         [B,2], mask_thr [B]: what `paste_detections` needs)."""
-        outs = self(images, train=False)
-        det = self.postprocess(outs, img_shape, scale_factor)
+        det = super().predict(images, img_shape, scale_factor)
         det["img_shape"] = jnp.asarray(img_shape, jnp.int32)
         det["mask_thr"] = jnp.full(det["valid"].shape[:1], self.test_cfg.mask_thr, jnp.float32)
         return det
