@@ -250,7 +250,7 @@ def _unlink_synchronously_from_now_on() -> None:
     exit function terminates that pool (dropping whatever is queued) before it runs the
     remaining finalizers, so a segment queued then would leak."""
     cls = _shared_memory_array_class()
-    pool = getattr(cls, "_del_thread_pool", None)
+    pool = getattr(cls, "_del_thread_pool", None)  # taken first: disabling drops it
     disable = getattr(cls, "_disable_async_del", None)
     if disable is not None:
         disable()
